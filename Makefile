@@ -1,0 +1,38 @@
+# Set-up and common tasks. Every target that runs something first makes sure .venv is set up.
+# torch is installed first and pinned (2.13.0, a CPU build on the CI machines): a bare `torch`
+# requirement can pull a multi-GB CUDA build. Set TORCH_SPEC to choose another build.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.tuna-installed
+
+.PHONY: setup test test-fast report bench clean
+
+$(STAMP): pyproject.toml setup.py requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -c requirements/constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The whole test suite (CPU only: Triton kernels run under TRITON_INTERPRET=1, see tests/conftest.py).
+test: setup
+	$(PY) -m pytest tests -q
+
+# The same without the slow end-to-end tests.
+test-fast: setup
+	$(PY) -m pytest tests -q -m "not slow"
+
+# Ahead-of-time compile report of every Triton kernel for sm_80/86/89/90 (no GPU needed).
+report: setup
+	$(PY) -m tuna_kernels.report
+
+bench: setup
+	$(PY) -m pytest benchmarks -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,174 @@
+"""token_logprobs / sequence_logprobs: Triton (interpreter) and chunked against the float64 reference."""
+
+import pytest
+import torch
+
+from conftest import rel_err
+from tuna_kernels import sequence_logprobs, token_logprobs
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+# (N, D, V, bias, logit_scale, softcap, fraction of ignored positions). Interpreter tiles are 16 x 32 x 32,
+# so these shapes cover: V not a multiple of the tile, N = 1, N not a multiple, D = 64 / 96 / 128.
+SHAPES = [
+    (1, 64, 97, False, 1.0, None, 0.0),
+    (37, 64, 301, True, 0.7, None, 0.2),
+    (16, 96, 256, False, 1.0, 2.5, 0.0),
+    (45, 128, 130, True, 1.3, 4.0, 0.3),
+    (50, 96, 517, False, 0.25, None, 0.5),
+]
+
+
+def make_problem(num_tokens, hidden_dim, vocab_size, with_bias, ignore_fraction, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(num_tokens, hidden_dim, generator=generator)
+    weight = torch.randn(vocab_size, hidden_dim, generator=generator) / hidden_dim ** 0.5 * 2
+    bias = torch.randn(vocab_size, generator=generator) if with_bias else None
+    labels = torch.randint(0, vocab_size, (num_tokens,), generator=generator)
+    labels[torch.rand(num_tokens, generator=generator) < ignore_fraction] = -100
+    grad_token = torch.randn(num_tokens, generator=generator)
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), labels, grad_token
+
+
+def logprobs_and_grads(impl, hidden, weight, bias, labels, grad_token, **options):
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight) + (() if bias is None else (bias,))]
+    token_lp = token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2] if bias is not None else None,
+                              impl=impl, **options)
+    grads = torch.autograd.grad((token_lp * grad_token.to(token_lp.dtype)).sum(), leaves)
+    return (token_lp,) + tuple(grads)
+
+
+def check_against_reference(impl, dtype, shape, seed, **options):
+    num_tokens, hidden_dim, vocab_size, with_bias, logit_scale, softcap, ignore_fraction = shape
+    hidden, weight, bias, labels, grad_token = make_problem(
+        num_tokens, hidden_dim, vocab_size, with_bias, ignore_fraction, dtype, seed)
+    common = dict(logit_scale=logit_scale, softcap=softcap)
+    got = logprobs_and_grads(impl, hidden, weight, bias, labels, grad_token, **common, **options)
+    as64 = lambda t: None if t is None else t.double()  # noqa: E731
+    want = logprobs_and_grads("reference", as64(hidden), as64(weight), as64(bias), labels, grad_token, **common)
+    names = ["logprobs", "grad_hidden", "grad_weight", "grad_bias"]
+    assert got[0].dtype == torch.float32
+    assert torch.all(got[0][labels == -100] == 0)
+    for name, actual, expected in zip(names, got, want):
+        assert torch.isfinite(actual).all(), name
+        err = rel_err(actual, expected)
+        assert err <= TOLERANCE[dtype], f"{impl} {dtype} {shape}: {name} relative error {err:.3g}"
+    assert got[1].dtype == dtype and got[2].dtype == dtype
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_matches_reference(shape, dtype):
+    check_against_reference("triton", dtype, shape, seed=SHAPES.index(shape))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_chunked_matches_reference(shape, dtype):
+    # small chunks so that every shape spans several token and vocabulary chunks
+    check_against_reference("chunked", dtype, shape, seed=SHAPES.index(shape), chunk_tokens=16, chunk_vocab=64)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_shapes_both_impls(seed):
+    generator = torch.Generator().manual_seed(100 + seed)
+    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=generator))]  # noqa: E731
+    shape = (int(torch.randint(1, 70, (1,), generator=generator)), pick([64, 96, 128]),
+             int(torch.randint(2, 400, (1,), generator=generator)), pick([True, False]),
+             pick([1.0, 0.5, 2.0]), pick([None, 3.0]), pick([0.0, 0.25]))
+    check_against_reference("triton", torch.float32, shape, seed)
+    check_against_reference("chunked", torch.float32, shape, seed, chunk_tokens=8, chunk_vocab=50)
+
+
+def test_triton_deterministic_mode_is_bitwise_reproducible():
+    shape = (45, 64, 301, True, 1.0, 3.0, 0.2)
+    check_against_reference("triton", torch.float32, shape, seed=5, deterministic=True)
+    hidden, weight, bias, labels, grad_token = make_problem(45, 64, 301, True, 0.2, torch.float32, seed=5)
+    first = logprobs_and_grads("triton", hidden, weight, bias, labels, grad_token, deterministic=True)
+    second = logprobs_and_grads("triton", hidden, weight, bias, labels, grad_token, deterministic=True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_sequence_logprobs_sums_counts_and_empty_sequence():
+    hidden, weight, bias, labels, _ = make_problem(40, 64, 200, False, 0.0, torch.float32, seed=3)
+    seq_index = torch.arange(40) // 10  # four sequences of 10 tokens
+    labels[20:30] = -100  # sequence 2 has no target token
+    seq_index[20:30] = -1  # positions without a target may hold any index
+    seq_grad = torch.tensor([0.3, -1.2, 0.7, 2.0, -0.5])
+    results = {}
+    for impl in ("triton", "chunked", "reference"):
+        h = hidden.detach().clone().requires_grad_()
+        w = weight.detach().clone().requires_grad_()
+        sums, counts = sequence_logprobs(h, w, labels, seq_index, 5, impl=impl)
+        grads = torch.autograd.grad((sums * seq_grad).sum(), (h, w))
+        results[impl] = (sums, counts) + grads
+    sums, counts = results["reference"][:2]
+    assert counts.tolist() == [10, 10, 0, 10, 0]
+    assert sums[2] == 0 and sums[4] == 0
+    token_lp = token_logprobs(hidden.double(), weight.double(), labels, impl="reference")
+    expected = torch.stack([token_lp[i * 10:(i + 1) * 10].sum() for i in range(4)] + [token_lp.new_zeros(())])
+    assert rel_err(sums, expected) <= 1e-6
+    for impl in ("triton", "chunked"):
+        got = results[impl]
+        assert torch.equal(got[1], counts)
+        assert not any(torch.isnan(t).any() for t in (got[0], got[2], got[3]))
+        for actual, want in zip(got[2:], results["reference"][2:]):
+            assert rel_err(actual, want) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_non_contiguous_inputs(impl):
+    hidden, weight, bias, labels, grad_token = make_problem(33, 64, 150, False, 0.1, torch.float32, seed=9)
+    wide = torch.randn(33, 128)
+    wide[:, ::2] = hidden
+    strided_hidden = wide[:, ::2]  # stride (128, 2)
+    transposed_weight = weight.T.contiguous().T  # stride (1, 150): a tied embedding read through .T
+    assert not strided_hidden.is_contiguous() and not transposed_weight.is_contiguous()
+    got = logprobs_and_grads(impl, strided_hidden, transposed_weight, None, labels, grad_token)
+    want = logprobs_and_grads("reference", hidden.double(), weight.double(), None, labels, grad_token)
+    for actual, expected in zip(got, want):
+        assert rel_err(actual, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_scoring_under_no_grad(impl):
+    hidden, weight, _, labels, _ = make_problem(20, 64, 100, False, 0.0, torch.float32, seed=1)
+    with torch.no_grad():
+        token_lp = token_logprobs(hidden.requires_grad_(), weight, labels, impl=impl)
+    assert not token_lp.requires_grad
+    assert rel_err(token_lp, token_logprobs(hidden.double(), weight.double(), labels, impl="reference")) <= 1e-5
+
+
+def test_only_needed_gradients_are_computed():
+    """A frozen lm_head (LoRA) gets no weight gradient; the hidden gradient is still right."""
+    hidden, weight, _, labels, grad_token = make_problem(30, 64, 100, False, 0.0, torch.float32, seed=2)
+    expected = logprobs_and_grads("reference", hidden.double(), weight.double(), None, labels, grad_token)[1]
+    for impl in ("triton", "chunked"):
+        h = hidden.clone().requires_grad_()
+        token_lp = token_logprobs(h, weight, labels, impl=impl)
+        (token_lp * grad_token).sum().backward()
+        assert weight.grad is None
+        assert rel_err(h.grad, expected) <= 1e-5
+
+
+def test_gradient_filter_skips_exactly_the_small_tiles():
+    """With grad_filter_eps, a tile whose largest |dz| is <= eps contributes nothing to the matmul
+    gradients; every other tile is exact. Checked against float64 dz with those tiles zeroed."""
+    from tuna_kernels.kernels.configs import INTERPRETER
+
+    hidden, weight, _, labels, grad_token = make_problem(48, 64, 320, False, 0.0, torch.float32, seed=4)
+    grad_token[16:32] *= 1e-4  # a token tile of tiny upstream gradients: all its tiles are filtered
+    eps = 2.0 ** -10
+    logits = hidden.double() @ weight.double().T
+    probs = torch.softmax(logits, dim=-1)
+    dz = grad_token.double()[:, None] * (torch.nn.functional.one_hot(labels, 320).double() - probs)
+    tiles = dz.reshape(48 // INTERPRETER.block_n, INTERPRETER.block_n, 320 // INTERPRETER.block_v, INTERPRETER.block_v)
+    kept = tiles.abs().amax(dim=(1, 3), keepdim=True) > eps
+    assert 0 < int(kept.sum()) < kept.numel(), "the case must filter some tiles and keep others"
+    dz_kept = (tiles * kept).reshape(48, 320)
+    for deterministic in (False, True):
+        _, grad_hidden, grad_weight = logprobs_and_grads(
+            "triton", hidden, weight, None, labels, grad_token, grad_filter_eps=eps, deterministic=deterministic)
+        assert rel_err(grad_hidden, dz_kept @ weight.double()) <= 1e-5
+        assert rel_err(grad_weight, dz_kept.T @ hidden.double()) <= 1e-5

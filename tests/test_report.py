@@ -1,0 +1,41 @@
+"""The static GPU report: default configs compile for sm_80/86/89/90 with no spills, within shared
+memory, and with tensor-core instructions. Needs no GPU (ahead-of-time compilation)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tuna_kernels.kernels.configs import KERNELS
+
+
+@pytest.fixture(scope="module")
+def report_rows():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "tuna_kernels.report", "--json"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.stdout.strip().startswith("["), done.stderr[-3000:]
+    return json.loads(done.stdout), done.returncode
+
+
+def test_report_covers_every_kernel_and_arch(report_rows):
+    rows, _ = report_rows
+    keys = {"kernel", "arch", "config", "registers", "spill_bytes", "shared_bytes", "mma"}
+    assert all(keys <= set(row) for row in rows)
+    seen = {(row["kernel"], row["arch"]) for row in rows}
+    assert seen == {(k, f"sm_{a}") for k in KERNELS for a in (80, 86, 89, 90)}
+
+
+def test_default_configs_have_no_spills_fit_shared_memory_and_use_mma(report_rows):
+    rows, returncode = report_rows
+    for row in rows:
+        where = f"{row['kernel']} {row['arch']} {row['dtype']} {row['config']}"
+        assert row["spill_bytes"] == 0 and row["spill_instructions"] == 0, f"spills in {where}"
+        assert row["mma"], f"no tensor-core instructions in {where}"
+        if row["arch"] in ("sm_86", "sm_89"):
+            assert row["shared_bytes"] <= 99 * 1024, f"{where} needs {row['shared_bytes']} B of shared memory"
+        assert row["shared_bytes"] <= row["shared_limit"]
+        assert 0 < row["registers"] <= 255
+    assert returncode == 0

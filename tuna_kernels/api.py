@@ -1,0 +1,203 @@
+"""Public log-likelihood functions: argument checks and the one dispatch between implementations.
+
+Every implementation computes, for each token t with hidden state ``h_t`` and target ``y_t``::
+
+    z_t      = logit_scale * (h_t @ weight.T) + bias             # [V], never stored as [N, V]
+    z_t      = softcap * tanh(z_t / softcap)                     # only when softcap is set
+    logp_t   = z_t[y_t] - logsumexp(z_t)                         # 0 where y_t == ignore_index
+
+``impl`` picks the implementation:
+
+- ``"triton"``: fused Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
+- ``"chunked"``: pure PyTorch, any device, token x vocabulary chunks with an online log-sum-exp;
+- ``"reference"``: materialises the logits, float64-capable; for tests only;
+- ``"auto"``: ``"triton"`` on CUDA tensors, ``"chunked"`` otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+
+IMPLS = ("auto", "triton", "chunked", "reference")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    logit_scale: float,
+    softcap: Optional[float],
+    ignore_index: int,
+) -> None:
+    """Raise a ValueError/TypeError naming the argument at fault; runs before any kernel."""
+    for name, tensor in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [N, D], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, D], got shape {tuple(weight.shape)}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be [N], got shape {tuple(labels.shape)}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden must be a floating tensor (fp16, bf16, fp32, fp64), got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if labels.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"weight is [V, D] = {tuple(weight.shape)} but hidden is [N, D] = {tuple(hidden.shape)}: D differs"
+        )
+    if labels.shape[0] != hidden.shape[0]:
+        raise ValueError(f"labels has {labels.shape[0]} entries but hidden has N = {hidden.shape[0]} rows")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has V = 0 rows: the vocabulary is empty")
+    devices = {("hidden", hidden.device), ("weight", weight.device), ("labels", labels.device)}
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+        devices.add(("bias", bias.device))
+    if len({device for _, device in devices}) > 1:
+        listing = ", ".join(f"{name} on {device}" for name, device in sorted(devices, key=lambda x: x[0]))
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+    if not isinstance(logit_scale, (int, float)) or not math.isfinite(logit_scale):
+        raise ValueError(f"logit_scale must be a finite number, got {logit_scale!r}")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or not softcap > 0):
+        raise ValueError(f"softcap must be None or a positive number, got {softcap!r}")
+    vocab_size = weight.shape[0]
+    out_of_range = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
+    if bool(out_of_range.any()):
+        first = int(out_of_range.nonzero()[0, 0])
+        raise ValueError(
+            f"labels[{first}] = {int(labels[first])} is outside [0, V={vocab_size}) "
+            f"and is not ignore_index={ignore_index}"
+        )
+
+
+def _resolve_impl(impl: str, device: torch.device) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "chunked"
+    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"impl='triton' needs CUDA tensors (got {device}); on CPU it runs only under TRITON_INTERPRET=1. "
+            "Use impl='chunked' or impl='auto'."
+        )
+    return impl
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    impl: str = "auto",
+    chunk_tokens: Optional[int] = None,
+    chunk_vocab: Optional[int] = None,
+    deterministic: bool = False,
+    grad_filter_eps: Optional[float] = None,
+) -> torch.Tensor:
+    """Log-probability of each target token, without materialising the [N, V] logits.
+
+    Args:
+        hidden: [N, D] final hidden states of the positions that predict ``labels`` (already shifted).
+        weight: [V, D] lm_head weight (same dtype as ``hidden``).
+        labels: [N] int64/int32 target ids; ``ignore_index`` marks positions with no target.
+        bias: optional [V] lm_head bias.
+        logit_scale: multiplies the logits before bias and softcap (Cohere-style ``logit_scale``).
+        softcap: if set, logits become ``softcap * tanh(logits / softcap)`` (Gemma-2 style).
+        impl: ``"auto"``, ``"triton"``, ``"chunked"`` or ``"reference"``.
+        chunk_tokens, chunk_vocab: tile sizes of the chunked implementation (defaults 1024 x 4096).
+        deterministic: Triton backward without float atomics (bit-reproducible, one more recompute).
+        grad_filter_eps: Triton backward skips tiles whose largest |dL/dlogit| is below this value
+            (Cut Cross-Entropy's gradient filtering); ``None`` (default) computes every tile.
+
+    Returns:
+        [N] float32 (float64 for float64 inputs) log p(labels[t]), 0 at ignored positions.
+        Differentiable with respect to ``hidden``, ``weight`` and ``bias`` for any upstream gradient.
+    """
+    _check_inputs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index)
+    impl = _resolve_impl(impl, hidden.device)
+    logit_scale = float(logit_scale)
+    softcap = None if softcap is None else float(softcap)
+    if impl == "reference":
+        from .reference import reference_token_logprobs
+
+        return reference_token_logprobs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index)
+    if impl == "chunked":
+        from .chunked import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNK_VOCAB, ChunkedBackend
+
+        backend = ChunkedBackend(
+            DEFAULT_CHUNK_TOKENS if chunk_tokens is None else int(chunk_tokens),
+            DEFAULT_CHUNK_VOCAB if chunk_vocab is None else int(chunk_vocab),
+        )
+    else:
+        if hidden.dtype == torch.float64:
+            raise TypeError("impl='triton' supports fp16, bf16 and fp32 inputs, not float64; use impl='chunked'")
+        from .kernels.launch import TritonBackend
+
+        backend = TritonBackend(deterministic=bool(deterministic), grad_filter_eps=grad_filter_eps)
+    from .autograd import FusedTokenLogprobs
+
+    return FusedTokenLogprobs.apply(backend, hidden, weight, bias, labels, logit_scale, softcap, ignore_index)
+
+
+def sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    seq_index: torch.Tensor,
+    num_seqs: int,
+    **options,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of token log-probabilities and the number of target tokens.
+
+    Args:
+        hidden: [N, D], weight: [V, D], labels: [N] as in :func:`token_logprobs`.
+        seq_index: [N] int, the sequence in [0, num_seqs) each token belongs to. Positions whose label is
+            ``ignore_index`` may hold any value (they count for no sequence).
+        num_seqs: S, the number of sequences (a sequence may have no target token: sum 0, count 0).
+        **options: the keyword options of :func:`token_logprobs`.
+
+    Returns:
+        (sums [S] float32, counts [S] int64) with ``sums[s] = sum_{t: seq_index[t] = s} logp_t``.
+        ``sums`` is differentiable; the upstream gradient of a token is that of its sequence.
+    """
+    if not isinstance(seq_index, torch.Tensor) or seq_index.dim() != 1:
+        raise ValueError("seq_index must be a [N] tensor")
+    if seq_index.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"seq_index must be int64 or int32, got {seq_index.dtype}")
+    if isinstance(num_seqs, bool) or not isinstance(num_seqs, int) or num_seqs < 0:
+        raise ValueError(f"num_seqs must be a non-negative int, got {num_seqs!r}")
+    if isinstance(labels, torch.Tensor) and seq_index.shape[0] != labels.shape[0]:
+        raise ValueError(f"seq_index has {seq_index.shape[0]} entries but labels has {labels.shape[0]}")
+    if isinstance(labels, torch.Tensor) and seq_index.device != labels.device:
+        raise ValueError(f"seq_index is on {seq_index.device} but labels is on {labels.device}")
+    ignore_index = options.get("ignore_index", -100)
+    is_target = labels != ignore_index
+    bad = is_target & ((seq_index < 0) | (seq_index >= num_seqs))
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(f"seq_index[{first}] = {int(seq_index[first])} is outside [0, num_seqs={num_seqs})")
+    token_lp = token_logprobs(hidden, weight, labels, **options)
+    target_seq = seq_index[is_target].long()
+    sums = token_lp.new_zeros(num_seqs).index_add(0, target_seq, token_lp[is_target])
+    counts = torch.bincount(target_seq, minlength=num_seqs)
+    return sums, counts

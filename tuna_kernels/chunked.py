@@ -1,0 +1,148 @@
+"""Pure-PyTorch fused log-likelihood: token x vocabulary chunks, any device, no [N, V] tensor.
+
+Forward walks each token chunk across the vocabulary in chunks, keeping an online log-sum-exp and the
+target logit in fp32; it saves only the per-token log-sum-exp ([N]). Backward recomputes every logit tile
+and forms, with g the upstream gradient of each token's log-probability::
+
+    dz        = g * (onehot(y) - softmax(z))          # [chunk_tokens, chunk_vocab]
+    dz_raw    = dz * (1 - tanh^2)                       # only with softcap
+    grad_h   += logit_scale * dz_raw @ W_chunk
+    grad_W   += logit_scale * dz_raw.T @ H_chunk
+    grad_b   += dz_raw.sum(0)
+
+The largest temporary is a couple of [chunk_tokens, chunk_vocab] fp32 tiles (16 MiB each by default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from .rows import accumulate_dtype
+
+DEFAULT_CHUNK_TOKENS = 1024
+DEFAULT_CHUNK_VOCAB = 4096
+
+
+def _logit_tile(
+    hidden_chunk: torch.Tensor,
+    weight_chunk: torch.Tensor,
+    bias_chunk: Optional[torch.Tensor],
+    logit_scale: float,
+    softcap: Optional[float],
+    compute_dtype: torch.dtype,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Logits of one tile, [n, v] in ``compute_dtype``, and tanh(z_raw / softcap) when softcapping."""
+    hidden_chunk = hidden_chunk.to(compute_dtype)
+    weight_chunk = weight_chunk.to(compute_dtype)
+    if bias_chunk is not None:
+        logits = torch.addmm(bias_chunk.to(compute_dtype), hidden_chunk, weight_chunk.T, alpha=logit_scale)
+    else:
+        logits = hidden_chunk @ weight_chunk.T
+        if logit_scale != 1.0:
+            logits.mul_(logit_scale)
+    if softcap is None:
+        return logits, None
+    tanh = logits.div_(softcap).tanh_()
+    return tanh * softcap, tanh
+
+
+def _target_in_tile(labels_chunk: torch.Tensor, vocab_start: int, vocab_width: int):
+    """Column of each row's target inside the tile, and whether it lies there."""
+    local = labels_chunk - vocab_start
+    inside = (local >= 0) & (local < vocab_width)
+    return local.clamp(0, vocab_width - 1), inside
+
+
+def _forward_lse(hidden, weight, bias, labels, logit_scale, softcap, chunk_tokens, chunk_vocab):
+    """Per-token (log-sum-exp, target logit), both [n] in the compute dtype, for target rows only."""
+    compute_dtype = accumulate_dtype(hidden.dtype)
+    num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+    lse = torch.empty(num_tokens, dtype=compute_dtype, device=hidden.device)
+    target_logit = torch.empty_like(lse)
+    for t0 in range(0, num_tokens, chunk_tokens):
+        t1 = min(t0 + chunk_tokens, num_tokens)
+        labels_chunk = labels[t0:t1]
+        running_lse = torch.full((t1 - t0,), float("-inf"), dtype=compute_dtype, device=hidden.device)
+        running_target = torch.zeros_like(running_lse)
+        for v0 in range(0, vocab_size, chunk_vocab):
+            v1 = min(v0 + chunk_vocab, vocab_size)
+            logits, _ = _logit_tile(
+                hidden[t0:t1], weight[v0:v1], None if bias is None else bias[v0:v1],
+                logit_scale, softcap, compute_dtype,
+            )
+            local, inside = _target_in_tile(labels_chunk, v0, v1 - v0)
+            picked = logits.gather(1, local[:, None]).squeeze(1)
+            running_target = torch.where(inside, picked, running_target)
+            tile_max = logits.amax(dim=1)
+            tile_sum = logits.sub_(tile_max[:, None]).exp_().sum(dim=1)
+            running_lse = torch.logaddexp(running_lse, tile_max + tile_sum.log())
+        lse[t0:t1] = running_lse
+        target_logit[t0:t1] = running_target
+    return lse, target_logit
+
+
+def _backward_tiles(hidden, weight, bias, labels, lse, grad_token, logit_scale, softcap,
+                    chunk_tokens, chunk_vocab, need_hidden, need_weight, need_bias):
+    """Gradients for the given rows (all with non-zero upstream gradient), accumulated in fp32.
+
+    hidden: [n, D], labels/lse/grad_token: [n]. Returns grad_hidden [n, D], grad_weight [V, D],
+    grad_bias [V] (each None when not needed), in the compute dtype.
+    """
+    compute_dtype = lse.dtype
+    num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    grad_hidden = torch.zeros(num_tokens, hidden.shape[1], dtype=compute_dtype, device=device) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=device) if need_weight else None
+    grad_bias = torch.zeros(vocab_size, dtype=compute_dtype, device=device) if need_bias else None
+    for t0 in range(0, num_tokens, chunk_tokens):
+        t1 = min(t0 + chunk_tokens, num_tokens)
+        hidden_chunk = hidden[t0:t1].to(compute_dtype)
+        g_chunk = grad_token[t0:t1].to(compute_dtype)
+        for v0 in range(0, vocab_size, chunk_vocab):
+            v1 = min(v0 + chunk_vocab, vocab_size)
+            weight_chunk = weight[v0:v1].to(compute_dtype)
+            logits, tanh = _logit_tile(
+                hidden_chunk, weight_chunk, None if bias is None else bias[v0:v1],
+                logit_scale, softcap, compute_dtype,
+            )
+            # dz = g * (onehot - p), built in place in the logits tile
+            grad_logits = logits.sub_(lse[t0:t1, None]).exp_().mul_(-g_chunk[:, None])
+            local, inside = _target_in_tile(labels[t0:t1], v0, v1 - v0)
+            rows = inside.nonzero().squeeze(1)
+            grad_logits[rows, local[rows]] += g_chunk[rows]
+            if tanh is not None:
+                grad_logits.mul_(1.0 - tanh * tanh)
+            if grad_hidden is not None:
+                grad_hidden[t0:t1].addmm_(grad_logits, weight_chunk, alpha=logit_scale)
+            if grad_weight is not None:
+                grad_weight[v0:v1].addmm_(grad_logits.T, hidden_chunk, alpha=logit_scale)
+            if grad_bias is not None:
+                grad_bias[v0:v1] += grad_logits.sum(dim=0)
+    return grad_hidden, grad_weight, grad_bias
+
+
+@dataclass(frozen=True)
+class ChunkedBackend:
+    """The pure-PyTorch backend of :class:`tuna_kernels.autograd.FusedTokenLogprobs`."""
+
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    chunk_vocab: int = DEFAULT_CHUNK_VOCAB
+
+    def __post_init__(self):
+        if self.chunk_tokens < 1 or self.chunk_vocab < 1:
+            raise ValueError(
+                f"chunk_tokens and chunk_vocab must be >= 1, got {self.chunk_tokens} and {self.chunk_vocab}"
+            )
+
+    def forward(self, hidden, weight, bias, labels, logit_scale, softcap):
+        return _forward_lse(hidden, weight, bias, labels, logit_scale, softcap, self.chunk_tokens, self.chunk_vocab)
+
+    def backward(self, hidden, weight, bias, labels, lse, grad_token, logit_scale, softcap,
+                 need_hidden, need_weight, need_bias):
+        return _backward_tiles(
+            hidden, weight, bias, labels, lse, grad_token, logit_scale, softcap,
+            self.chunk_tokens, self.chunk_vocab, need_hidden, need_weight, need_bias,
+        )

@@ -1,0 +1,64 @@
+"""Backward kernel, fast mode: one program per (token tile, vocabulary tile), fp32 atomic adds."""
+
+import triton
+import triton.language as tl
+
+from .common import grad_logit_tile, logit_tile
+
+
+@triton.jit
+def logprob_backward_atomic_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, labels_ptr, lse_ptr, grad_token_ptr,
+    grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
+    num_tokens, vocab_size, hidden_dim,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    logit_scale, softcap, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    NEED_GRAD_HIDDEN: tl.constexpr, NEED_GRAD_WEIGHT: tl.constexpr, NEED_GRAD_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid (token tiles, vocabulary tiles).
+
+    Recomputes the tile's logits, forms dz = g * (onehot - p) and adds, with fp32 atomics,
+    grad_hidden[n] += scale * dz @ W[v] (fp32 [N, D]), grad_weight[v] += scale * dz.T @ H[n]
+    (fp32 [V, D]) and grad_bias[v] += sum_n dz. Tiles whose largest |dz| is not above filter_eps
+    skip both products (0 keeps the result exact: only all-zero tiles are skipped); the bias sum is
+    never filtered.
+    """
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < num_tokens
+    mask_v = offs_v < vocab_size
+    labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    grad_token = tl.load(grad_token_ptr + offs_n, mask=mask_n, other=0.0)
+
+    z = logit_tile(
+        hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, num_tokens, vocab_size, hidden_dim,
+        stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap,
+        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION,
+    )
+    dz = grad_logit_tile(z, lse, grad_token, labels, offs_v, vocab_size, softcap, HAS_SOFTCAP)
+    if NEED_GRAD_BIAS:
+        tl.atomic_add(grad_bias_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v)
+    if tl.max(tl.abs(dz)) > filter_eps:
+        dz_dot = (dz * logit_scale).to(hidden_ptr.dtype.element_ty)
+        offs_d = tl.arange(0, BLOCK_D)
+        for d0 in range(0, hidden_dim, BLOCK_D):
+            cols = d0 + offs_d
+            mask_d = cols < hidden_dim
+            if NEED_GRAD_HIDDEN:
+                w = tl.load(weight_ptr + offs_v.to(tl.int64)[:, None] * stride_wv + cols[None, :] * stride_wd,
+                            mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+                grad_h = tl.dot(dz_dot, w, input_precision=DOT_PRECISION)
+                tl.atomic_add(grad_hidden_ptr + offs_n.to(tl.int64)[:, None] * hidden_dim + cols[None, :], grad_h,
+                              mask=mask_n[:, None] & mask_d[None, :])
+            if NEED_GRAD_WEIGHT:
+                h = tl.load(hidden_ptr + offs_n.to(tl.int64)[:, None] * stride_hn + cols[None, :] * stride_hd,
+                            mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                grad_w = tl.dot(tl.trans(dz_dot), h, input_precision=DOT_PRECISION)
+                tl.atomic_add(grad_weight_ptr + offs_v.to(tl.int64)[:, None] * hidden_dim + cols[None, :], grad_w,
+                              mask=mask_v[:, None] & mask_d[None, :])

@@ -1,0 +1,56 @@
+"""Backward kernel, deterministic mode, grad_weight and grad_bias: each program owns a vocabulary tile."""
+
+import triton
+import triton.language as tl
+
+from .common import grad_logit_tile, logit_tile
+
+
+@triton.jit
+def grad_weight_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, labels_ptr, lse_ptr, grad_token_ptr, grad_weight_ptr, grad_bias_ptr,
+    num_tokens, vocab_size, hidden_dim,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    logit_scale, softcap, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    NEED_GRAD_WEIGHT: tl.constexpr, NEED_GRAD_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid (vocabulary tiles,). Walks every token tile in order; grad_weight[v] (fp32 [V, D]) is
+    read, added to and written back by its one owner; grad_bias[v] (fp32 [V]) is summed in registers.
+    """
+    pid_v = tl.program_id(0)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_v = offs_v < vocab_size
+    offs_d = tl.arange(0, BLOCK_D)
+    out_rows = grad_weight_ptr + offs_v.to(tl.int64)[:, None] * hidden_dim
+    bias_sum = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for n0 in range(0, num_tokens, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < num_tokens
+        labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1)
+        lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+        grad_token = tl.load(grad_token_ptr + offs_n, mask=mask_n, other=0.0)
+        z = logit_tile(
+            hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, num_tokens, vocab_size, hidden_dim,
+            stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap,
+            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION,
+        )
+        dz = grad_logit_tile(z, lse, grad_token, labels, offs_v, vocab_size, softcap, HAS_SOFTCAP)
+        if NEED_GRAD_BIAS:
+            bias_sum += tl.sum(dz, axis=0)
+        if NEED_GRAD_WEIGHT:
+            if tl.max(tl.abs(dz)) > filter_eps:
+                dz_dot = tl.trans((dz * logit_scale).to(hidden_ptr.dtype.element_ty))
+                for d0 in range(0, hidden_dim, BLOCK_D):
+                    cols = d0 + offs_d
+                    mask_d = cols < hidden_dim
+                    mask_vd = mask_v[:, None] & mask_d[None, :]
+                    h = tl.load(hidden_ptr + offs_n.to(tl.int64)[:, None] * stride_hn + cols[None, :] * stride_hd,
+                                mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                    partial = tl.load(out_rows + cols[None, :], mask=mask_vd, other=0.0)
+                    partial = tl.dot(dz_dot, h, partial, input_precision=DOT_PRECISION)
+                    tl.store(out_rows + cols[None, :], partial, mask=mask_vd)
+    if NEED_GRAD_BIAS:
+        tl.store(grad_bias_ptr + offs_v, bias_sum, mask=mask_v)

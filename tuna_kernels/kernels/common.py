@@ -1,0 +1,64 @@
+"""Tile helpers shared by the kernels: one logit tile, and its gradient.
+
+A logit tile is [BLOCK_N tokens, BLOCK_V vocabulary entries], accumulated in fp32 by walking the hidden
+dimension in BLOCK_D slices, so no full [BLOCK_N, D] row is ever held in registers.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(x):
+    # 1 - 2 / (exp(2x) + 1): exact limits at +-inf, no libdevice needed (so the interpreter runs it)
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def logit_tile(
+    hidden_ptr, weight_ptr, bias_ptr,
+    offs_n, offs_v, num_tokens, vocab_size, hidden_dim,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    logit_scale, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """z = softcap(logit_scale * H[offs_n] @ W[offs_v].T + b[offs_v]): [BLOCK_N, BLOCK_V] fp32.
+
+    Columns past the vocabulary are -inf, so they carry no softmax mass.
+    """
+    mask_n = offs_n < num_tokens
+    mask_v = offs_v < vocab_size
+    offs_d = tl.arange(0, BLOCK_D)
+    hidden_rows = hidden_ptr + offs_n.to(tl.int64)[:, None] * stride_hn
+    weight_rows = weight_ptr + offs_v.to(tl.int64)[:, None] * stride_wv
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, hidden_dim, BLOCK_D):
+        cols = d0 + offs_d
+        mask_d = cols < hidden_dim
+        h = tl.load(hidden_rows + cols[None, :] * stride_hd, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        w = tl.load(weight_rows + cols[None, :] * stride_wd, mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    z = acc * logit_scale
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        z = softcap * tanh(z / softcap)
+    return tl.where(mask_v[None, :], z, float("-inf"))
+
+
+@triton.jit
+def grad_logit_tile(z, lse, grad_token, labels, offs_v, vocab_size, softcap, HAS_SOFTCAP: tl.constexpr):
+    """dL/dz_raw = g * (onehot(y) - exp(z - lse)) (* (1 - tanh^2) with softcap): [BLOCK_N, BLOCK_V] fp32.
+
+    ``z`` is the (softcapped) tile from :func:`logit_tile`; ``lse``, ``grad_token``, ``labels``: [BLOCK_N].
+    The derivative of the logit scale is left to the caller (it is not part of the bias gradient).
+    """
+    probs = tl.exp(z - lse[:, None])
+    onehot = (offs_v[None, :] == labels[:, None]).to(tl.float32)
+    dz = grad_token[:, None] * (onehot - probs)
+    if HAS_SOFTCAP:
+        ratio = z / softcap
+        dz = dz * tl.where((offs_v < vocab_size)[None, :], 1.0 - ratio * ratio, 0.0)
+    return dz

@@ -1,0 +1,81 @@
+"""Launch configurations per kernel and GPU architecture.
+
+Chosen so that, compiled ahead of time (``python -m tuna_kernels.report``), every kernel runs without
+register spills, fits the shared memory of the card (99 KB per block on sm_86 / sm_89, the consumer
+RTX 30xx / 40xx cards; 163 KB on sm_80; 227 KB on sm_90) and uses tensor-core MMA for bf16 / fp16.
+The report checks each of these; a test asserts them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import asdict, dataclass
+from typing import Dict, Iterator, Optional, Tuple
+
+KERNELS = ("lse_forward", "backward_atomic", "grad_hidden", "grad_weight")
+ARCHS = (80, 86, 89, 90)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_n: int
+    block_v: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+    def label(self) -> str:
+        return f"N{self.block_n}_V{self.block_v}_D{self.block_d}_w{self.num_warps}_s{self.num_stages}"
+
+    def as_dict(self) -> Dict[str, int]:
+        return asdict(self)
+
+
+# Ampere-class cards (sm_80 A100, sm_86 RTX 30xx, sm_89 RTX 40xx / L4): 99 KB of shared memory is the
+# binding limit on the consumer parts, so one table serves all three.
+_AMPERE = {
+    "lse_forward": KernelConfig(64, 128, 64, 8, 3),
+    "backward_atomic": KernelConfig(64, 128, 32, 8, 2),
+    "grad_hidden": KernelConfig(64, 128, 32, 8, 2),
+    "grad_weight": KernelConfig(64, 128, 32, 8, 2),
+}
+# Hopper (sm_90): larger tiles, more shared memory.
+_HOPPER = {
+    "lse_forward": KernelConfig(128, 128, 64, 8, 3),
+    "backward_atomic": KernelConfig(64, 128, 64, 8, 2),
+    "grad_hidden": KernelConfig(64, 128, 64, 8, 2),
+    "grad_weight": KernelConfig(64, 128, 64, 8, 2),
+}
+# Under TRITON_INTERPRET=1 tiles are small so that test shapes span several tiles in every direction.
+INTERPRETER = KernelConfig(16, 32, 32, 1, 1)
+
+_override: Optional[KernelConfig] = None
+
+
+def default_config(kernel: str, arch: int) -> KernelConfig:
+    """The configuration ``kernel`` launches with on compute capability ``arch`` (e.g. 86)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; known: {KERNELS}")
+    table = _HOPPER if arch >= 90 else _AMPERE
+    return table[kernel]
+
+
+def launch_config(kernel: str, capability: Optional[Tuple[int, int]]) -> KernelConfig:
+    """The configuration for a launch: an override if set, the interpreter's, or the architecture's."""
+    if _override is not None:
+        return _override
+    if capability is None or os.environ.get("TRITON_INTERPRET") == "1":
+        return INTERPRETER
+    return default_config(kernel, capability[0] * 10 + capability[1])
+
+
+@contextlib.contextmanager
+def override_config(config: KernelConfig) -> Iterator[None]:
+    """Launch every kernel with ``config`` inside the block (tests and tuning)."""
+    global _override
+    previous, _override = _override, config
+    try:
+        yield
+    finally:
+        _override = previous

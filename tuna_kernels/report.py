@@ -1,0 +1,178 @@
+"""Static GPU report: compile every kernel ahead of time for sm_80/86/89/90, no GPU needed.
+
+    python -m tuna_kernels.report [--json] [--dtype bf16 --dtype fp16] [--arch 86]
+
+For each kernel, dtype, configuration and architecture it prints the registers per thread, spill bytes
+(stack / local memory, and the STL/LDL instructions in the SASS), shared memory per block against the
+card's limit, and whether tensor-core instructions (HMMA on sm_8x, HGMMA on sm_90) are present.
+The cubin is read with the ``cuobjdump`` that ships inside the triton wheel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+# Shared memory a block may use, per architecture (bytes).
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+TRITON_DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+
+
+@dataclass
+class ReportRow:
+    kernel: str
+    arch: str
+    dtype: str
+    config: str
+    registers: int
+    spill_bytes: int
+    spill_instructions: int
+    shared_bytes: int
+    shared_limit: int
+    mma: bool
+    mma_instructions: int
+
+    @property
+    def ok(self) -> bool:
+        return self.spill_bytes == 0 and self.shared_bytes <= self.shared_limit and self.mma
+
+
+def _kernel_specs():
+    """name -> (jit function, the launch's constexprs other than tiles)."""
+    from .kernels.backward_atomic import logprob_backward_atomic_kernel
+    from .kernels.backward_hidden import grad_hidden_kernel
+    from .kernels.backward_weight import grad_weight_kernel
+    from .kernels.forward import lse_forward_kernel
+
+    flags = {"HAS_BIAS": False, "HAS_SOFTCAP": False}
+    return {
+        "lse_forward": (lse_forward_kernel, flags),
+        "backward_atomic": (logprob_backward_atomic_kernel,
+                            {**flags, "NEED_GRAD_HIDDEN": True, "NEED_GRAD_WEIGHT": True, "NEED_GRAD_BIAS": False}),
+        "grad_hidden": (grad_hidden_kernel, flags),
+        "grad_weight": (grad_weight_kernel, {**flags, "NEED_GRAD_WEIGHT": True, "NEED_GRAD_BIAS": False}),
+    }
+
+
+def _signature(fn, dtype: str, constexprs: Dict[str, object]):
+    """Types of every argument as a real launch specialises them; unit strides become constants."""
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ("hidden_ptr", "weight_ptr", "bias_ptr"):
+            signature[name] = "*" + TRITON_DTYPES[dtype]
+        elif name == "labels_ptr":
+            signature[name] = "*i64"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32"
+        elif name in ("logit_scale", "softcap", "filter_eps"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+        # torch allocations are 16-byte aligned and hidden sizes are multiples of 16, as a launch sees them
+        if name.endswith("_ptr") or name in ("hidden_dim", "stride_hn", "stride_wv"):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, attrs
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not path.exists():
+        raise FileNotFoundError(f"cuobjdump not found at {path}; the triton wheel should ship it")
+    return str(path)
+
+
+def compile_row(kernel: str, arch: int, dtype: str, config) -> ReportRow:
+    """Compile one kernel for one architecture and read the cubin's resource usage and SASS."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn, flags = _kernel_specs()[kernel]
+    constexprs = dict(flags, BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
+                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", stride_hd=1, stride_wd=1)
+    signature, attrs = _signature(fn, dtype, constexprs)
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / f"{kernel}.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)],
+                               check=True, capture_output=True, text=True).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
+
+    def field(name: str) -> int:
+        match = re.search(rf"\b{name}:(\d+)", usage)
+        return int(match.group(1)) if match else 0
+
+    mma_pattern = r"\bHGMMA\b|\bHMMA\b" if arch >= 90 else r"\bHMMA\b"
+    mma_count = len(re.findall(mma_pattern, sass))
+    spill_ops = len(re.findall(r"\b(?:STL|LDL)(?:\.\w+)*\b", sass))
+    static_shared = field("SHARED")
+    return ReportRow(
+        kernel=kernel, arch=f"sm_{arch}", dtype=dtype, config=config.label(),
+        registers=field("REG"), spill_bytes=field("STACK") + field("LOCAL"), spill_instructions=spill_ops,
+        shared_bytes=static_shared + int(compiled.metadata.shared), shared_limit=SHARED_LIMIT[arch],
+        mma=mma_count > 0, mma_instructions=mma_count,
+    )
+
+
+def build_report(archs: Sequence[int], dtypes: Sequence[str], kernels: Optional[Sequence[str]] = None) -> List[ReportRow]:
+    """Rows for the default configuration of each kernel on each architecture and dtype."""
+    from .kernels.configs import KERNELS, default_config
+
+    rows = []
+    for kernel in kernels or KERNELS:
+        for arch in archs:
+            for dtype in dtypes:
+                rows.append(compile_row(kernel, arch, dtype, default_config(kernel, arch)))
+    return rows
+
+
+def format_table(rows: Sequence[ReportRow]) -> str:
+    header = ["kernel", "arch", "dtype", "config", "regs", "spill B", "STL/LDL", "shared KB", "limit KB", "MMA", "ok"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row.kernel, row.arch, row.dtype, row.config, str(row.registers), str(row.spill_bytes),
+                 str(row.spill_instructions), f"{row.shared_bytes / 1024:.1f}", f"{row.shared_limit / 1024:.0f}",
+                 f"yes ({row.mma_instructions})" if row.mma else "no", "yes" if row.ok else "NO"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tuna_kernels.report", description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON document (a list of rows)")
+    parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT),
+                        help="compute capability, repeatable (default: 80 86 89 90)")
+    parser.add_argument("--dtype", action="append", choices=sorted(TRITON_DTYPES),
+                        help="input dtype, repeatable (default: bf16 fp16; fp32 runs IEEE FMA, not tensor cores)")
+    parser.add_argument("--kernel", action="append", help="kernel name, repeatable (default: all)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: the report compiles real GPU code")
+    rows = build_report(args.arch or sorted(SHARED_LIMIT), args.dtype or ["bf16", "fp16"], args.kernel)
+    if args.json:
+        json.dump([dict(asdict(row), ok=row.ok) for row in rows], sys.stdout, indent=1)
+        print()
+    else:
+        print(format_table(rows))
+    return 0 if all(row.ok for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""tuna_train: data, packing, models, the training loop and the `tuna` CLI."""
