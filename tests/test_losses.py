@@ -1,0 +1,94 @@
+"""Each ranking loss against an independent naive implementation (loops over pairs, float64)."""
+
+import pytest
+import torch
+
+import naive_tuna as naive
+from tuna_kernels import (listmle_loss, ordered_pairs, pairwise_accuracy, pairwise_logistic_loss, rrhf_loss,
+                          tuna_margin_loss)
+
+
+def random_batch(seed, num_groups=7, num_candidates=5, with_ties=True):
+    """Scores [G, K] float64; valid [G, K] with ragged groups (1..K candidates, one with a hole);
+    target scores with ties; reference scores."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(num_groups, num_candidates, generator=generator, dtype=torch.float64)
+    sizes = torch.randint(1, num_candidates + 1, (num_groups,), generator=generator)
+    sizes[0], sizes[1] = 1, num_candidates  # a single-candidate group and a full one, always
+    valid = torch.arange(num_candidates)[None, :] < sizes[:, None]
+    valid[1, 2] = False  # a dropped duplicate in the middle of a group
+    target = torch.randint(0, 3, (num_groups, num_candidates), generator=generator).double()
+    if not with_ties:
+        target = torch.randn(num_groups, num_candidates, generator=generator, dtype=torch.float64)
+    target = target.sort(dim=1, descending=True).values  # best first
+    ref = torch.randn(num_groups, num_candidates, generator=generator, dtype=torch.float64)
+    scores = torch.where(valid, scores, torch.full_like(scores, 1e6))  # garbage where invalid
+    return scores, valid, target, ref
+
+
+def as_lists(*tensors):
+    return [t.tolist() for t in tensors]
+
+
+def close(got, want):
+    assert abs(float(got) - want) <= 1e-6 * max(1.0, abs(want)), (float(got), want)
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("skip_ties", [False, True])
+def test_losses_match_naive(seed, skip_ties):
+    scores, valid, target, ref = random_batch(seed)
+    s, v, t, r = as_lists(scores, valid, target, ref)
+    ties = dict(target_scores=target, skip_ties=skip_ties)
+    close(tuna_margin_loss(scores, valid, 0.1, **ties), naive.tuna_margin(s, v, 0.1, t, skip_ties))
+    close(tuna_margin_loss(scores, valid, 0.7, **ties), naive.tuna_margin(s, v, 0.7, t, skip_ties))
+    close(listmle_loss(scores, valid, 1.0, **ties), naive.listmle(s, v, 1.0, t, skip_ties))
+    close(listmle_loss(scores, valid, 0.5, **ties), naive.listmle(s, v, 0.5, t, skip_ties))
+    close(rrhf_loss(scores, valid, **ties), naive.rrhf(s, v, t, skip_ties))
+    close(pairwise_logistic_loss(scores, valid, 0.1, **ties), naive.pairwise_logistic(s, v, 0.1, None, 0.0, t, skip_ties))
+    close(pairwise_logistic_loss(scores, valid, 2.0, gamma=0.5, **ties),
+          naive.pairwise_logistic(s, v, 2.0, None, 0.5, t, skip_ties))
+    close(pairwise_logistic_loss(scores, valid, 0.3, ref_scores=ref, **ties),
+          naive.pairwise_logistic(s, v, 0.3, r, 0.0, t, skip_ties))
+
+
+def test_single_candidate_groups_give_zero_ranking_loss():
+    scores = torch.randn(3, 1, dtype=torch.float64, requires_grad=True)
+    valid = torch.ones(3, 1, dtype=torch.bool)
+    for loss in (tuna_margin_loss(scores, valid), listmle_loss(scores, valid), rrhf_loss(scores, valid),
+                 pairwise_logistic_loss(scores, valid)):
+        assert float(loss.detach()) == 0.0
+        loss.backward()  # still part of the graph
+
+
+def test_dpo_special_case_for_two_candidates():
+    """K = 2 with a reference model: -log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l))), mean over groups."""
+    policy = torch.tensor([[-3.0, -5.0], [-2.0, -1.5]], dtype=torch.float64)
+    reference = torch.tensor([[-3.5, -4.0], [-2.0, -2.0]], dtype=torch.float64)
+    valid = torch.ones(2, 2, dtype=torch.bool)
+    logits = 0.1 * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
+    expected = -torch.nn.functional.logsigmoid(logits).mean()
+    close(pairwise_logistic_loss(policy, valid, 0.1, ref_scores=reference), float(expected))
+
+
+def test_tuna_margin_is_margin_ranking_loss_summed_over_gaps():
+    """Full groups: the reference code's MarginRankingLoss(margin * i) summed over gaps i."""
+    scores = torch.randn(5, 4, dtype=torch.float64)
+    valid = torch.ones(5, 4, dtype=torch.bool)
+    expected = sum(torch.nn.MarginRankingLoss(0.1 * i)(scores[:, :-i], scores[:, i:], torch.ones_like(scores[:, i:]))
+                   for i in range(1, 4))
+    close(tuna_margin_loss(scores, valid, 0.1), float(expected))
+
+
+def test_pairwise_accuracy_and_pairs():
+    scores = torch.tensor([[3.0, 2.0, 1.0], [1.0, 2.0, 0.0]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    assert ordered_pairs(valid).sum() == 4
+    assert float(pairwise_accuracy(scores, valid)) == pytest.approx(3 / 4)
+    tied = torch.tensor([[2.0, 2.0, 1.0], [1.0, 0.0, 0.0]])
+    assert float(pairwise_accuracy(scores, valid, tied)) == pytest.approx(2 / 3)  # (0, 1) of group 0 is tied
+
+
+def test_skip_ties_needs_target_scores():
+    with pytest.raises(ValueError, match="target_scores"):
+        tuna_margin_loss(torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), skip_ties=True)

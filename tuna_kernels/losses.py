@@ -1,0 +1,145 @@
+"""Listwise ranking losses on a [G, K] score matrix, candidates ordered best first.
+
+Every loss takes ``scores: [G, K]`` (model scores, e.g. length-normalised log-likelihoods; any value where
+invalid) and ``valid: [G, K]`` bool (which candidates exist), and returns a scalar. A pair (j, l) with
+j < l means "candidate j is ranked above candidate l". Groups may have 1 to K candidates; pairs with a
+missing candidate do not exist, and a batch with no pair gives a ranking loss of 0 (still differentiable).
+
+Ties: with ``skip_ties=True`` and the ranking's own scores in ``target_scores`` ([G, K], higher is
+better), pairs whose target scores are equal are dropped. The default (False) keeps them, as the Tuna
+reference code does: it sorts and applies the hinge regardless of ties.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def ordered_pairs(valid: torch.Tensor, target_scores: Optional[torch.Tensor] = None,
+                  skip_ties: bool = False) -> torch.Tensor:
+    """[G, K, K] bool: pairs[g, j, l] is True when j < l, both exist and (skip_ties) are not tied."""
+    if skip_ties and target_scores is None:
+        raise ValueError("skip_ties=True needs target_scores (the ranking's own scores) to find ties")
+    num_candidates = valid.shape[1]
+    positions = torch.arange(num_candidates, device=valid.device)
+    pairs = (positions[:, None] < positions[None, :]) & valid[:, :, None] & valid[:, None, :]
+    if skip_ties:
+        pairs = pairs & (target_scores[:, :, None] != target_scores[:, None, :])
+    return pairs
+
+
+def _check(scores: torch.Tensor, valid: torch.Tensor) -> None:
+    if scores.dim() != 2 or valid.shape != scores.shape or valid.dtype != torch.bool:
+        raise ValueError(f"scores must be [G, K] and valid a bool [G, K], got {tuple(scores.shape)} "
+                         f"and {tuple(valid.shape)} {valid.dtype}")
+
+
+def tuna_margin_loss(scores: torch.Tensor, valid: torch.Tensor, margin: float = 0.1, *,
+                     target_scores: Optional[torch.Tensor] = None, skip_ties: bool = False) -> torch.Tensor:
+    """Tuna / BRIO margin ranking loss (Li et al. 2023, Tuna, eq. 2; Liu et al. 2022, BRIO).
+
+        L = sum_{i=1}^{K-1}  mean_{(g, j): j + i < K, pair exists}  max(0, s[g, j+i] - s[g, j] + margin * i)
+
+    For every rank gap i, the hinge is averaged over the pairs i apart that exist in the batch, then the
+    gaps are summed: ``MarginRankingLoss(margin * i, reduction="mean")`` summed over i, as in the
+    reference code. A gap with no pair adds 0.
+    """
+    _check(scores, valid)
+    pairs = ordered_pairs(valid, target_scores, skip_ties)
+    num_candidates = scores.shape[1]
+    positions = torch.arange(num_candidates, device=scores.device)
+    gap = positions[None, :] - positions[:, None]  # [K, K]: l - j
+    worse_minus_better = scores[:, None, :] - scores[:, :, None]  # [G, j, l] = s_l - s_j
+    hinge = torch.where(pairs, F.relu(worse_minus_better + margin * gap.to(scores.dtype)),
+                        torch.zeros_like(worse_minus_better))
+    gap_index = gap.clamp(min=0).expand_as(hinge)
+    hinge_per_gap = scores.new_zeros(num_candidates).index_add(0, gap_index[pairs], hinge[pairs])
+    pairs_per_gap = torch.bincount(gap_index[pairs], minlength=num_candidates)
+    return (hinge_per_gap / pairs_per_gap.clamp(min=1)).sum()
+
+
+def listmle_loss(scores: torch.Tensor, valid: torch.Tensor, temperature: float = 1.0, *,
+                 target_scores: Optional[torch.Tensor] = None, skip_ties: bool = False) -> torch.Tensor:
+    """ListMLE: negative Plackett-Luce log-likelihood of the given order (Xia et al., ICML 2008).
+
+        L_g = - sum_{j valid} [ s_j / T - logsumexp_{l >= j, l valid} s_l / T ],   L = mean over groups with >= 2
+
+    With ``skip_ties``, a candidate tied with j (and placed after it) is left out of j's denominator,
+    so only strict preferences are learned. Groups with a single candidate have no order to learn.
+    """
+    _check(scores, valid)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    num_candidates = scores.shape[1]
+    positions = torch.arange(num_candidates, device=scores.device)
+    competes = (positions[None, :] >= positions[:, None]) & valid[:, None, :] & valid[:, :, None]
+    if skip_ties:
+        pairs = ordered_pairs(valid, target_scores, skip_ties=False)
+        tied = pairs & (target_scores[:, :, None] == target_scores[:, None, :])
+        competes = competes & ~tied
+    scaled = scores / temperature
+    log_denominator = torch.logsumexp(
+        torch.where(competes, scaled[:, None, :], torch.full_like(competes, float("-inf"), dtype=scores.dtype)), dim=2)
+    terms = torch.where(valid, scaled - torch.where(valid, log_denominator, torch.zeros_like(scaled)),
+                        torch.zeros_like(scaled))
+    has_order = valid.sum(dim=1) >= 2
+    per_group = -terms.sum(dim=1)
+    return torch.where(has_order, per_group, torch.zeros_like(per_group)).sum() / has_order.sum().clamp(min=1)
+
+
+def rrhf_loss(scores: torch.Tensor, valid: torch.Tensor, *,
+              target_scores: Optional[torch.Tensor] = None, skip_ties: bool = False) -> torch.Tensor:
+    """RRHF ranking loss (Yuan et al. 2023, RRHF, eq. 2): a hinge without margin over all ordered pairs.
+
+        L_g = sum_{j < l, pair exists} max(0, s_l - s_j),   L = mean over groups with at least one pair
+
+    RRHF itself only uses pairs with strictly different rewards: pass ``skip_ties=True`` with the
+    rewards as ``target_scores`` to match it exactly.
+    """
+    _check(scores, valid)
+    pairs = ordered_pairs(valid, target_scores, skip_ties)
+    worse_minus_better = scores[:, None, :] - scores[:, :, None]
+    hinge = torch.where(pairs, F.relu(worse_minus_better), torch.zeros_like(worse_minus_better))
+    has_pair = pairs.flatten(1).any(dim=1)
+    return hinge.sum(dim=(1, 2)).sum() / has_pair.sum().clamp(min=1)
+
+
+def pairwise_logistic_loss(scores: torch.Tensor, valid: torch.Tensor, beta: float = 0.1, *,
+                           ref_scores: Optional[torch.Tensor] = None, gamma: float = 0.0,
+                           target_scores: Optional[torch.Tensor] = None, skip_ties: bool = False) -> torch.Tensor:
+    """Bradley-Terry logistic loss over all ordered pairs, averaged over the pairs of the batch.
+
+        L = mean_{j < l} -log sigmoid( beta * [(s_j - ref_j) - (s_l - ref_l)] - gamma )
+
+    With ``ref_scores`` (a frozen reference model's sequence log-likelihoods, [G, K]) and K = 2 this is
+    DPO (Rafailov et al. 2023; use summed log-likelihoods, alpha = 0). Without a reference and with
+    length-normalised scores (alpha = 1) and a target margin ``gamma`` it is SimPO (Meng et al. 2024).
+    For K > 2 every ordered pair counts once.
+    """
+    _check(scores, valid)
+    pairs = ordered_pairs(valid, target_scores, skip_ties)
+    margins = scores if ref_scores is None else scores - ref_scores
+    better_minus_worse = margins[:, :, None] - margins[:, None, :]  # [G, j, l] = m_j - m_l
+    losses = -F.logsigmoid(beta * better_minus_worse - gamma)
+    losses = torch.where(pairs, losses, torch.zeros_like(losses))
+    return losses.sum() / pairs.sum().clamp(min=1)
+
+
+def pairwise_accuracy(scores: torch.Tensor, valid: torch.Tensor,
+                      target_scores: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Fraction of ordered pairs (j above l) whose scores agree (s_j > s_l); pairs tied in
+    ``target_scores`` have no right order and are left out. NaN when there is no pair."""
+    pairs = ordered_pairs(valid, target_scores, skip_ties=target_scores is not None)
+    agree = (scores[:, :, None] > scores[:, None, :]) & pairs
+    return agree.sum() / pairs.sum().to(scores.dtype)
+
+
+LOSSES = {
+    "tuna_margin": tuna_margin_loss,
+    "listmle": listmle_loss,
+    "rrhf": rrhf_loss,
+    "pairwise_logistic": pairwise_logistic_loss,
+}

@@ -1,0 +1,123 @@
+"""TunaLoss: the whole Tuna objective from hidden states, fused, with no [N, V] tensor.
+
+    scores[g, k] = sum_t log p(y_t) / T_k ** alpha            (one fused pass: sequence_logprobs)
+    loss         = ranking_loss(scores, valid) + mle_weight * MLE
+
+MLE is the token-level cross-entropy averaged over the target tokens of all candidates (``mle_on="all"``,
+the reference code's choice) or of the best candidate of each group only (``mle_on="best"``). It reuses
+the sums and counts of the same fused pass: no second computation of log-probabilities.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .api import IMPLS, sequence_logprobs
+from .layout import GroupLayout
+from .losses import LOSSES, pairwise_accuracy
+
+
+class TunaLoss(nn.Module):
+    """Fused listwise ranking loss + MLE over groups of ranked candidates.
+
+    Args:
+        loss: one of ``tuna_margin`` (default, the paper's), ``listmle``, ``rrhf``, ``pairwise_logistic``.
+        margin: the Tuna margin m (per rank gap i the hinge margin is m * i).
+        alpha: length normalisation: scores are sums / counts ** alpha (1 = mean token log-prob, 0 = sum).
+        mle_weight: lambda, the weight of the MLE term.
+        mle_on: ``"all"`` (every candidate's tokens, the reference code) or ``"best"`` (rank 0 only).
+        skip_ties: drop pairs tied in ``layout.target_scores`` (default False, as the reference code).
+        beta, gamma: of ``pairwise_logistic``; temperature: of ``listmle``.
+        impl: passed to :func:`tuna_kernels.sequence_logprobs`; ignore_index: of the labels.
+        **logprob_options: other options of :func:`tuna_kernels.token_logprobs` (chunk sizes,
+            ``deterministic``, ``grad_filter_eps``).
+    """
+
+    def __init__(self, loss: str = "tuna_margin", margin: float = 0.1, alpha: float = 1.0,
+                 mle_weight: float = 1.0, mle_on: str = "all", skip_ties: bool = False,
+                 beta: float = 0.1, gamma: float = 0.0, temperature: float = 1.0,
+                 impl: str = "auto", ignore_index: int = -100, **logprob_options) -> None:
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
+        if mle_on not in ("all", "best"):
+            raise ValueError(f"mle_on must be 'all' or 'best', got {mle_on!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if alpha < 0 or mle_weight < 0 or margin < 0:
+            raise ValueError(f"alpha, mle_weight and margin must be >= 0, got {alpha}, {mle_weight}, {margin}")
+        self.loss, self.margin, self.alpha = loss, margin, alpha
+        self.mle_weight, self.mle_on, self.skip_ties = mle_weight, mle_on, skip_ties
+        self.beta, self.gamma, self.temperature = beta, gamma, temperature
+        self.impl, self.ignore_index, self.logprob_options = impl, ignore_index, logprob_options
+
+    def extra_repr(self) -> str:
+        return (f"loss={self.loss!r}, margin={self.margin}, alpha={self.alpha}, mle_weight={self.mle_weight}, "
+                f"mle_on={self.mle_on!r}, impl={self.impl!r}")
+
+    def ranking_loss(self, scores: torch.Tensor, valid: torch.Tensor,
+                     target_scores: Optional[torch.Tensor] = None,
+                     ref_scores: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The configured ranking loss on a [G, K] score matrix."""
+        ties = dict(target_scores=target_scores, skip_ties=self.skip_ties)
+        if self.loss == "tuna_margin":
+            return LOSSES["tuna_margin"](scores, valid, self.margin, **ties)
+        if self.loss == "listmle":
+            return LOSSES["listmle"](scores, valid, self.temperature, **ties)
+        if self.loss == "rrhf":
+            return LOSSES["rrhf"](scores, valid, **ties)
+        return LOSSES["pairwise_logistic"](scores, valid, self.beta, ref_scores=ref_scores, gamma=self.gamma, **ties)
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, layout: GroupLayout, *,
+                bias: Optional[torch.Tensor] = None, logit_scale: float = 1.0, softcap: Optional[float] = None,
+                ref_scores: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Loss and detached metrics for one batch.
+
+        Args:
+            hidden: [N, D] hidden states of the positions that predict ``labels`` (prompt and padding
+                positions may be dropped beforehand, or kept with ignore_index labels).
+            weight: [V, D] lm_head weight; labels: [N]; layout: the :class:`GroupLayout` of the batch.
+            bias, logit_scale, softcap: the lm_head's, as in :func:`tuna_kernels.token_logprobs`.
+            ref_scores: [G, K] reference-model scores (``pairwise_logistic`` as DPO).
+
+        Returns:
+            (loss, metrics) with metrics: ``rank_loss``, ``mle_loss``, ``pair_accuracy`` (fraction of
+            ordered pairs the model orders as the ranking does), ``score_per_rank`` ([K] mean score of
+            each rank), ``score_gap`` (mean best-minus-worst score of the groups), ``num_pairs``.
+        """
+        counts = layout.validate(labels, self.ignore_index)  # raises before any kernel runs
+        sums, _ = sequence_logprobs(hidden, weight, labels, layout.seq_index, layout.num_seqs, bias=bias,
+                                    logit_scale=logit_scale, softcap=softcap, ignore_index=self.ignore_index,
+                                    impl=self.impl, **self.logprob_options)
+        seq_scores = sums / counts.to(sums.dtype) ** self.alpha
+        scores = layout.to_matrix(seq_scores)
+        valid = layout.valid()
+        rank_loss = self.ranking_loss(scores, valid, layout.target_scores, ref_scores)
+        if self.mle_on == "all":
+            mle_loss = -sums.sum() / counts.sum()
+        else:
+            best = layout.seq_rank == 0
+            mle_loss = -sums[best].sum() / counts[best].sum()
+        loss = rank_loss + self.mle_weight * mle_loss
+        return loss, self._metrics(scores.detach(), valid, layout, rank_loss, mle_loss)
+
+    @staticmethod
+    def _metrics(scores, valid, layout, rank_loss, mle_loss) -> Dict[str, torch.Tensor]:
+        per_rank_count = valid.sum(dim=0)
+        score_per_rank = torch.where(valid, scores, torch.zeros_like(scores)).sum(0) / per_rank_count.clamp(min=1)
+        positions = torch.arange(valid.shape[1], device=valid.device)
+        last = torch.where(valid, positions, torch.zeros_like(positions)).amax(dim=1)  # worst valid rank
+        worst = scores.gather(1, last[:, None]).squeeze(1)
+        has_pair = last > 0
+        gap = ((scores[:, 0] - worst) * has_pair).sum() / has_pair.sum().clamp(min=1)
+        return {
+            "rank_loss": rank_loss.detach(),
+            "mle_loss": mle_loss.detach(),
+            "pair_accuracy": pairwise_accuracy(scores, valid, layout.target_scores),
+            "score_per_rank": score_per_rank,
+            "score_gap": gap,
+            "num_pairs": (valid.sum(1) * (valid.sum(1) - 1) // 2).sum(),
+        }
