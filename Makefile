@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.tuna-installed
 
-.PHONY: setup test test-fast report bench clean
+.PHONY: setup train test test-fast report bench clean
 
 $(STAMP): pyproject.toml setup.py requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml setup.py requirements/constraints.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# The main job: `tuna train` on its embedded default (a tiny Llama, built-in ranked tasks, CPU, minutes).
+# Pass other settings with ARGS, e.g. make train ARGS="--config configs/tuna_p_llama7b_qlora.yaml".
+train: setup
+	$(VENV)/bin/tuna train $(ARGS)
 
 # The whole test suite (CPU only: Triton kernels run under TRITON_INTERPRET=1, see tests/conftest.py).
 test: setup

@@ -29,10 +29,13 @@ class AllocationTracker(TorchDispatchMode):
             existed before the block: inputs are not counted).
         largest_bytes / largest_shape / largest_op: the single largest tensor created, and by which op.
         total_bytes: bytes of all storages created.
+        shapes: with ``record_shapes=True``, (shape, bytes, op) of every storage created.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, record_shapes: bool = False) -> None:
         super().__init__()
+        self.record_shapes = record_shapes
+        self.shapes: list = []  # (shape, bytes, op) of every storage created, when record_shapes
         self.live_bytes = 0
         self.peak_bytes = 0
         self.total_bytes = 0
@@ -56,6 +59,8 @@ class AllocationTracker(TorchDispatchMode):
         weakref.finalize(storage, self._release, key)
         self.live_bytes += nbytes
         self.total_bytes += nbytes
+        if self.record_shapes:
+            self.shapes.append((tuple(tensor.shape), nbytes, op_name))
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         if nbytes > self.largest_bytes:
             self.largest_bytes, self.largest_shape, self.largest_op = nbytes, tuple(tensor.shape), op_name

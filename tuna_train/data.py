@@ -1,0 +1,265 @@
+"""Ranked data: load records from JSON, JSON lines or Parquet, in any of four formats, and normalise them
+to :class:`RankedExample` (a prompt and its candidates, best first).
+
+Formats (detected from the first record, or named with ``data_format``):
+
+- ``native``: ``{"prompt" | "instruction" [+ "input"], "responses": [...], "scores": [...] | "ranking": [...]}``;
+  ``ranking`` lists response indices best first.
+- ``tuna_formatted``: the public Tuna training file, ``{"id", "instruction": <templated prompt>,
+  "output": [...], "score": [...]}``.
+- ``tuna_probabilistic``: raw probabilistic-ranking records, ``{"orig": {"instruction", "input", "output"},
+  "text": [...], "avg_token_prob": [...], ...}``; scores are ``avg_token_prob``.
+- ``tuna_contextual``: raw contextual-ranking records, ``{"prompt", "instruct", "generation": [...],
+  "rank" | "ranks": [indices best first], "response_4", ...}``; index K is the judge's own response.
+
+A malformed record raises :class:`DataError` naming the file, the record number and the field; with
+``skip_bad_records`` such records are skipped and counted instead.
+
+JSON and JSON lines are parsed record by record with the standard library so that an error can name its
+record and line; Parquet goes through ``datasets``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+FORMATS = ("auto", "native", "tuna_formatted", "tuna_probabilistic", "tuna_contextual")
+
+
+class DataError(ValueError):
+    """A record that cannot be used; the message names the file, the record and the field."""
+
+
+@dataclass
+class RankedExample:
+    """One instruction and its candidate responses, sorted best first.
+
+    ``prompt`` is a complete prompt when ``prompt_is_formatted``; otherwise ``instruction`` and
+    ``input`` are formatted with the configured template at tokenisation time.
+    """
+
+    instruction: str
+    responses: List[str]
+    scores: List[float]
+    input: Optional[str] = None
+    prompt_is_formatted: bool = False
+    source: str = ""
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    def prompt_text(self, template: str = "alpaca", tokenizer=None) -> str:
+        from .templates import format_prompt
+
+        if self.prompt_is_formatted:
+            return self.instruction
+        return format_prompt(self.instruction, self.input, template, tokenizer)
+
+
+@dataclass
+class LoadReport:
+    path: str
+    data_format: str
+    loaded: int = 0
+    skipped: int = 0
+    first_errors: List[str] = field(default_factory=list)
+
+
+def read_records(path: str) -> Iterator[Tuple[int, Optional[int], Any]]:
+    """(record number from 1, line number or None, record) for every record of a JSON list, a JSON-lines
+    file or a Parquet file."""
+    file = Path(path)
+    if not file.exists():
+        raise DataError(f"{path}: no such file")
+    if file.suffix == ".parquet":
+        import datasets
+
+        for number, record in enumerate(datasets.Dataset.from_parquet(str(file)).to_list(), start=1):
+            yield number, None, record
+        return
+    text = file.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None
+        for number, record in enumerate(records, start=1):
+            yield number, None, record
+        return
+    number = 0
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        number += 1
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: record {number} (line {line_no}): not valid JSON ({error.msg})") from None
+        yield number, line_no, record
+
+
+def detect_format(record: Any) -> str:
+    """The format of one record, from its fields."""
+    if isinstance(record, dict):
+        if "orig" in record and "text" in record:
+            return "tuna_probabilistic"
+        if "generation" in record:
+            return "tuna_contextual"
+        if "output" in record and "score" in record:
+            return "tuna_formatted"
+        if "responses" in record:
+            return "native"
+    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise DataError(f"cannot tell the format of a record with fields {keys}; "
+                    f"name it with data_format (one of {FORMATS[1:]})")
+
+
+def _field(record: Dict[str, Any], name: str, kind, where: str):
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    if name not in record or record[name] is None:
+        raise DataError(f"{where}: field '{name}' is missing")
+    value = record[name]
+    if not isinstance(value, kind):
+        raise DataError(f"{where}: field '{name}' must be {kind.__name__ if isinstance(kind, type) else 'of ' + str(kind)},"
+                        f" got {type(value).__name__}")
+    return value
+
+
+def _responses(record, name: str, where: str) -> List[str]:
+    responses = _field(record, name, list, where)
+    if not responses:
+        raise DataError(f"{where}: field '{name}' is an empty list")
+    for i, response in enumerate(responses):
+        if not isinstance(response, str):
+            raise DataError(f"{where}: field '{name}[{i}]' must be a string, got {type(response).__name__}")
+    return responses
+
+
+def _scores(record, name: str, count: int, where: str) -> List[float]:
+    scores = _field(record, name, list, where)
+    if len(scores) != count:
+        raise DataError(f"{where}: field '{name}' has {len(scores)} entries for {count} responses")
+    out = []
+    for i, score in enumerate(scores):
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise DataError(f"{where}: field '{name}[{i}]' must be a finite number, got {score!r}")
+        out.append(float(score))
+    return out
+
+
+def _ranking_scores(ranking, num_responses: int, name: str, where: str, drop: Sequence[int] = ()) -> Dict[int, float]:
+    """{response index: score} from a ranking (indices best first): score = -position."""
+    if not isinstance(ranking, list) or not ranking:
+        raise DataError(f"{where}: field '{name}' must be a non-empty list of response indices")
+    scores: Dict[int, float] = {}
+    for position, index in enumerate(ranking):
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise DataError(f"{where}: field '{name}[{position}]' must be an integer, got {index!r}")
+        if not 0 <= index < num_responses:
+            raise DataError(f"{where}: field '{name}[{position}]' = {index} names no response "
+                            f"(there are {num_responses})")
+        if index in scores:
+            raise DataError(f"{where}: field '{name}' lists response {index} twice")
+        if index not in drop:
+            scores[index] = -float(position)
+    return scores
+
+
+def _example(instruction, responses, scores, where, **kwargs) -> RankedExample:
+    order = sorted(range(len(responses)), key=lambda i: -scores[i])  # stable: equal scores keep file order
+    return RankedExample(instruction=instruction, responses=[responses[i] for i in order],
+                         scores=[scores[i] for i in order], source=where, **kwargs)
+
+
+def parse_record(record: Any, data_format: str, where: str, include_judge_response: bool = False) -> RankedExample:
+    """One record of ``data_format`` -> RankedExample (best first). Raises DataError."""
+    if data_format == "native":
+        if isinstance(record, dict) and "prompt" in record:
+            instruction, formatted = _field(record, "prompt", str, where), True
+        else:
+            instruction, formatted = _field(record, "instruction", str, where), False
+        input_text = record.get("input") if not formatted else None
+        if input_text is not None and not isinstance(input_text, str):
+            raise DataError(f"{where}: field 'input' must be a string, got {type(input_text).__name__}")
+        responses = _responses(record, "responses", where)
+        if "scores" in record:
+            scores = _scores(record, "scores", len(responses), where)
+        elif "ranking" in record:
+            by_index = _ranking_scores(record["ranking"], len(responses), "ranking", where)
+            responses = [responses[i] for i in sorted(by_index)]
+            scores = [by_index[i] for i in sorted(by_index)]
+        else:
+            raise DataError(f"{where}: field 'scores' (or 'ranking') is missing")
+        return _example(instruction, responses, scores, where, input=input_text, prompt_is_formatted=formatted)
+    if data_format == "tuna_formatted":
+        prompt = _field(record, "instruction", str, where)
+        responses = _responses(record, "output", where)
+        scores = _scores(record, "score", len(responses), where)
+        return _example(prompt, responses, scores, where, prompt_is_formatted=True, meta={"id": record.get("id")})
+    if data_format == "tuna_probabilistic":
+        orig = _field(record, "orig", dict, where)
+        instruction = _field(orig, "instruction", str, where + ": field 'orig'")
+        input_text = orig.get("input") or None
+        responses = _responses(record, "text", where)
+        scores = _scores(record, "avg_token_prob", len(responses), where)
+        return _example(instruction, responses, scores, where, input=input_text)
+    if data_format == "tuna_contextual":
+        generations = _responses(record, "generation", where)
+        name = "rank" if "rank" in record else "ranks"
+        if name not in record:
+            raise DataError(f"{where}: field 'rank' (or 'ranks') is missing")
+        candidates = list(generations)
+        judge_index = len(generations)
+        if isinstance(record.get("response_4"), str):
+            candidates.append(record["response_4"])
+        by_index = _ranking_scores(record[name], len(candidates), name, where,
+                                   drop=() if include_judge_response else (judge_index,))
+        if not by_index:
+            raise DataError(f"{where}: field '{name}' ranks no generated response")
+        if "prompt" in record and isinstance(record["prompt"], str):
+            instruction, formatted = record["prompt"], True
+        else:
+            instruction, formatted = _field(record, "instruct", str, where), False
+        kept = sorted(by_index)
+        return _example(instruction, [candidates[i] for i in kept], [by_index[i] for i in kept], where,
+                        prompt_is_formatted=formatted, meta={"id": record.get("id")})
+    raise DataError(f"unknown data_format {data_format!r}; one of {FORMATS}")
+
+
+def load_ranked(path: str, data_format: str = "auto", skip_bad_records: bool = False,
+                include_judge_response: bool = False) -> Tuple[List[RankedExample], LoadReport]:
+    """All examples of a file, and a report of what was loaded and skipped."""
+    if data_format not in FORMATS:
+        raise DataError(f"data_format must be one of {FORMATS}, got {data_format!r}")
+    examples: List[RankedExample] = []
+    report = LoadReport(path=str(path), data_format=data_format)
+    for number, line_no, record in read_records(path):
+        where = f"{path}: record {number}" + (f" (line {line_no})" if line_no else "")
+        try:
+            if report.data_format == "auto":
+                report.data_format = detect_format(record)
+            examples.append(parse_record(record, report.data_format, where, include_judge_response))
+        except DataError as error:
+            message = str(error) if str(error).startswith(str(path)) else f"{where}: {error}"
+            if not skip_bad_records:
+                raise DataError(message) from None
+            report.skipped += 1
+            if len(report.first_errors) < 5:
+                report.first_errors.append(message)
+    report.loaded = len(examples)
+    if not examples:
+        raise DataError(f"{path}: no usable record" + (f" ({report.skipped} skipped)" if report.skipped else ""))
+    return examples, report
+
+
+def examples_from_records(records: Iterable[Dict[str, Any]], data_format: str = "native",
+                          source: str = "<records>") -> List[RankedExample]:
+    """Examples from in-memory records (the pipeline's stages and tests)."""
+    out = []
+    for number, record in enumerate(records, start=1):
+        fmt = detect_format(record) if data_format == "auto" else data_format
+        out.append(parse_record(record, fmt, f"{source}: record {number}"))
+    return out

@@ -1,0 +1,370 @@
+"""The training loop: accelerate-based, so one code path serves CPU, one GPU and several (DDP).
+
+One optimizer step consumes ``batch_groups x grad_accum x world_size`` groups. Which groups is a pure
+function of the seed and the step (a seeded permutation per epoch), so resuming needs only the step
+number: a resumed run sees exactly the batches an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from tuna_kernels import TunaLoss, sequence_logprobs
+
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, write_atomic
+from .collate import pack, tokenize_group
+from .config import TrainConfig
+from .data import RankedExample, examples_from_records, load_ranked
+from .metrics import COUNT_KEYS, MetricsLog, ranking_counts, summarise
+from .model import (TargetHiddenStates, add_lora, build_tiny_llama, lm_head_spec, load_model, load_tokenizer,
+                    synthetic_tokenizer)
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped and its last checkpoint is intact."""
+
+
+@dataclass
+class Datasets:
+    train: List[RankedExample]
+    eval: List[RankedExample]
+    skipped: int = 0
+
+
+def load_datasets(config: TrainConfig) -> Datasets:
+    """Training and held-out examples: the built-in synthetic tasks, or files."""
+    skipped = 0
+    if config.data is None:
+        from .synthetic import make_records
+
+        examples = examples_from_records(make_records(config.synthetic_examples, config.synthetic_seed),
+                                         source="synthetic")
+    else:
+        examples, report = load_ranked(config.data, config.data_format, config.skip_bad_records,
+                                       config.include_judge_response)
+        skipped = report.skipped
+        if report.skipped:
+            logger.warning("%s: skipped %d bad records; first: %s", config.data, report.skipped, report.first_errors[0])
+    if config.eval_data is not None:
+        eval_examples, report = load_ranked(config.eval_data, config.data_format, config.skip_bad_records,
+                                            config.include_judge_response)
+        return Datasets(examples, eval_examples, skipped + report.skipped)
+    order = list(range(len(examples)))
+    random.Random(config.seed).shuffle(order)
+    num_eval = int(round(len(examples) * config.eval_fraction))
+    return Datasets([examples[i] for i in order[num_eval:]], [examples[i] for i in order[:num_eval]], skipped)
+
+
+def build_model(config: TrainConfig):
+    """(model, tokenizer) as configured: a local model (4-bit, LoRA) or the tiny Llama of the default."""
+    if config.model is None:
+        tokenizer = synthetic_tokenizer()
+        model = build_tiny_llama(vocab_size=len(tokenizer), hidden_size=config.tiny_hidden_size,
+                                 num_layers=config.tiny_layers, num_heads=config.tiny_heads,
+                                 intermediate_size=3 * config.tiny_hidden_size, seed=config.seed,
+                                 attn_implementation=config.attn_implementation)
+    else:
+        tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
+        model = load_model(config.model, load_in_4bit=config.load_in_4bit, compute_dtype=config.bnb_compute_dtype,
+                           double_quant=config.bnb_double_quant, torch_dtype=config.torch_dtype,
+                           attn_implementation=config.attn_implementation, trust_remote_code=config.trust_remote_code)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.lora:
+            model.enable_input_require_grads()
+    if config.lora:
+        model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules,
+                         quantized=config.load_in_4bit, gradient_checkpointing=config.gradient_checkpointing)
+    return model, tokenizer
+
+
+def build_optimizer(config: TrainConfig, params):
+    if config.optimizer == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                        weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                             weight_decay=config.weight_decay)
+
+
+def build_scheduler(config: TrainConfig, optimizer, total_steps: int):
+    warmup = config.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if config.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if config.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Trainer:
+    """Runs one training job described by a :class:`TrainConfig`; :meth:`run` returns the summary."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.config = config.validate()
+        self.accelerator = Accelerator(cpu=config.cpu or not torch.cuda.is_available(),
+                                       mixed_precision=config.mixed_precision)
+        set_seed(config.seed)
+        self.output_dir = Path(config.output_dir)
+        self.is_main = self.accelerator.is_main_process
+        self.world_size = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+
+        self.data = load_datasets(config)
+        self.model, self.tokenizer = build_model(config)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(config, params)
+        self.global_groups = config.batch_groups * config.grad_accum * self.world_size
+        self.steps_per_epoch = len(self.data.train) // self.global_groups
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.data.train)} training groups are fewer than one step's "
+                             f"{self.global_groups} (batch_groups x grad_accum x processes)")
+        self.total_steps = config.max_steps if config.max_steps > 0 else max(
+            1, math.ceil(config.num_epochs * self.steps_per_epoch))
+        self.scheduler = build_scheduler(config, self.optimizer, self.total_steps)
+        self.wrapped, self.optimizer = self.accelerator.prepare(TargetHiddenStates(self.model), self.optimizer)
+        self.loss_fn = TunaLoss(loss=config.loss, margin=config.margin, alpha=config.alpha,
+                                mle_weight=config.mle_weight, mle_on=config.mle_on, skip_ties=config.skip_ties,
+                                beta=config.beta, gamma=config.gamma, impl=config.impl)
+        self.log = MetricsLog(self.output_dir, config.tensorboard, enabled=self.is_main)
+        self.stop_requested = False
+
+    # ----------------------------------------------------------------- data
+    def groups_for(self, step: int, micro: int) -> List[RankedExample]:
+        """The groups of this process's micro-batch ``micro`` of optimizer step ``step``."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.data.train), generator=generator).tolist()
+        step_groups = order[index * self.global_groups:(index + 1) * self.global_groups]
+        size = self.config.batch_groups
+        start = (micro * self.world_size + self.rank) * size
+        return [self.data.train[i] for i in step_groups[start:start + size]]
+
+    def make_batch(self, examples: Sequence[RankedExample]):
+        groups = [tokenize_group(e, self.tokenizer, self.config.template, self.config.max_length,
+                                 self.config.max_candidates) for e in examples]
+        return pack(groups, self.config.packing, self.pad_id).to(self.accelerator.device)
+
+    # --------------------------------------------------------------- forward
+    def forward(self, batch, model=None):
+        """Loss and metrics of a batch; no [N, V] logits anywhere."""
+        hidden = (model or self.wrapped)(batch.input_ids, batch.attention_mask, batch.position_ids,
+                                         batch.target_positions)
+        head = lm_head_spec(self.model)
+        weight = head.weight.to(hidden.dtype)
+        bias = None if head.bias is None else head.bias.to(hidden.dtype)
+        return self.loss_fn(hidden, weight, batch.labels, batch.layout, bias=bias, logit_scale=head.logit_scale,
+                            softcap=head.softcap)
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Held-out pairwise ranking accuracy, best-vs-worst score gap and MLE loss (sharded over processes)."""
+        examples = self.data.eval[:self.config.eval_groups]
+        totals = dict.fromkeys(COUNT_KEYS, 0.0)
+        was_training = self.wrapped.training
+        self.wrapped.eval()
+        mine = examples[self.rank::self.world_size]
+        for start in range(0, len(mine), self.config.batch_groups):
+            batch = self.make_batch(mine[start:start + self.config.batch_groups])
+            with self.accelerator.autocast():
+                hidden = self.wrapped(batch.input_ids, batch.attention_mask, batch.position_ids, batch.target_positions)
+            head = lm_head_spec(self.model)
+            sums, counts = sequence_logprobs(hidden, head.weight.to(hidden.dtype), batch.labels, batch.layout.seq_index,
+                                             batch.layout.num_seqs, logit_scale=head.logit_scale, softcap=head.softcap,
+                                             bias=None if head.bias is None else head.bias.to(hidden.dtype),
+                                             impl=self.config.impl)
+            scores = batch.layout.to_matrix(sums / counts.to(sums.dtype) ** self.config.alpha)
+            for key, value in ranking_counts(scores, batch.layout.valid(), batch.layout.target_scores,
+                                             sums, counts).items():
+                totals[key] += value
+        if self.world_size > 1:
+            vector = torch.tensor([totals[k] for k in COUNT_KEYS], dtype=torch.float64, device=self.accelerator.device)
+            vector = self.accelerator.reduce(vector, reduction="sum")
+            totals = dict(zip(COUNT_KEYS, vector.tolist()))
+        if was_training:
+            self.wrapped.train()
+        return summarise(totals)
+
+    # ------------------------------------------------------------------ loop
+    def _request_stop(self, signum, frame) -> None:
+        logger.warning("signal %s: saving a checkpoint at the end of this step, then stopping", signum)
+        self.stop_requested = True
+
+    def _save(self, step: int, state: Dict) -> None:
+        save_checkpoint(self.output_dir, step, self.model, self.optimizer, self.scheduler, state,
+                        rank=self.rank, world_size=self.world_size,
+                        barrier=self.accelerator.wait_for_everyone if self.world_size > 1 else None,
+                        keep=self.config.keep_checkpoints)
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        finite = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=self.accelerator.device)
+        if self.world_size > 1:  # every process must take the same branch
+            finite = self.accelerator.reduce(finite, reduction="sum")
+        return bool(finite.item() == self.world_size)
+
+    def run(self) -> Dict:
+        config = self.config
+        state = {"initial_eval": None, "best_eval": None, "skipped_nonfinite": 0, "tokens": 0, "targets": 0,
+                 "tokens_saved": 0}
+        start_step = 0
+        checkpoint = find_checkpoint(self.output_dir, config.resume)
+        if checkpoint is not None:
+            saved = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.rank)
+            start_step = saved.pop("step")
+            if saved.get("world_size", 1) != self.world_size:
+                raise ValueError(f"checkpoint {checkpoint} was written by {saved['world_size']} processes, "
+                                 f"this run has {self.world_size}: exact resume needs the same world size")
+            saved.pop("world_size", None)
+            state.update(saved)
+            self.log.truncate_after(start_step)
+            logger.info("resumed from %s at step %d", checkpoint, start_step)
+        elif self.is_main:
+            write_atomic(self.output_dir / "config.json", json.dumps(config.to_dict(), indent=1))
+        if state["initial_eval"] is None and self.data.eval:
+            state["initial_eval"] = self.evaluate()
+            self.log.log(0, "eval", state["initial_eval"])
+
+        previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        progress = None
+        if config.progress and self.is_main:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=start_step, desc="tuna train", dynamic_ncols=True)
+        started = time.perf_counter()
+        window_tokens, window_start = 0, time.perf_counter()
+        final_step = start_step
+        self.wrapped.train()
+        try:
+            for step in range(start_step, self.total_steps):
+                step_metrics = self._train_step(step, state)
+                final_step = step + 1
+                window_tokens += step_metrics.pop("tokens_in_step")
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{step_metrics['loss']:.4f}",
+                                         tok_s=f"{window_tokens / max(1e-9, time.perf_counter() - window_start):.0f}")
+                if final_step % config.log_every == 0 or final_step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    step_metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                    self.log.log(final_step, "train", step_metrics)
+                    window_tokens, window_start = 0, time.perf_counter()
+                if config.eval_every and final_step % config.eval_every == 0 and final_step != self.total_steps:
+                    self._eval_and_track(final_step, state)
+                if final_step % config.save_every == 0 or self.stop_requested:
+                    self._save(final_step, state)
+                if self.stop_requested:
+                    break
+        finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+            if progress is not None:
+                progress.close()
+
+        interrupted = final_step < self.total_steps
+        summary = {"status": "interrupted" if interrupted else "finished", "steps": final_step,
+                   "total_steps": self.total_steps, "train_seconds": time.perf_counter() - started,
+                   "world_size": self.world_size, "train_groups": len(self.data.train),
+                   "eval_groups": min(len(self.data.eval), config.eval_groups), "skipped_records": self.data.skipped}
+        if not interrupted:
+            final_eval = self._eval_and_track(final_step, state) if self.data.eval else None
+            if final_step % config.save_every != 0:
+                self._save(final_step, state)
+            self._save_final_model()
+            summary["final_eval"] = final_eval
+        summary.update({k: state[k] for k in ("initial_eval", "best_eval", "skipped_nonfinite", "tokens", "targets",
+                                              "tokens_saved")})
+        if self.is_main:
+            write_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=1))
+        self.log.close()
+        self.accelerator.wait_for_everyone()
+        return summary
+
+    def _eval_and_track(self, step: int, state: Dict) -> Dict[str, float]:
+        result = self.evaluate()
+        self.log.log(step, "eval", result)
+        best = state.get("best_eval")
+        if best is None or (result["pair_accuracy"] or 0) > (best.get("pair_accuracy") or 0):
+            state["best_eval"] = dict(result, step=step)
+        return result
+
+    def _train_step(self, step: int, state: Dict) -> Dict[str, float]:
+        config = self.config
+        accum = config.grad_accum
+        sums = {"loss": 0.0, "rank_loss": 0.0, "mle_loss": 0.0, "pair_accuracy": 0.0}
+        tokens = 0
+        skip = False
+        for micro in range(accum):
+            batch = self.make_batch(self.groups_for(step, micro))
+            sync = contextlib.nullcontext() if micro == accum - 1 else self.accelerator.no_sync(self.wrapped)
+            with sync:
+                with self.accelerator.autocast():
+                    loss, metrics = self.forward(batch)
+                if not self._all_finite(loss):
+                    if not config.skip_nonfinite:
+                        raise NonFiniteLossError(
+                            f"step {step + 1}: the loss is {float(loss.detach())}; the run stopped without saving "
+                            f"(the last checkpoint in {self.output_dir / 'checkpoints'} is intact). Lower the "
+                            "learning rate, check the data, or pass --skip-nonfinite to skip such steps.")
+                    skip = True
+                    break
+                self.accelerator.backward(loss / accum)
+            for key in ("rank_loss", "mle_loss", "pair_accuracy"):
+                value = float(metrics[key])
+                sums[key] += (0.0 if math.isnan(value) else value) / accum
+            sums["loss"] += float(loss.detach()) / accum
+            tokens += batch.stats["tokens"]
+            state["tokens"] += batch.stats["tokens"] * self.world_size
+            state["targets"] += batch.stats["targets"] * self.world_size
+            state["tokens_saved"] += batch.stats["tokens_saved"] * self.world_size
+        if self.world_size > 1:  # log the mean over processes: the same numbers as one process would give
+            keys = sorted(sums)
+            vector = self.accelerator.reduce(torch.tensor([sums[k] for k in keys], device=self.accelerator.device),
+                                             reduction="mean")
+            sums = dict(zip(keys, vector.tolist()))
+        grad_norm = float("nan")
+        if skip:
+            state["skipped_nonfinite"] += 1
+            logger.warning("step %d: non-finite loss, step skipped (%d so far)", step + 1, state["skipped_nonfinite"])
+        else:
+            if config.max_grad_norm > 0:
+                grad_norm = float(self.accelerator.clip_grad_norm_(self.wrapped.parameters(), config.max_grad_norm))
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return dict(sums, lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm, tokens_in_step=tokens,
+                    skipped_nonfinite=state["skipped_nonfinite"])
+
+    def _save_final_model(self) -> None:
+        if not self.is_main:
+            return
+        final = self.output_dir / "final"
+        unwrapped = self.accelerator.unwrap_model(self.wrapped).causal_lm
+        unwrapped.save_pretrained(str(final), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(final))
