@@ -36,8 +36,11 @@ test-fast: setup
 report: setup
 	$(PY) -m tuna_kernels.report
 
+# Speed and memory against the naive path and the peers (installed without their dependencies, which
+# would replace the pinned torch); results in benchmarks/results/. On a GPU: make bench ARGS="--bench-size gpu".
 bench: setup
-	$(PY) -m pytest benchmarks -q
+	$(PIP) install -c requirements/constraints.txt --no-deps cut-cross-entropy liger-kernel
+	$(PY) -m pytest benchmarks -q $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

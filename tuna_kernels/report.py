@@ -93,23 +93,31 @@ def _cuobjdump() -> str:
     return str(path)
 
 
-def compile_row(kernel: str, arch: int, dtype: str, config) -> ReportRow:
-    """Compile one kernel for one architecture and read the cubin's resource usage and SASS."""
+@dataclass
+class Resources:
+    """What a cubin says about one compiled kernel."""
+
+    registers: int
+    spill_bytes: int
+    spill_instructions: int
+    shared_bytes: int
+    mma_instructions: int
+
+
+def compile_and_inspect(fn, signature: Dict[str, str], constexprs: Dict[str, object], attrs, arch: int,
+                        num_warps: int, num_stages: int) -> Resources:
+    """Compile a @triton.jit function ahead of time for ``sm_<arch>`` and read the cubin: registers,
+    spills (stack/local bytes and STL/LDL instructions), shared memory, tensor-core instructions."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn, flags = _kernel_specs()[kernel]
-    constexprs = dict(flags, BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
-                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", stride_hd=1, stride_wd=1)
-    signature, attrs = _signature(fn, dtype, constexprs)
     compiled = triton.compile(
         ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-        target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+        target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages},
     )
     with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / f"{kernel}.cubin"
+        cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)],
                                check=True, capture_output=True, text=True).stdout
@@ -120,14 +128,26 @@ def compile_row(kernel: str, arch: int, dtype: str, config) -> ReportRow:
         return int(match.group(1)) if match else 0
 
     mma_pattern = r"\bHGMMA\b|\bHMMA\b" if arch >= 90 else r"\bHMMA\b"
-    mma_count = len(re.findall(mma_pattern, sass))
-    spill_ops = len(re.findall(r"\b(?:STL|LDL)(?:\.\w+)*\b", sass))
-    static_shared = field("SHARED")
+    return Resources(
+        registers=field("REG"), spill_bytes=field("STACK") + field("LOCAL"),
+        spill_instructions=len(re.findall(r"\b(?:STL|LDL)(?:\.\w+)*\b", sass)),
+        shared_bytes=field("SHARED") + int(compiled.metadata.shared),
+        mma_instructions=len(re.findall(mma_pattern, sass)),
+    )
+
+
+def compile_row(kernel: str, arch: int, dtype: str, config) -> ReportRow:
+    """Compile one of our kernels in ``config`` for one architecture and dtype."""
+    fn, flags = _kernel_specs()[kernel]
+    constexprs = dict(flags, BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
+                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", stride_hd=1, stride_wd=1)
+    signature, attrs = _signature(fn, dtype, constexprs)
+    found = compile_and_inspect(fn, signature, constexprs, attrs, arch, config.num_warps, config.num_stages)
     return ReportRow(
-        kernel=kernel, arch=f"sm_{arch}", dtype=dtype, config=config.label(),
-        registers=field("REG"), spill_bytes=field("STACK") + field("LOCAL"), spill_instructions=spill_ops,
-        shared_bytes=static_shared + int(compiled.metadata.shared), shared_limit=SHARED_LIMIT[arch],
-        mma=mma_count > 0, mma_instructions=mma_count,
+        kernel=kernel, arch=f"sm_{arch}", dtype=dtype, config=config.label(), registers=found.registers,
+        spill_bytes=found.spill_bytes, spill_instructions=found.spill_instructions,
+        shared_bytes=found.shared_bytes, shared_limit=SHARED_LIMIT[arch],
+        mma=found.mma_instructions > 0, mma_instructions=found.mma_instructions,
     )
 
 
