@@ -1,6 +1,10 @@
 """The ``tuna`` command: it only parses arguments and calls the library.
 
     tuna train [--config FILE.yaml] [--key value ...]     every TrainConfig field is a flag (--lora-r 8)
+    tuna score --teacher PATH --data IN --out OUT          probabilistic ranking by a teacher
+    tuna generate --model PATH --data IN --out OUT -k 4    diverse candidates
+    tuna rank --judge openai:MODEL|local:PATH|rule --data IN --out OUT
+    tuna pipeline [--config FILE.yaml]                     all stages; no arguments: the embedded default
 """
 
 from __future__ import annotations
@@ -35,6 +39,47 @@ def build_parser() -> argparse.ArgumentParser:
                                             "the same fields. Flags override the file.")
     train.add_argument("--config", dest="config_file", default=None, help="YAML file of TrainConfig fields")
     _add_config_flags(train)
+
+    score = commands.add_parser("score", help="probabilistic ranking: score responses by a teacher's log-likelihoods")
+    score.add_argument("--teacher", required=True, help="local model directory, or openai:MODEL with --base-url")
+    score.add_argument("--data", required=True)
+    score.add_argument("--out", required=True)
+    score.add_argument("--alpha", type=float, default=1.0, help="score = sum / tokens ** alpha (1: the mean)")
+    score.add_argument("--template", default="alpaca")
+    score.add_argument("--max-length", type=int, default=512)
+    score.add_argument("--token-budget", type=int, default=16384, help="tokens per scoring batch")
+    score.add_argument("--base-url", default=None)
+    score.add_argument("--api-key-env", default="OPENAI_API_KEY")
+
+    generate = commands.add_parser("generate", help="sample K diverse responses per instruction")
+    generate.add_argument("--model", required=True)
+    generate.add_argument("--data", required=True)
+    generate.add_argument("--out", required=True)
+    generate.add_argument("-k", type=int, default=4)
+    generate.add_argument("--template", default="alpaca")
+    generate.add_argument("--max-new-tokens", type=int, default=512)
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--rouge-threshold", type=float, default=0.8)
+    generate.add_argument("--temperature-step", type=float, default=0.1)
+    generate.add_argument("--max-tries", type=int, default=3)
+    generate.add_argument("--batch-size", type=int, default=8)
+    generate.add_argument("--seed", type=int, default=0)
+
+    rank = commands.add_parser("rank", help="contextual ranking of responses by a judge")
+    rank.add_argument("--judge", required=True, help="openai:MODEL | local:PATH | rule")
+    rank.add_argument("--base-url", default=None)
+    rank.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    rank.add_argument("--data", required=True)
+    rank.add_argument("--out", required=True)
+    rank.add_argument("--concurrency", type=int, default=4)
+    rank.add_argument("--timeout", type=float, default=60.0)
+    rank.add_argument("--max-retries", type=int, default=5)
+    rank.add_argument("--parse-attempts", type=int, default=3)
+    rank.add_argument("--retry-failed", action="store_true")
+
+    pipeline = commands.add_parser("pipeline", help="score -> train Tuna_p -> generate -> rank -> train Tuna_c")
+    pipeline.add_argument("--config", dest="config_file", default=None, help="YAML file of PipelineConfig fields")
     return parser
 
 
@@ -43,22 +88,95 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     command = args.pop("command")
-    if command == "train":
-        from .config import load_config
-        from .trainer import NonFiniteLossError, Trainer
+    try:
+        if command == "train":
+            return _train(args)
+        if command == "score":
+            return _score(args)
+        if command == "generate":
+            return _generate(args)
+        if command == "rank":
+            return _rank(args)
+        return _pipeline(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"tuna {command}: error: {error}", file=sys.stderr)
+        return 2
 
-        config_file = args.pop("config_file")
-        overrides = {key: value for key, value in args.items() if value is not None}
-        try:
-            config = load_config(config_file, overrides)
-            summary = Trainer(config).run()
-        except (ValueError, FileNotFoundError, NonFiniteLossError) as error:
-            print(f"tuna train: error: {error}", file=sys.stderr)
-            return 2
-        _print_summary(config, summary)
-        return 0 if summary["status"] == "finished" else 3
-    parser.error(f"unknown command {command}")
-    return 2
+
+def _train(args) -> int:
+    from .config import load_config
+    from .trainer import NonFiniteLossError, Trainer
+
+    config_file = args.pop("config_file")
+    overrides = {key: value for key, value in args.items() if value is not None}
+    try:
+        config = load_config(config_file, overrides)
+        summary = Trainer(config).run()
+    except NonFiniteLossError as error:
+        print(f"tuna train: error: {error}", file=sys.stderr)
+        return 2
+    _print_summary(config, summary)
+    return 0 if summary["status"] == "finished" else 3
+
+
+def _score(args) -> int:
+    from .pipeline.store import read_jsonl, write_jsonl
+
+    records = read_jsonl(args["data"])
+    if args["teacher"].startswith("openai:"):
+        from .pipeline.http import JsonClient
+        from .pipeline.score import score_with_endpoint
+
+        if not args["base_url"]:
+            raise ValueError("--teacher openai:MODEL needs --base-url (an endpoint that echoes prompt log-probs)")
+        client = JsonClient(args["base_url"], args["api_key_env"])
+        scored = score_with_endpoint(client, args["teacher"].split(":", 1)[1], records, args["template"], args["alpha"])
+    else:
+        from .model import load_model, load_tokenizer
+        from .pipeline.score import score_with_model
+
+        scored = score_with_model(load_model(args["teacher"]), load_tokenizer(args["teacher"]), records,
+                                  args["template"], args["max_length"], args["token_budget"], args["alpha"],
+                                  teacher_name=args["teacher"])
+    write_jsonl(args["out"], scored)
+    print(f"tuna score: {len(scored)} records scored -> {args['out']}")
+    return 0
+
+
+def _generate(args) -> int:
+    from .model import load_model, load_tokenizer
+    from .pipeline.generate import generate_records
+    from .pipeline.store import read_jsonl
+
+    stats = generate_records(load_model(args["model"]), load_tokenizer(args["model"]), read_jsonl(args["data"]),
+                             args["out"], args["k"], args["template"], args["max_new_tokens"], args["temperature"],
+                             args["top_p"], args["rouge_threshold"], args["temperature_step"], args["max_tries"],
+                             args["batch_size"], args["seed"])
+    print(f"tuna generate: {stats} -> {args['out']}")
+    return 0
+
+
+def _rank(args) -> int:
+    from .pipeline.judge import make_judge
+    from .pipeline.rank import rank_records
+    from .pipeline.store import read_jsonl
+
+    judge = make_judge(args["judge"], args["base_url"], args["api_key_env"], args["timeout"], args["max_retries"])
+    stats = rank_records(read_jsonl(args["data"]), judge, args["out"], args["concurrency"], args["parse_attempts"],
+                         args["retry_failed"])
+    print(f"tuna rank: {stats} -> {args['out']}")
+    return 0
+
+
+def _pipeline(args) -> int:
+    from .pipeline.run import load_pipeline_config, run_pipeline
+
+    report = run_pipeline(load_pipeline_config(args["config_file"]))
+    accuracy = report["pair_accuracy"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"tuna pipeline: held-out pairwise ranking accuracy: before {fmt(accuracy['before'])}, "
+          f"after Tuna_p {fmt(accuracy['after_tuna_p'])}, after Tuna_c {fmt(accuracy['after_tuna_c'])}")
+    return 0
 
 
 def _print_summary(config: TrainConfig, summary: dict) -> None:

@@ -1,0 +1,89 @@
+"""A real HTTP server on 127.0.0.1 that speaks the chat-completions (and completions) protocol and injects
+faults, for the judge-client tests. It counts requests per record; nothing leaves this machine."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FakeOpenAI:
+    """Faults by the record name found in the instruction ("Instruction:\\n<name>"):
+
+    - ``r429``: the first request gets 429 with Retry-After: 0, then a good answer;
+    - ``r500``: the first request gets 500, then a good answer;
+    - ``rhang``: the first request hangs past the client's timeout, then a good answer;
+    - ``rgarbage``: always an answer with no ranking;
+    - ``rbadindex``: always a ranking that names response 9 (there are 3);
+    - anything else: "rank: [2, 0, 1]". ``delay`` slows every answer (for the kill test).
+    """
+
+    def __init__(self, hang_seconds: float = 2.0, delay: float = 0.0) -> None:
+        self.requests = Counter()
+        self.hang_seconds, self.delay = hang_seconds, delay
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                text = json.dumps(body.get("messages") or body.get("prompt"))
+                match = re.search(r"Instruction:\\n(\w+)", text)
+                name = match.group(1) if match else "unknown"
+                with fake.lock:
+                    fake.requests[name] += 1
+                    count = fake.requests[name]
+                if fake.delay:
+                    time.sleep(fake.delay)
+                if name == "r429" and count == 1:
+                    return self._send(429, {"error": "slow down"}, {"Retry-After": "0"})
+                if name == "r500" and count == 1:
+                    return self._send(500, {"error": "boom"})
+                if name == "rhang" and count == 1:
+                    time.sleep(fake.hang_seconds)
+                    return self._send(200, _chat("rank: [0, 1, 2]"))
+                if name == "rgarbage":
+                    return self._send(200, _chat("I cannot decide which is better."))
+                if name == "rbadindex":
+                    return self._send(200, _chat("Response 0: [9]\nrank: [0, 9, 1]"))
+                self._send(200, _chat("Response 0: [10]\nResponse 1: [5]\nResponse 2: [12]\nrank: [2, 0, 1]"))
+
+            def _send(self, code, payload, headers=None):
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(code)
+                    for key, value in (headers or {}).items():
+                        self.send_header(key, value)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (the hang fault)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _chat(content: str) -> dict:
+    return {"choices": [{"message": {"role": "assistant", "content": content}}]}

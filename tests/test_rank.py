@@ -1,0 +1,101 @@
+"""tuna rank against a real local HTTP server that injects faults: nothing is lost, each fault ends as a
+retry or a recorded failure, and a killed run resumes without asking again for finished records."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fake_openai import FakeOpenAI
+from tuna_train.data import load_ranked
+from tuna_train.pipeline.http import JsonClient
+from tuna_train.pipeline.judge import ChatJudge, RankingParseError, RuleJudge, parse_ranking
+from tuna_train.pipeline.rank import rank_records
+
+
+def records(names):
+    return [{"id": name, "instruction": name, "responses": ["alpha", "beta", "gamma"]} for name in names]
+
+
+def test_parse_ranking():
+    assert parse_ranking("blah\nrank: [2, 0, 1]", 3) == [2, 0, 1]
+    assert parse_ranking("Ranking: 3, 1", 3) == [3, 1]  # the judge's own response (3), a dropped duplicate
+    assert parse_ranking("rank: [0, 1]\n...\nrank: [1, 0]", 2) == [1, 0]  # the last ranking counts
+    for bad in ("no ranking here", "rank: []", "rank: [0, 4]", "rank: [1, 1, 0]"):
+        with pytest.raises(RankingParseError):
+            parse_ranking(bad, 3)
+
+
+def test_faults_end_as_retries_or_recorded_failures(tmp_path):
+    names = ["ok1", "r429", "r500", "rhang", "rgarbage", "rbadindex", "ok2"]
+    with FakeOpenAI(hang_seconds=1.5) as server:
+        judge = ChatJudge("judge-model", JsonClient(server.base_url, None, timeout=0.5, max_retries=3, backoff=0.01))
+        stats = rank_records(records(names), judge, tmp_path / "ranked.jsonl", concurrency=3, parse_attempts=2)
+        counts = dict(server.requests)
+    assert stats == {"records": 7, "ranked": 5, "failed": 2, "asked": 7}
+    assert counts["r429"] == 2 and counts["r500"] == 2 and counts["rhang"] == 2  # one retry each
+    assert counts["rgarbage"] == 2 and counts["rbadindex"] == 2  # asked again, then recorded as failures
+    assert counts["ok1"] == 1 and counts["ok2"] == 1
+    ranked = [json.loads(line) for line in (tmp_path / "ranked.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in ranked] == ["ok1", "r429", "r500", "rhang", "ok2"]
+    assert ranked[0]["ranking"] == [2, 0, 1] and "rank: [2, 0, 1]" in ranked[0]["judge"]["answer"]
+    failures = [json.loads(line) for line in (tmp_path / "ranked.jsonl.failures.jsonl").read_text().splitlines()]
+    assert {f["id"] for f in failures} == {"rgarbage", "rbadindex"}
+    assert all(len(f["judge_answers"]) == 2 for f in failures)  # raw answers kept for audit
+    examples, report = load_ranked(str(tmp_path / "ranked.jsonl"))  # readable by tuna train as it is
+    assert report.data_format == "native" and examples[0].responses == ["gamma", "alpha", "beta"]
+
+    # a rerun asks nothing again: finished records (ranked or failed) come from the cache
+    with FakeOpenAI() as server:
+        judge = ChatJudge("judge-model", JsonClient(server.base_url, None, timeout=0.5, max_retries=1, backoff=0.01))
+        again = rank_records(records(names), judge, tmp_path / "ranked.jsonl", concurrency=3)
+        assert sum(server.requests.values()) == 0 and again["asked"] == 0
+
+
+def test_api_key_is_sent_but_never_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNA_TEST_KEY", "sk-secret-123")
+    client = JsonClient("http://127.0.0.1:9/v1", "TUNA_TEST_KEY")
+    assert "sk-secret" not in repr(client)
+    with FakeOpenAI() as server:
+        judge = ChatJudge("m", JsonClient(server.base_url, "TUNA_TEST_KEY", timeout=2, max_retries=0))
+        rank_records(records(["ok1"]), judge, tmp_path / "ranked.jsonl")
+    for file in tmp_path.iterdir():
+        assert "sk-secret" not in file.read_text()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_repeated_requests(tmp_path):
+    names = [f"rec{i}" for i in range(40)]
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records(names)))
+    out = tmp_path / "ranked.jsonl"
+    cache = tmp_path / "ranked.jsonl.cache.jsonl"
+    with FakeOpenAI(delay=0.05) as server:
+        command = [sys.executable, "-m", "tuna_train.cli", "rank", "--judge", "openai:m", "--base-url",
+                   server.base_url, "--data", str(data), "--out", str(out), "--concurrency", "1",
+                   "--api-key-env", "TUNA_NO_KEY"]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while not (cache.exists() and len(cache.read_text().splitlines()) >= 5):
+            assert process.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        finished_before = {json.loads(line)["key"] for line in cache.read_text().splitlines() if line.endswith("}")}
+        assert 5 <= len(finished_before) < 40
+        assert not out.exists()
+        subprocess.run(command, check=True, capture_output=True)
+        counts = dict(server.requests)
+    assert all(counts[name] == 1 for name in names if f"id:{name}" in finished_before)
+    assert sum(counts.values()) <= 40 + 1  # at most the one request in flight at the kill is repeated
+    assert len(out.read_text().splitlines()) == 40
+
+
+def test_rule_judge_ranks_by_correctness():
+    record = {"instruction": "Continue the alphabet after the letter, 3 letters.", "input": "a", "task": "alphabet",
+              "length": 3, "responses": ["bcx", "bcd", "xyz", "bcd"]}
+    assert parse_ranking(RuleJudge().ask(record), 4) == [1, 0, 2]  # the duplicate (3) is dropped

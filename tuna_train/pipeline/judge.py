@@ -1,0 +1,143 @@
+"""Contextual ranking by a judge: the method's judge prompt, robust parsing, and three judges.
+
+- ``openai:MODEL``: an OpenAI-compatible chat-completions endpoint (``--base-url``; key from an
+  environment variable);
+- ``local:PATH``: a local Hugging Face causal LM, greedy decoding of the same prompt;
+- ``rule``: the rule-based judge of the built-in synthetic tasks (their answers are verifiable).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional, Sequence
+
+from ..templates import alpaca_prompt
+from .http import JsonClient
+
+SYSTEM_PROMPT = ("You are an experienced data annotator. You judge responses to instructions carefully, "
+                 "objectively and consistently.")
+
+
+def judge_messages(instruction: str, input_text: Optional[str], responses: Sequence[str]) -> List[Dict[str, str]]:
+    """The judge prompt of the method (TUNA_METHOD.md), in structure."""
+    k = len(responses)
+    shown = "\n\n".join(f"###Response {j}:\n{text}" for j, text in enumerate(responses))
+    user = (
+        f"{alpaca_prompt(instruction, input_text)}\n\n{shown}\n\n"
+        "Follow these steps:\n"
+        "1. Decide whether the instruction is open-ended or closed-ended.\n"
+        f"2. Write your own high-quality response as ###Response {k}, as a reference.\n"
+        "3. Drop responses that duplicate another one.\n"
+        "4. Score every remaining response from 0 to 15 as the sum of three 0-5 sub-scores (open-ended: "
+        "relevance, level of detail, accuracy; closed-ended: accuracy, level of detail, clarity), written "
+        "as \"Response k: [score]\".\n"
+        "5. Finally output the ranking of the responses, best first, as \"rank: [i, j, k, ...]\"."
+    )
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+class RankingParseError(ValueError):
+    pass
+
+
+_RANK_RE = re.compile(r"\brank(?:ing)?\s*:\s*\[?([^\]\n]*)", re.IGNORECASE)
+
+
+def parse_ranking(answer: str, num_responses: int) -> List[int]:
+    """Indices best first from the judge's answer: every integer after the last "rank:" / "ranking:".
+
+    Index ``num_responses`` is the judge's own reference response and is allowed; missing indices
+    (duplicates the judge dropped) are allowed. An answer with no ranking, an index that names no
+    response, or an index listed twice raises RankingParseError.
+    """
+    matches = _RANK_RE.findall(answer or "")
+    if not matches:
+        raise RankingParseError("no 'rank:' line in the answer")
+    indices = [int(x) for x in re.findall(r"-?\d+", matches[-1])]
+    if not indices:
+        raise RankingParseError("the 'rank:' line lists no index")
+    for index in indices:
+        if not 0 <= index <= num_responses:
+            raise RankingParseError(f"the ranking names response {index}, but there are {num_responses} "
+                                    f"(and the judge's own, {num_responses})")
+    if len(set(indices)) != len(indices):
+        raise RankingParseError(f"the ranking lists a response twice: {indices}")
+    return indices
+
+
+class ChatJudge:
+    """An OpenAI-compatible chat-completions judge."""
+
+    def __init__(self, model: str, client: JsonClient, temperature: float = 0.0, max_tokens: int = 2048) -> None:
+        self.model, self.client = model, client
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self.name = f"openai:{model}"
+
+    def ask(self, record: Dict) -> str:
+        messages = judge_messages(record["instruction"], record.get("input"), record["responses"])
+        answer = self.client.post("/chat/completions", {"model": self.model, "messages": messages,
+                                                        "temperature": self.temperature,
+                                                        "max_tokens": self.max_tokens})
+        try:
+            return answer["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            return ""  # an answer without content is unparsable: retried, then recorded
+
+
+class LocalJudge:
+    """A local causal LM as judge (greedy decoding of the same prompt)."""
+
+    def __init__(self, path: str, max_new_tokens: int = 512) -> None:
+        from ..model import load_model, load_tokenizer
+
+        self.tokenizer = load_tokenizer(path)
+        self.model = load_model(path).eval()
+        self.max_new_tokens = max_new_tokens
+        self.name = f"local:{path}"
+
+    def ask(self, record: Dict) -> str:
+        import torch
+
+        messages = judge_messages(record["instruction"], record.get("input"), record["responses"])
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = "\n\n".join(m["content"] for m in messages)
+        ids = self.tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+class RuleJudge:
+    """The built-in tasks' judge: ranks by edit distance to the correct answer, drops duplicates, and
+    writes its answer in the same form as a model judge would, so it goes through the same parser."""
+
+    name = "rule"
+
+    def ask(self, record: Dict) -> str:
+        from ..synthetic import grade
+
+        seen, kept = set(), []
+        for index, response in enumerate(record["responses"]):
+            if response.strip() not in seen:
+                seen.add(response.strip())
+                kept.append(index)
+        grades = {i: grade(record["task"], record["input"], record["length"], record["responses"][i]) for i in kept}
+        order = sorted(kept, key=lambda i: (-grades[i], i))
+        scores = "\n".join(f"Response {i}: [{max(0, 15 + int(grades[i]))}]" for i in kept)
+        return f"closed-ended\n{scores}\nrank: [{', '.join(map(str, order))}]"
+
+
+def make_judge(spec: str, base_url: Optional[str] = None, api_key_env: str = "OPENAI_API_KEY",
+               timeout: float = 60.0, max_retries: int = 5):
+    """``openai:MODEL`` | ``local:PATH`` | ``rule``."""
+    if spec == "rule":
+        return RuleJudge()
+    if spec.startswith("openai:"):
+        client = JsonClient(base_url or "https://api.openai.com/v1", api_key_env, timeout, max_retries)
+        return ChatJudge(spec.split(":", 1)[1], client)
+    if spec.startswith("local:"):
+        return LocalJudge(spec.split(":", 1)[1])
+    raise ValueError(f"--judge must be openai:MODEL, local:PATH or rule, got {spec!r}")

@@ -1,0 +1,98 @@
+"""``tuna score``: probabilistic ranking by a teacher's log-likelihoods.
+
+For every response, the teacher's log-likelihood given the templated prompt (EOS included), computed with
+the fused ``sequence_logprobs`` under ``torch.no_grad()`` (no [N, V] logits), in batches bounded by a
+token budget. Each output record keeps its fields and gains ``scores`` (sum / tokens ** alpha; alpha = 1
+is the mean, the method's choice), ``teacher`` (sum, tokens, mean per response) and ``ranking``: native
+records that ``tuna train`` reads. A teacher behind an OpenAI-compatible completions endpoint that echoes
+prompt log-probs (``echo`` + ``logprobs``, as vLLM serves them) works too (its sums cover the response's
+text tokens; the endpoint does not echo an EOS).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from tuna_kernels import sequence_logprobs
+
+from ..collate import pack, tokenize_group
+from ..data import RankedExample
+from ..model import TargetHiddenStates, lm_head_spec
+from .http import JsonClient
+
+
+def as_example(record: Dict[str, Any]) -> RankedExample:
+    """Prompt and responses of a record (native, generated or formatted); its scores are not used."""
+    responses = record.get("responses") or record.get("output") or record.get("generation")
+    if not responses:
+        raise ValueError(f"record {record.get('id', '?')}: no 'responses' to score")
+    if "prompt" in record:
+        return RankedExample(record["prompt"], list(responses), [0.0] * len(responses), prompt_is_formatted=True)
+    return RankedExample(record["instruction"], list(responses), [0.0] * len(responses), input=record.get("input"))
+
+
+def _with_scores(record, sums: List[float], tokens: List[int], alpha: float, teacher: str) -> Dict[str, Any]:
+    scores = [s / max(t, 1) ** alpha for s, t in zip(sums, tokens)]
+    out = dict(record)
+    out.pop("ranking", None)
+    out.update(scores=scores, ranking=sorted(range(len(scores)), key=lambda i: -scores[i]),
+               teacher={"model": teacher, "sum": sums, "tokens": tokens,
+                        "mean": [s / max(t, 1) for s, t in zip(sums, tokens)], "alpha": alpha})
+    return out
+
+
+@torch.no_grad()
+def score_with_model(model, tokenizer, records: List[Dict[str, Any]], template: str = "alpaca",
+                     max_length: int = 512, token_budget: int = 16384, alpha: float = 1.0,
+                     impl: str = "auto", teacher_name: str = "local") -> List[Dict[str, Any]]:
+    """Scored records; batches hold as many groups as fit ``token_budget`` tokens (prompt shared)."""
+    device = next(model.parameters()).device
+    body = TargetHiddenStates(model).eval()
+    head = lm_head_spec(model)
+    groups = [tokenize_group(as_example(r), tokenizer, template, max_length) for r in records]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: List[Optional[Dict[str, Any]]] = [None] * len(records)
+    start = 0
+    while start < len(groups):
+        end, tokens = start, 0
+        while end < len(groups):
+            size = len(groups[end].prompt_ids) + sum(map(len, groups[end].response_ids))
+            if end > start and tokens + size > token_budget:
+                break
+            tokens, end = tokens + size, end + 1
+        batch = pack(groups[start:end], "shared", pad_id).to(device)
+        hidden = body(batch.input_ids, batch.attention_mask, batch.position_ids, batch.target_positions)
+        weight = head.weight.to(hidden.dtype)
+        sums, counts = sequence_logprobs(hidden, weight, batch.labels, batch.layout.seq_index, batch.layout.num_seqs,
+                                         bias=None if head.bias is None else head.bias.to(hidden.dtype),
+                                         logit_scale=head.logit_scale, softcap=head.softcap, impl=impl)
+        sums, counts = sums.double().cpu().tolist(), counts.cpu().tolist()
+        seq = 0
+        for index in range(start, end):
+            k = len(groups[index].response_ids)
+            out[index] = _with_scores(records[index], sums[seq:seq + k], counts[seq:seq + k], alpha, teacher_name)
+            seq += k
+        start = end
+    return out
+
+
+def score_with_endpoint(client: JsonClient, model_name: str, records: List[Dict[str, Any]],
+                        template: str = "alpaca", alpha: float = 1.0) -> List[Dict[str, Any]]:
+    """Scores from an OpenAI-compatible completions endpoint that echoes prompt log-probs."""
+    out = []
+    for record in records:
+        example = as_example(record)
+        prompt = example.prompt_text(template)
+        sums, tokens = [], []
+        for response in example.responses:
+            answer = client.post("/completions", {"model": model_name, "prompt": prompt + response, "max_tokens": 0,
+                                                  "echo": True, "logprobs": 0, "temperature": 0})
+            logprobs = answer["choices"][0]["logprobs"]
+            picked = [lp for lp, offset in zip(logprobs["token_logprobs"], logprobs["text_offset"])
+                      if offset >= len(prompt) and lp is not None]
+            sums.append(float(sum(picked)))
+            tokens.append(len(picked))
+        out.append(_with_scores(record, sums, tokens, alpha, f"openai:{model_name}"))
+    return out
