@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .common import grad_logit_tile, logit_tile
+from .common import recompute_grad_tile
 
 
 @triton.jit
@@ -32,16 +32,11 @@ def logprob_backward_atomic_kernel(
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < num_tokens
     mask_v = offs_v < vocab_size
-    labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1)
-    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-    grad_token = tl.load(grad_token_ptr + offs_n, mask=mask_n, other=0.0)
-
-    z = logit_tile(
-        hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, num_tokens, vocab_size, hidden_dim,
-        stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap,
+    dz = recompute_grad_tile(
+        hidden_ptr, weight_ptr, bias_ptr, labels_ptr, lse_ptr, grad_token_ptr, offs_n, offs_v,
+        num_tokens, vocab_size, hidden_dim, stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap,
         HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION,
     )
-    dz = grad_logit_tile(z, lse, grad_token, labels, offs_v, vocab_size, softcap, HAS_SOFTCAP)
     if NEED_GRAD_BIAS:
         tl.atomic_add(grad_bias_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v)
     if tl.max(tl.abs(dz)) > filter_eps:

@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .common import grad_logit_tile, logit_tile
+from .common import recompute_grad_tile
 
 
 @triton.jit
@@ -29,15 +29,11 @@ def grad_weight_kernel(
     for n0 in range(0, num_tokens, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < num_tokens
-        labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1)
-        lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-        grad_token = tl.load(grad_token_ptr + offs_n, mask=mask_n, other=0.0)
-        z = logit_tile(
-            hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, num_tokens, vocab_size, hidden_dim,
-            stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap,
+        dz = recompute_grad_tile(
+            hidden_ptr, weight_ptr, bias_ptr, labels_ptr, lse_ptr, grad_token_ptr, offs_n, offs_v,
+            num_tokens, vocab_size, hidden_dim, stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap,
             HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION,
         )
-        dz = grad_logit_tile(z, lse, grad_token, labels, offs_v, vocab_size, softcap, HAS_SOFTCAP)
         if NEED_GRAD_BIAS:
             bias_sum += tl.sum(dz, axis=0)
         if NEED_GRAD_WEIGHT:

@@ -62,3 +62,27 @@ def grad_logit_tile(z, lse, grad_token, labels, offs_v, vocab_size, softcap, HAS
         ratio = z / softcap
         dz = dz * tl.where((offs_v < vocab_size)[None, :], 1.0 - ratio * ratio, 0.0)
     return dz
+
+
+@triton.jit
+def recompute_grad_tile(
+    hidden_ptr, weight_ptr, bias_ptr, labels_ptr, lse_ptr, grad_token_ptr,
+    offs_n, offs_v, num_tokens, vocab_size, hidden_dim,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    logit_scale, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Backward's first half for one tile: load the tokens' labels, log-sum-exps and upstream gradients,
+    recompute the logits and return dL/dz_raw, [BLOCK_N, BLOCK_V] fp32 (0 for rows past num_tokens)."""
+    mask_n = offs_n < num_tokens
+    labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    grad_token = tl.load(grad_token_ptr + offs_n, mask=mask_n, other=0.0)
+    z = logit_tile(
+        hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, num_tokens, vocab_size, hidden_dim,
+        stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap,
+        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION,
+    )
+    return grad_logit_tile(z, lse, grad_token, labels, offs_v, vocab_size, softcap, HAS_SOFTCAP)
