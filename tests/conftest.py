@@ -25,3 +25,14 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.fixture
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny Llama (hidden 64) with the byte-level tokenizer: a local model directory for CLI tests."""
+    from tuna_train.model import build_tiny_llama, synthetic_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_model")
+    build_tiny_llama(hidden_size=64, seed=5).save_pretrained(str(path))
+    synthetic_tokenizer().save_pretrained(str(path))
+    return path

@@ -49,6 +49,14 @@ class FakeOpenAI:
                 if name == "rhang" and count == 1:
                     time.sleep(fake.hang_seconds)
                     return self._send(200, _chat("rank: [0, 1, 2]"))
+                if "[The Start of Assistant A's Answer]" in text:
+                    first = re.search(r"Assistant A's Answer\]\\n(.*?)\\n\[The End", text).group(1)
+                    second = re.search(r"Assistant B's Answer\]\\n(.*?)\\n\[The End", text).group(1)
+                    if name == "rgarbage":
+                        return self._send(200, _chat("Both are fine, I think."))
+                    verdict = "A" if "good" in first and "good" not in second else (
+                        "B" if "good" in second and "good" not in first else "C")
+                    return self._send(200, _chat(f"Explanation...\n[[{verdict}]]"))
                 if name == "rgarbage":
                     return self._send(200, _chat("I cannot decide which is better."))
                 if name == "rbadindex":

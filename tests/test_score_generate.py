@@ -10,18 +10,14 @@ import torch
 
 from tuna_train.collate import tokenize_group
 from tuna_train.data import load_ranked
-from tuna_train.model import build_tiny_llama, synthetic_tokenizer
 from tuna_train.pipeline.generate import generate_records, max_pairwise_rouge_l
 from tuna_train.pipeline.score import as_example, score_with_model
 from tuna_train.synthetic import make_records
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher")
-    build_tiny_llama(hidden_size=64, seed=5).save_pretrained(str(path))
-    synthetic_tokenizer().save_pretrained(str(path))
-    return path
+@pytest.fixture
+def teacher_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def naive_sums(model, tokenizer, record):
@@ -117,8 +113,19 @@ def test_pipeline_embedded_default(tmp_path):
         Path(root / name).read_text()  # JSON lines
     examples, report = load_ranked(str(root / "ranked.jsonl"))  # Tuna_c data as tuna train reads it
     assert report.loaded > 0
+    evaluations = summary["eval"]  # tuna eval ranking + generation of the starting model and each stage
+    assert set(evaluations) == {"start", "tuna_p", "tuna_c"}
+    assert evaluations["tuna_c"]["pair_accuracy"] > evaluations["start"]["pair_accuracy"]
+    assert all(evaluations[name]["rouge_l"] is not None for name in evaluations)
+    assert "| pair_accuracy |" in (root / "eval" / "comparison.md").read_text()
+
+    # a second run skips every finished stage; with the evaluations removed, it recomputes the same numbers
+    import shutil
+
+    shutil.rmtree(root / "eval")
     metrics_before = (root / "train_p" / "metrics.jsonl").read_text()
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (root / "train_p" / "metrics.jsonl").read_text() == metrics_before  # nothing retrained
-    assert json.loads((root / "summary.json").read_text())["pair_accuracy"] == accuracy
+    rerun = json.loads((root / "summary.json").read_text())
+    assert rerun["pair_accuracy"] == accuracy and rerun["eval"] == evaluations

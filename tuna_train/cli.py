@@ -5,6 +5,7 @@
     tuna generate --model PATH --data IN --out OUT -k 4    diverse candidates
     tuna rank --judge openai:MODEL|local:PATH|rule --data IN --out OUT
     tuna pipeline [--config FILE.yaml]                     all stages; no arguments: the embedded default
+    tuna eval ranking|generation --model PATH --data FILE --out DIR;  tuna eval --compare RUN_A RUN_B
 """
 
 from __future__ import annotations
@@ -78,6 +79,28 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--parse-attempts", type=int, default=3)
     rank.add_argument("--retry-failed", action="store_true")
 
+    evaluate = commands.add_parser("eval", help="ranking accuracy, ROUGE-L on instruction tasks; --compare reports")
+    evaluate.add_argument("kind", nargs="?", choices=["ranking", "generation", "judge"])
+    evaluate.add_argument("--model", help="local model directory")
+    evaluate.add_argument("--adapter", default=None, help="a LoRA adapter directory to load on the model")
+    evaluate.add_argument("--data", help="ranked records (ranking) or tasks with references (generation)")
+    evaluate.add_argument("--out", default="runs/eval", help="directory for report.json, report.md")
+    evaluate.add_argument("--name", default=None, help="the column name of this run in comparisons")
+    evaluate.add_argument("--alpha", type=float, default=1.0)
+    evaluate.add_argument("--template", default="alpaca")
+    evaluate.add_argument("--max-length", type=int, default=512)
+    evaluate.add_argument("--max-new-tokens", type=int, default=128)
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--baseline-answers", default=None, help="judge: JSONL of the baseline's answers")
+    evaluate.add_argument("--judge", default=None, help="judge: openai:MODEL | local:PATH")
+    evaluate.add_argument("--base-url", default=None)
+    evaluate.add_argument("--api-key-env", default="OPENAI_API_KEY")
+    evaluate.add_argument("--concurrency", type=int, default=4)
+    evaluate.add_argument("--timeout", type=float, default=60.0)
+    evaluate.add_argument("--max-retries", type=int, default=5)
+    evaluate.add_argument("--compare", nargs="+", metavar="RUN", help="print these reports side by side")
+    evaluate.add_argument("--png", default=None, help="with --compare: also write a bar chart here")
+
     pipeline = commands.add_parser("pipeline", help="score -> train Tuna_p -> generate -> rank -> train Tuna_c")
     pipeline.add_argument("--config", dest="config_file", default=None, help="YAML file of PipelineConfig fields")
     return parser
@@ -97,6 +120,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _generate(args)
         if command == "rank":
             return _rank(args)
+        if command == "eval":
+            return _eval(args)
         return _pipeline(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"tuna {command}: error: {error}", file=sys.stderr)
@@ -168,6 +193,61 @@ def _rank(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from pathlib import Path
+
+    from . import eval as evaluation
+
+    if args["compare"]:
+        print(evaluation.compare(args["compare"], args["png"]), end="")
+        return 0
+    if not (args["kind"] and args["model"] and args["data"]):
+        raise ValueError("tuna eval needs KIND (ranking | generation), --model and --data, or --compare RUN ...")
+    from .model import load_model, load_tokenizer
+
+    model, tokenizer = load_model(args["model"]), load_tokenizer(args["model"])
+    if args["adapter"]:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args["adapter"])
+    out, name = Path(args["out"]), args["name"] or Path(args["adapter"] or args["model"]).name
+    if args["kind"] == "ranking":
+        from .data import load_ranked
+
+        examples, _ = load_ranked(args["data"])
+        metrics = evaluation.evaluate_ranking(model, tokenizer, examples, template=args["template"],
+                                              max_length=args["max_length"], alpha=args["alpha"])
+    elif args["kind"] == "judge":
+        from .pipeline.judge import make_judge
+        from .pipeline.pairwise import judge_pairwise
+        from .pipeline.store import read_jsonl, write_jsonl
+
+        if not (args["baseline_answers"] and args["judge"]):
+            raise ValueError("tuna eval judge needs --baseline-answers FILE and --judge openai:MODEL|local:PATH")
+        questions = read_jsonl(args["data"])
+        baseline = [a.get("answer", a.get("prediction", a.get("output"))) for a in read_jsonl(args["baseline_answers"])]
+        if len(baseline) != len(questions) or any(not isinstance(a, str) for a in baseline):
+            raise ValueError(f"{args['baseline_answers']}: needs one 'answer' string per question "
+                             f"({len(questions)} in {args['data']})")
+        answers = evaluation.greedy_generations(model, tokenizer, questions, out / "progress.jsonl", args["template"],
+                                                args["max_new_tokens"], args["batch_size"])
+        judge = make_judge(args["judge"], args["base_url"], args["api_key_env"], args["timeout"], args["max_retries"])
+        result = judge_pairwise(judge, questions, answers, baseline, out / "verdicts.cache.jsonl", args["concurrency"])
+        write_jsonl(out / "verdicts.jsonl", result.pop("rows"))
+        metrics = result
+    else:
+        from .pipeline.store import read_jsonl
+
+        records = read_jsonl(args["data"])
+        predictions = evaluation.greedy_generations(model, tokenizer, records, out / "progress.jsonl", args["template"],
+                                                    args["max_new_tokens"], args["batch_size"])
+        evaluation.save_generations(out, records, predictions)
+        metrics = evaluation.generation_metrics(records, predictions)
+    report = evaluation.write_report(out, args["kind"], name, metrics)
+    print(evaluation.markdown([report]), end="")
+    return 0
+
+
 def _pipeline(args) -> int:
     from .pipeline.run import load_pipeline_config, run_pipeline
 
@@ -176,6 +256,9 @@ def _pipeline(args) -> int:
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     print(f"tuna pipeline: held-out pairwise ranking accuracy: before {fmt(accuracy['before'])}, "
           f"after Tuna_p {fmt(accuracy['after_tuna_p'])}, after Tuna_c {fmt(accuracy['after_tuna_c'])}")
+    for name, metrics in report["eval"].items():
+        print(f"  tuna eval, {name}: pairwise accuracy {fmt(metrics['pair_accuracy'])}, Kendall tau "
+              f"{fmt(metrics['kendall_tau'])}, ROUGE-L {fmt(metrics['rouge_l'])}")
     return 0
 
 

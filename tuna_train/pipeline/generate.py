@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import itertools
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -34,8 +34,9 @@ def max_pairwise_rouge_l(responses: List[str]) -> float:
 
 
 @torch.no_grad()
-def _sample(model, tokenizer, prompts: List[str], k: int, temperature: float, top_p: float,
-            max_new_tokens: int) -> List[List[str]]:
+def decode_batch(model, tokenizer, prompts: List[str], k: int, temperature: Optional[float], top_p: float,
+                 max_new_tokens: int) -> List[List[str]]:
+    """k continuations of each prompt (left-padded batch): sampled, or greedy when temperature is None."""
     device = next(model.parameters()).device
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     if tokenizer.bos_token_id is not None:
@@ -45,11 +46,21 @@ def _sample(model, tokenizer, prompts: List[str], k: int, temperature: float, to
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)  # left padding
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
-    out = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=True, temperature=temperature,
-                         top_p=top_p, max_new_tokens=max_new_tokens, num_return_sequences=k,
-                         pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature is not None else \
+        dict(do_sample=False)
+    out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                         num_return_sequences=k, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **sampling)
     texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+
+def pending_batches(records: List[Dict[str, Any]], keys: List[str], store: JsonlStore, tokenizer, template: str,
+                    batch_size: int) -> Iterator[Tuple[List[int], List[str]]]:
+    """(record indices, templated prompts) of the records not yet in ``store``, ``batch_size`` at a time."""
+    todo = [i for i, key in enumerate(keys) if key not in store]
+    for start in range(0, len(todo), batch_size):
+        indices = todo[start:start + batch_size]
+        yield indices, [as_example(dict(records[i], responses=[""])).prompt_text(template, tokenizer) for i in indices]
 
 
 def generate_records(model, tokenizer, records: List[Dict[str, Any]], out: Path, k: int = 4,
@@ -59,11 +70,10 @@ def generate_records(model, tokenizer, records: List[Dict[str, Any]], out: Path,
     out = Path(out)
     store = JsonlStore(out.with_name(out.name + ".progress.jsonl"))
     keys = [record_key(r) for r in records]
-    todo = [i for i, key in enumerate(keys) if key not in store]
     model.eval()
-    for batch_start in range(0, len(todo), batch_size):
-        indices = todo[batch_start:batch_start + batch_size]
-        prompts = [as_example(dict(records[i], responses=[""])).prompt_text(template, tokenizer) for i in indices]
+    generated_now = 0
+    for indices, prompts in pending_batches(records, keys, store, tokenizer, template, batch_size):
+        generated_now += len(indices)
         best = {i: None for i in indices}
         waiting = list(indices)
         for attempt in range(max_tries):
@@ -71,8 +81,8 @@ def generate_records(model, tokenizer, records: List[Dict[str, Any]], out: Path,
                 break
             torch.manual_seed(seed + 1009 * indices[0] + attempt)
             heat = temperature + temperature_step * attempt
-            samples = _sample(model, tokenizer, [prompts[indices.index(i)] for i in waiting], k, heat, top_p,
-                              max_new_tokens)
+            samples = decode_batch(model, tokenizer, [prompts[indices.index(i)] for i in waiting], k, heat, top_p,
+                                   max_new_tokens)
             still = []
             for i, responses in zip(waiting, samples):
                 overlap = max_pairwise_rouge_l(responses)
@@ -93,4 +103,4 @@ def generate_records(model, tokenizer, records: List[Dict[str, Any]], out: Path,
             "temperature": entry["temperature"], "tries": entry["tries"], "max_rouge_l": entry["max_rouge_l"]})
         results.append(generated)
     write_jsonl(out, results)
-    return {"records": len(records), "generated": len(todo)}
+    return {"records": len(records), "generated": generated_now}

@@ -74,7 +74,9 @@ class ChatJudge:
         self.name = f"openai:{model}"
 
     def ask(self, record: Dict) -> str:
-        messages = judge_messages(record["instruction"], record.get("input"), record["responses"])
+        return self.chat(judge_messages(record["instruction"], record.get("input"), record["responses"]))
+
+    def chat(self, messages: List[Dict[str, str]]) -> str:
         answer = self.client.post("/chat/completions", {"model": self.model, "messages": messages,
                                                         "temperature": self.temperature,
                                                         "max_tokens": self.max_tokens})
@@ -96,9 +98,11 @@ class LocalJudge:
         self.name = f"local:{path}"
 
     def ask(self, record: Dict) -> str:
+        return self.chat(judge_messages(record["instruction"], record.get("input"), record["responses"]))
+
+    def chat(self, messages: List[Dict[str, str]]) -> str:
         import torch
 
-        messages = judge_messages(record["instruction"], record.get("input"), record["responses"])
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:

@@ -31,6 +31,7 @@ class PipelineConfig:
     teacher: Optional[str] = None  # local model directory: (re)score `data` with it before train_p
     instructions: Optional[str] = None  # instructions to sample for contextual ranking; None = synthetic
     eval_data: Optional[str] = None  # held-out ranked data; None = built-in synthetic held-out set
+    generation_tasks: Optional[str] = None  # tasks with references for `tuna eval generation`; None = synthetic
     judge: str = "rule"  # rule | openai:MODEL | local:PATH
     base_url: Optional[str] = None
     api_key_env: str = "OPENAI_API_KEY"
@@ -156,11 +157,63 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
         manifest.record("rank", "done", outputs=[str(ranked)], **stats)
 
     summary_c = train("train_c", dict(config.train_c, model=tuna_p, data=str(ranked), eval_data=eval_path))
+    evaluations = evaluate_stages(config, root, manifest, eval_path, tuna_p, str(root / "train_c" / "final"))
     report = {
         "pair_accuracy": {"before": _accuracy(summary_p.get("initial_eval")),
                           "after_tuna_p": _accuracy(summary_p.get("final_eval")),
                           "after_tuna_c": _accuracy(summary_c.get("final_eval"))},
+        "eval": evaluations,
         "stages": manifest.stages,
     }
     write_atomic(root / "summary.json", json.dumps(report, indent=1))
     return report
+
+
+def evaluate_stages(config: PipelineConfig, root: Path, manifest: Manifest, eval_path: str, tuna_p: str,
+                    tuna_c: str) -> Dict[str, Dict[str, Any]]:
+    """`tuna eval ranking` and `tuna eval generation` for the starting model, Tuna_p and Tuna_c."""
+    from .. import eval as evaluation
+    from ..config import load_config
+    from ..data import load_ranked
+    from ..model import load_model, load_tokenizer
+    from ..synthetic import answer
+    from ..trainer import build_model
+
+    tasks_path = config.generation_tasks
+    if tasks_path is None:
+        tasks_path = str(root / "generation_tasks.jsonl")
+        if not Path(tasks_path).exists():
+            write_jsonl(Path(tasks_path), [
+                {"id": i, "instruction": r["instruction"], "input": r["input"], "task": r["task"],
+                 "references": [answer(r["task"], r["input"], r["length"])]}
+                for i, r in enumerate(read_jsonl(eval_path))])
+    examples, _ = load_ranked(eval_path)
+    tasks = read_jsonl(tasks_path)
+    results: Dict[str, Dict[str, Any]] = {}
+    for name in ("start", "tuna_p", "tuna_c"):
+        out = root / "eval" / name
+        if manifest.done(f"eval_{name}"):
+            ranking = json.loads((out / "ranking" / "report.json").read_text())
+            generation = json.loads((out / "generation" / "report.json").read_text())
+        else:
+            if name == "start":
+                settings = dict(dict(template=config.template, seed=config.seed, progress=False), **config.train_p)
+                model, tokenizer = build_model(load_config(None, dict(settings, output_dir=str(root / "train_p"))))
+            else:
+                path = tuna_p if name == "tuna_p" else tuna_c
+                model, tokenizer = load_model(path), load_tokenizer(path)
+            ranking = evaluation.write_report(out / "ranking", "ranking", name, evaluation.evaluate_ranking(
+                model, tokenizer, examples, template=config.template))
+            predictions = evaluation.greedy_generations(model, tokenizer, tasks, out / "generation" / "progress.jsonl",
+                                                        config.template, config.max_new_tokens)
+            evaluation.save_generations(out / "generation", tasks, predictions)
+            generation = evaluation.write_report(out / "generation", "generation", name,
+                                                 evaluation.generation_metrics(tasks, predictions))
+            manifest.record(f"eval_{name}", "done", outputs=[str(out / "ranking" / "report.json"),
+                                                              str(out / "generation" / "report.json")])
+        results[name] = {"pair_accuracy": ranking["metrics"]["pair_accuracy"],
+                         "kendall_tau": ranking["metrics"]["kendall_tau"],
+                         "rouge_l": generation["metrics"]["rouge_l"]}
+    reports = [{"kind": "eval", "name": name, "metrics": metrics} for name, metrics in results.items()]
+    write_atomic(root / "eval" / "comparison.md", evaluation.markdown(reports))
+    return results

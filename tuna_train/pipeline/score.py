@@ -11,7 +11,7 @@ text tokens; the endpoint does not echo an EOS).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -44,16 +44,16 @@ def _with_scores(record, sums: List[float], tokens: List[int], alpha: float, tea
 
 
 @torch.no_grad()
-def score_with_model(model, tokenizer, records: List[Dict[str, Any]], template: str = "alpaca",
-                     max_length: int = 512, token_budget: int = 16384, alpha: float = 1.0,
-                     impl: str = "auto", teacher_name: str = "local") -> List[Dict[str, Any]]:
-    """Scored records; batches hold as many groups as fit ``token_budget`` tokens (prompt shared)."""
+def group_logprobs(model, tokenizer, examples: List[RankedExample], template: str = "alpaca", max_length: int = 512,
+                   token_budget: int = 16384, impl: str = "auto") -> List[Tuple[List[float], List[int]]]:
+    """Per group, each response's summed log-likelihood and its token count (EOS included), by the fused
+    ``sequence_logprobs``; batches hold as many groups as fit ``token_budget`` tokens (prompt shared)."""
     device = next(model.parameters()).device
     body = TargetHiddenStates(model).eval()
     head = lm_head_spec(model)
-    groups = [tokenize_group(as_example(r), tokenizer, template, max_length) for r in records]
+    groups = [tokenize_group(example, tokenizer, template, max_length) for example in examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out: List[Optional[Dict[str, Any]]] = [None] * len(records)
+    out: List[Tuple[List[float], List[int]]] = []
     start = 0
     while start < len(groups):
         end, tokens = start, 0
@@ -70,12 +70,22 @@ def score_with_model(model, tokenizer, records: List[Dict[str, Any]], template: 
                                          logit_scale=head.logit_scale, softcap=head.softcap, impl=impl)
         sums, counts = sums.double().cpu().tolist(), counts.cpu().tolist()
         seq = 0
-        for index in range(start, end):
-            k = len(groups[index].response_ids)
-            out[index] = _with_scores(records[index], sums[seq:seq + k], counts[seq:seq + k], alpha, teacher_name)
+        for group in groups[start:end]:
+            k = len(group.response_ids)
+            out.append((sums[seq:seq + k], counts[seq:seq + k]))
             seq += k
         start = end
     return out
+
+
+def score_with_model(model, tokenizer, records: List[Dict[str, Any]], template: str = "alpaca",
+                     max_length: int = 512, token_budget: int = 16384, alpha: float = 1.0,
+                     impl: str = "auto", teacher_name: str = "local") -> List[Dict[str, Any]]:
+    """Scored records (see the module docstring)."""
+    examples = [as_example(record) for record in records]
+    sums_counts = group_logprobs(model, tokenizer, examples, template, max_length, token_budget, impl)
+    return [_with_scores(record, sums, counts, alpha, teacher_name)
+            for record, (sums, counts) in zip(records, sums_counts)]
 
 
 def score_with_endpoint(client: JsonClient, model_name: str, records: List[Dict[str, Any]],

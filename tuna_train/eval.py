@@ -1,0 +1,188 @@
+"""``tuna eval``: the evaluations of the paper a user can run on local data.
+
+- ``ranking``: held-out pairwise ranking accuracy (ordered pairs whose model scores agree with the given
+  ranking; pairs tied in the ranking are left out, a model tie counts as a disagreement), Kendall's tau-b
+  per group averaged over groups where it is defined, and the mean model-score gap between each group's
+  best and worst candidate; scores are fused ``sequence_logprobs`` with the training length normalisation.
+- ``generation``: greedy generation on instruction tasks with references (Super-NaturalInstructions
+  style), ROUGE-L F (``rouge-score``, best over references) per record, averaged per task, then over tasks;
+  batched, resumable, generations saved.
+
+Each writes ``<out>/report.json`` and ``<out>/report.md``; :func:`compare` puts reports side by side.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from .data import RankedExample
+from .pipeline.store import JsonlStore, record_key, write_jsonl
+
+
+def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
+    """Kendall's tau-b between two score lists (ties in either handled); None when undefined."""
+    concordant = discordant = ties_x = ties_y = 0
+    for i, j in itertools.combinations(range(len(x)), 2):
+        dx, dy = x[i] - x[j], y[i] - y[j]
+        if dx == 0 and dy == 0:
+            continue
+        if dx == 0:
+            ties_x += 1
+        elif dy == 0:
+            ties_y += 1
+        elif (dx > 0) == (dy > 0):
+            concordant += 1
+        else:
+            discordant += 1
+    denominator = math.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
+    return None if denominator == 0 else (concordant - discordant) / denominator
+
+
+def ranking_metrics(model_scores: Sequence[Sequence[float]], target_scores: Sequence[Sequence[float]]) -> Dict[str, Any]:
+    """Pairwise accuracy, mean Kendall tau-b and mean best-minus-worst gap over ragged groups."""
+    correct = pairs = 0
+    taus, gaps = [], []
+    for model, target in zip(model_scores, target_scores):
+        for i, j in itertools.combinations(range(len(model)), 2):
+            if target[i] == target[j]:
+                continue
+            better, worse = (i, j) if target[i] > target[j] else (j, i)
+            pairs += 1
+            correct += model[better] > model[worse]
+        tau = kendall_tau_b(model, target)
+        if tau is not None:
+            taus.append(tau)
+        if len(model) >= 2 and max(target) != min(target):
+            best = max(range(len(target)), key=lambda k: (target[k], -k))
+            worst = min(range(len(target)), key=lambda k: (target[k], -k))
+            gaps.append(model[best] - model[worst])
+    mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
+    return {"pair_accuracy": correct / pairs if pairs else None, "pairs": pairs,
+            "kendall_tau": mean(taus), "groups_with_tau": len(taus), "score_gap": mean(gaps),
+            "groups": len(model_scores)}
+
+
+def model_scores(model, tokenizer, examples: List[RankedExample], template: str = "alpaca", max_length: int = 512,
+                 alpha: float = 1.0, token_budget: int = 16384, impl: str = "auto") -> List[List[float]]:
+    """Per group, the model's score of each candidate: sum log p / tokens ** alpha (as in training)."""
+    from .pipeline.score import group_logprobs
+
+    return [[s / max(c, 1) ** alpha for s, c in zip(sums, counts)]
+            for sums, counts in group_logprobs(model, tokenizer, examples, template, max_length, token_budget, impl)]
+
+
+def evaluate_ranking(model, tokenizer, examples: List[RankedExample], **options) -> Dict[str, Any]:
+    scores = model_scores(model, tokenizer, examples, **options)
+    return ranking_metrics(scores, [e.scores for e in examples])
+
+
+@functools.lru_cache(maxsize=1)
+def _rouge():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"])
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """ROUGE-L F of a prediction, best over its references."""
+    return max(_rouge().score(reference, prediction)["rougeL"].fmeasure for reference in references)
+
+
+def references_of(record: Dict[str, Any]) -> List[str]:
+    refs = record.get("references") or record.get("output") or record.get("answer")
+    refs = [refs] if isinstance(refs, str) else list(refs or [])
+    if not refs:
+        raise ValueError(f"record {record.get('id', '?')}: no 'references' (or 'output') to score against")
+    return refs
+
+
+def generation_metrics(records: List[Dict[str, Any]], predictions: List[str]) -> Dict[str, Any]:
+    """ROUGE-L per record, mean per task, and the mean over tasks (each task counts once, as the paper)."""
+    per_task: Dict[str, List[float]] = {}
+    for record, prediction in zip(records, predictions):
+        per_task.setdefault(str(record.get("task", "all")), []).append(rouge_l(prediction, references_of(record)))
+    task_means = {task: sum(v) / len(v) for task, v in sorted(per_task.items())}
+    return {"rouge_l": sum(task_means.values()) / len(task_means) if task_means else None,
+            "rouge_l_per_task": task_means, "records": len(records), "tasks": len(task_means)}
+
+
+@torch.no_grad()
+def greedy_generations(model, tokenizer, records: List[Dict[str, Any]], progress: Path, template: str = "alpaca",
+                       max_new_tokens: int = 128, batch_size: int = 16) -> List[str]:
+    """Greedy responses, resumable through the ``progress`` store (one entry per finished record)."""
+    from .pipeline.generate import decode_batch, pending_batches
+
+    store = JsonlStore(progress)
+    keys = [record_key(r) for r in records]
+    model.eval()
+    for indices, prompts in pending_batches(records, keys, store, tokenizer, template, batch_size):
+        texts = decode_batch(model, tokenizer, prompts, 1, None, 1.0, max_new_tokens)
+        for i, generated in zip(indices, texts):
+            store.put(keys[i], {"prediction": generated[0]})
+    return [store.entries[key]["prediction"] for key in keys]
+
+
+def write_report(out: Path, kind: str, name: str, metrics: Dict[str, Any]) -> Dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"kind": kind, "name": name, "metrics": metrics}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(markdown([report]))
+    return report
+
+
+def _cell(value) -> str:
+    return "–" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+
+
+def markdown(reports: List[Dict[str, Any]]) -> str:
+    """One table: a column per report, a row per scalar metric (per-task ROUGE-L rows included)."""
+    rows: Dict[str, List[str]] = {}
+    for index, report in enumerate(reports):
+        flat = {k: v for k, v in report["metrics"].items() if not isinstance(v, dict)}
+        for task, value in report["metrics"].get("rouge_l_per_task", {}).items():
+            flat[f"rouge_l[{task}]"] = value
+        for key, value in flat.items():
+            rows.setdefault(key, ["–"] * len(reports))[index] = _cell(value)
+    header = "| metric | " + " | ".join(r["name"] for r in reports) + " |"
+    lines = [header, "|---" * (len(reports) + 1) + "|"] + [f"| {k} | " + " | ".join(v) + " |" for k, v in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
+def compare(report_paths: List[str], png: Optional[str] = None) -> str:
+    """Side-by-side Markdown of several report.json files (or their directories), and a bar chart."""
+    reports = []
+    for path in report_paths:
+        file = Path(path) / "report.json" if Path(path).is_dir() else Path(path)
+        reports.append(json.loads(file.read_text()))
+    table = markdown(reports)
+    if png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        keys = [k for k in ("pair_accuracy", "kendall_tau", "rouge_l") if any(r["metrics"].get(k) is not None for r in reports)]
+        figure, axis = plt.subplots(figsize=(2 + 2 * len(keys), 4))
+        width = 0.8 / max(1, len(reports))
+        for i, report in enumerate(reports):
+            axis.bar([x + i * width for x in range(len(keys))], [report["metrics"].get(k) or 0 for k in keys], width,
+                     label=report["name"])
+        axis.set_xticks([x + width * (len(reports) - 1) / 2 for x in range(len(keys))])
+        axis.set_xticklabels(keys)
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(png, dpi=110)
+        plt.close(figure)
+    return table
+
+
+def save_generations(out: Path, records: List[Dict[str, Any]], predictions: List[str]) -> None:
+    write_jsonl(out / "generations.jsonl", [dict(r, prediction=p, rouge_l=rouge_l(p, references_of(r)))
+                                            for r, p in zip(records, predictions)])
