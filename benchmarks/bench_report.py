@@ -41,7 +41,7 @@ def static_reports() -> Dict[str, List[dict]]:
     """Our kernels (python -m tuna_kernels.report --json) and the peers' (bench_peer_kernels)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     ours: List[dict]
-    done = subprocess.run([sys.executable, "-m", "tuna_kernels.report", "--json", "--dtype", "bf16"],
+    done = subprocess.run([sys.executable, "-m", "tuna_kernels.report", "--json", "--dtype", "bf16", "--defaults-only"],
                           env=env, capture_output=True, text=True)
     try:
         ours = json.loads(done.stdout)

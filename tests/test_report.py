@@ -1,5 +1,6 @@
-"""The static GPU report: default configs compile for sm_80/86/89/90 with no spills, within shared
-memory, and with tensor-core instructions. Needs no GPU (ahead-of-time compilation)."""
+"""The static GPU report: every configuration a kernel can launch with (its default and its autotuning
+candidates) compiles for sm_80/86/89/90 with no spills, within shared memory, and with tensor-core
+instructions. Needs no GPU (ahead-of-time compilation)."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from tuna_kernels.kernels.configs import KERNELS
+from tuna_kernels.kernels.configs import KERNELS, candidate_configs, default_config
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +27,16 @@ def test_report_covers_every_kernel_and_arch(report_rows):
     assert all(keys <= set(row) for row in rows)
     seen = {(row["kernel"], row["arch"]) for row in rows}
     assert seen == {(k, f"sm_{a}") for k in KERNELS for a in (80, 86, 89, 90)}
+    for kernel in KERNELS:
+        for arch in (80, 86, 89, 90):
+            for dtype in ("bf16", "fp16"):
+                configs = [r for r in rows if (r["kernel"], r["arch"], r["dtype"]) == (kernel, f"sm_{arch}", dtype)]
+                assert [r["config"] for r in configs] == [c.label() for c in candidate_configs(kernel, arch)]
+                assert [r["default"] for r in configs] == [True] + [False] * (len(configs) - 1)
+                assert configs[0]["config"] == default_config(kernel, arch).label()
 
 
-def test_default_configs_have_no_spills_fit_shared_memory_and_use_mma(report_rows):
+def test_every_config_has_no_spills_fits_shared_memory_and_uses_mma(report_rows):
     rows, returncode = report_rows
     for row in rows:
         where = f"{row['kernel']} {row['arch']} {row['dtype']} {row['config']}"

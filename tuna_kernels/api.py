@@ -113,6 +113,7 @@ def token_logprobs(
     chunk_vocab: Optional[int] = None,
     deterministic: bool = False,
     grad_filter_eps: Optional[float] = None,
+    autotune: Optional[bool] = None,
 ) -> torch.Tensor:
     """Log-probability of each target token, without materialising the [N, V] logits.
 
@@ -128,6 +129,8 @@ def token_logprobs(
         deterministic: Triton backward without float atomics (bit-reproducible, one more recompute).
         grad_filter_eps: Triton backward skips tiles whose largest |dL/dlogit| is below this value
             (Cut Cross-Entropy's gradient filtering); ``None`` (default) computes every tile.
+        autotune: Triton kernels time their candidate configurations once per shape bucket and keep the
+            fastest; ``None`` (default) reads the ``TUNA_AUTOTUNE`` environment variable ("1" = on).
 
     Returns:
         [N] float32 (float64 for float64 inputs) log p(labels[t]), 0 at ignored positions.
@@ -153,7 +156,10 @@ def token_logprobs(
             raise TypeError("impl='triton' supports fp16, bf16 and fp32 inputs, not float64; use impl='chunked'")
         from .kernels.launch import TritonBackend
 
-        backend = TritonBackend(deterministic=bool(deterministic), grad_filter_eps=grad_filter_eps)
+        if autotune is None:
+            autotune = os.environ.get("TUNA_AUTOTUNE", "0") == "1"
+        backend = TritonBackend(deterministic=bool(deterministic), grad_filter_eps=grad_filter_eps,
+                                autotune=bool(autotune))
     from .autograd import FusedTokenLogprobs
 
     return FusedTokenLogprobs.apply(backend, hidden, weight, bias, labels, logit_scale, softcap, ignore_index)

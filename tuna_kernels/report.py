@@ -1,8 +1,9 @@
 """Static GPU report: compile every kernel ahead of time for sm_80/86/89/90, no GPU needed.
 
-    python -m tuna_kernels.report [--json] [--dtype bf16 --dtype fp16] [--arch 86]
+    python -m tuna_kernels.report [--json] [--dtype bf16 --dtype fp16] [--arch 86] [--defaults-only]
 
-For each kernel, dtype, configuration and architecture it prints the registers per thread, spill bytes
+For each kernel, dtype, configuration (the default, then the candidates autotuning may choose) and
+architecture it prints the registers per thread, spill bytes
 (stack / local memory, and the STL/LDL instructions in the SASS), shared memory per block against the
 card's limit, and whether tensor-core instructions (HMMA on sm_8x, HGMMA on sm_90) are present.
 The cubin is read with the ``cuobjdump`` that ships inside the triton wheel.
@@ -39,6 +40,7 @@ class ReportRow:
     shared_limit: int
     mma: bool
     mma_instructions: int
+    default: bool = True
 
     @property
     def ok(self) -> bool:
@@ -136,7 +138,7 @@ def compile_and_inspect(fn, signature: Dict[str, str], constexprs: Dict[str, obj
     )
 
 
-def compile_row(kernel: str, arch: int, dtype: str, config) -> ReportRow:
+def compile_row(kernel: str, arch: int, dtype: str, config, default: bool = True) -> ReportRow:
     """Compile one of our kernels in ``config`` for one architecture and dtype."""
     fn, flags = _kernel_specs()[kernel]
     constexprs = dict(flags, BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
@@ -147,19 +149,23 @@ def compile_row(kernel: str, arch: int, dtype: str, config) -> ReportRow:
         kernel=kernel, arch=f"sm_{arch}", dtype=dtype, config=config.label(), registers=found.registers,
         spill_bytes=found.spill_bytes, spill_instructions=found.spill_instructions,
         shared_bytes=found.shared_bytes, shared_limit=SHARED_LIMIT[arch],
-        mma=found.mma_instructions > 0, mma_instructions=found.mma_instructions,
+        mma=found.mma_instructions > 0, mma_instructions=found.mma_instructions, default=default,
     )
 
 
-def build_report(archs: Sequence[int], dtypes: Sequence[str], kernels: Optional[Sequence[str]] = None) -> List[ReportRow]:
-    """Rows for the default configuration of each kernel on each architecture and dtype."""
-    from .kernels.configs import KERNELS, default_config
+def build_report(archs: Sequence[int], dtypes: Sequence[str], kernels: Optional[Sequence[str]] = None,
+                 defaults_only: bool = False) -> List[ReportRow]:
+    """Rows for every configuration each kernel can launch with (its default, then its autotuning
+    candidates; only the default with ``defaults_only``) on each architecture and dtype."""
+    from .kernels.configs import KERNELS, candidate_configs
 
     rows = []
     for kernel in kernels or KERNELS:
         for arch in archs:
+            configs = candidate_configs(kernel, arch)
             for dtype in dtypes:
-                rows.append(compile_row(kernel, arch, dtype, default_config(kernel, arch)))
+                for index, config in enumerate(configs[:1] if defaults_only else configs):
+                    rows.append(compile_row(kernel, arch, dtype, config, default=index == 0))
     return rows
 
 
@@ -167,7 +173,7 @@ def format_table(rows: Sequence[ReportRow]) -> str:
     header = ["kernel", "arch", "dtype", "config", "regs", "spill B", "STL/LDL", "shared KB", "limit KB", "MMA", "ok"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row.kernel, row.arch, row.dtype, row.config, str(row.registers), str(row.spill_bytes),
+        cells = [row.kernel, row.arch, row.dtype, row.config + ("" if row.default else " (tuning)"), str(row.registers), str(row.spill_bytes),
                  str(row.spill_instructions), f"{row.shared_bytes / 1024:.1f}", f"{row.shared_limit / 1024:.0f}",
                  f"yes ({row.mma_instructions})" if row.mma else "no", "yes" if row.ok else "NO"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -182,10 +188,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dtype", action="append", choices=sorted(TRITON_DTYPES),
                         help="input dtype, repeatable (default: bf16 fp16; fp32 runs IEEE FMA, not tensor cores)")
     parser.add_argument("--kernel", action="append", help="kernel name, repeatable (default: all)")
+    parser.add_argument("--defaults-only", action="store_true",
+                        help="only each kernel's default configuration, not the autotuning candidates")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the report compiles real GPU code")
-    rows = build_report(args.arch or sorted(SHARED_LIMIT), args.dtype or ["bf16", "fp16"], args.kernel)
+    rows = build_report(args.arch or sorted(SHARED_LIMIT), args.dtype or ["bf16", "fp16"], args.kernel,
+                        args.defaults_only)
     if args.json:
         json.dump([dict(asdict(row), ok=row.ok) for row in rows], sys.stdout, indent=1)
         print()

@@ -56,6 +56,7 @@ class TrainConfig:
     beta: float = 0.1
     gamma: float = 0.0
     impl: str = "auto"  # auto | triton | chunked
+    kernel_autotune: bool = False  # Triton: time the candidate kernel configs once per shape (or TUNA_AUTOTUNE=1)
 
     # optimisation
     optimizer: str = "adamw"  # adamw | paged_adamw_8bit

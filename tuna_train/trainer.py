@@ -152,7 +152,8 @@ class Trainer:
         self.wrapped, self.optimizer = self.accelerator.prepare(TargetHiddenStates(self.model), self.optimizer)
         self.loss_fn = TunaLoss(loss=config.loss, margin=config.margin, alpha=config.alpha,
                                 mle_weight=config.mle_weight, mle_on=config.mle_on, skip_ties=config.skip_ties,
-                                beta=config.beta, gamma=config.gamma, impl=config.impl)
+                                beta=config.beta, gamma=config.gamma, impl=config.impl,
+                                autotune=config.kernel_autotune or None)
         self.log = MetricsLog(self.output_dir, config.tensorboard, enabled=self.is_main)
         self.stop_requested = False
 
@@ -199,7 +200,7 @@ class Trainer:
             sums, counts = sequence_logprobs(hidden, head.weight.to(hidden.dtype), batch.labels, batch.layout.seq_index,
                                              batch.layout.num_seqs, logit_scale=head.logit_scale, softcap=head.softcap,
                                              bias=None if head.bias is None else head.bias.to(hidden.dtype),
-                                             impl=self.config.impl)
+                                             impl=self.config.impl, autotune=self.config.kernel_autotune or None)
             scores = batch.layout.to_matrix(sums / counts.to(sums.dtype) ** self.config.alpha)
             for key, value in ranking_counts(scores, batch.layout.valid(), batch.layout.target_scores,
                                              sums, counts).items():

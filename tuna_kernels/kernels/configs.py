@@ -50,6 +50,27 @@ _HOPPER = {
 # Under TRITON_INTERPRET=1 tiles are small so that test shapes span several tiles in every direction.
 INTERPRETER = KernelConfig(16, 32, 32, 1, 1)
 
+# What autotuning (off by default) may choose from, after the default: larger token tiles re-use each
+# weight tile more when N is large, smaller ones keep more programs busy when N is small, deeper
+# pipelines hide latency when D is large. Each was compiled for its architectures and kept only when
+# free of spills, within shared memory and with MMA; the report and its test check all of them.
+_AMPERE_ALTERNATIVES = {
+    "lse_forward": (KernelConfig(128, 128, 32, 8, 3), KernelConfig(32, 128, 64, 4, 3),
+                    KernelConfig(64, 128, 128, 8, 2)),
+    "backward_atomic": (KernelConfig(128, 128, 32, 8, 2), KernelConfig(128, 64, 64, 8, 2)),
+    "grad_hidden": (KernelConfig(64, 128, 64, 8, 3), KernelConfig(64, 128, 64, 8, 2)),
+    "grad_weight": (KernelConfig(128, 64, 64, 8, 2), KernelConfig(64, 128, 64, 8, 3)),
+}
+_HOPPER_ALTERNATIVES = {
+    "lse_forward": (KernelConfig(64, 128, 64, 8, 3), KernelConfig(64, 256, 64, 8, 3),
+                    KernelConfig(128, 128, 32, 8, 3)),
+    "backward_atomic": (KernelConfig(128, 128, 64, 8, 3), KernelConfig(128, 64, 64, 8, 2)),
+    "grad_hidden": (KernelConfig(64, 128, 64, 8, 3), KernelConfig(128, 128, 32, 8, 3)),
+    "grad_weight": (KernelConfig(64, 128, 64, 8, 3), KernelConfig(128, 128, 32, 8, 3)),
+}
+# The interpreter's pair lets the tests exercise autotuning (its trials and its cache) on CPU.
+_INTERPRETER_ALTERNATIVE = KernelConfig(32, 16, 16, 1, 1)
+
 _override: Optional[KernelConfig] = None
 
 
@@ -61,6 +82,14 @@ def default_config(kernel: str, arch: int) -> KernelConfig:
     return table[kernel]
 
 
+def candidate_configs(kernel: str, arch: Optional[int]) -> Tuple[KernelConfig, ...]:
+    """The configurations autotuning times for ``kernel`` on ``arch`` (None: the interpreter), default first."""
+    if arch is None:
+        return (INTERPRETER, _INTERPRETER_ALTERNATIVE)
+    alternatives = (_HOPPER_ALTERNATIVES if arch >= 90 else _AMPERE_ALTERNATIVES)[kernel]
+    return (default_config(kernel, arch),) + alternatives
+
+
 def launch_config(kernel: str, capability: Optional[Tuple[int, int]]) -> KernelConfig:
     """The configuration for a launch: an override if set, the interpreter's, or the architecture's."""
     if _override is not None:
@@ -68,6 +97,11 @@ def launch_config(kernel: str, capability: Optional[Tuple[int, int]]) -> KernelC
     if capability is None or os.environ.get("TRITON_INTERPRET") == "1":
         return INTERPRETER
     return default_config(kernel, capability[0] * 10 + capability[1])
+
+
+def config_overridden() -> bool:
+    """Whether :func:`override_config` is in force (it wins over autotuning too)."""
+    return _override is not None
 
 
 @contextlib.contextmanager

@@ -1,13 +1,14 @@
 """Launchers: allocate outputs, pick grids and configurations, call the kernels.
 
-``TritonBackend`` is the Triton backend of :class:`tuna_kernels.autograd.FusedTokenLogprobs`.
+``TritonBackend`` is the Triton backend of :class:`tuna_kernels.autograd.FusedTokenLogprobs`. Each launch
+is a closure of its configuration, so that autotuning can time the same launch in every candidate.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -15,7 +16,8 @@ import triton
 from .backward_atomic import logprob_backward_atomic_kernel
 from .backward_hidden import grad_hidden_kernel
 from .backward_weight import grad_weight_kernel
-from .configs import launch_config
+from .autotune import TUNER, token_bucket
+from .configs import KernelConfig, candidate_configs, config_overridden, launch_config
 from .forward import lse_forward_kernel
 
 # Forward programs wanted per streaming multiprocessor: enough to hide latency when N is small.
@@ -57,12 +59,29 @@ def _tiles(config):
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+def _zero(*outputs) -> None:
+    for output in outputs:
+        if output is not None:
+            output.zero_()
+
+
 @dataclass(frozen=True)
 class TritonBackend:
-    """Fused Triton kernels; ``deterministic`` avoids float atomics in backward (one more recompute)."""
+    """Fused Triton kernels; ``deterministic`` avoids float atomics in backward (one more recompute);
+    ``autotune`` times the candidate configurations once per shape bucket (see :mod:`.autotune`)."""
 
     deterministic: bool = False
     grad_filter_eps: Optional[float] = None
+    autotune: bool = False
+
+    def _config(self, kernel: str, hidden, weight, flags: tuple, trial: Callable[[KernelConfig], None]) -> KernelConfig:
+        """The launch configuration: the architecture's default, or the tuned choice among candidates."""
+        capability = _capability(hidden.device)
+        if not self.autotune or config_overridden():
+            return launch_config(kernel, capability)
+        arch = None if capability is None else capability[0] * 10 + capability[1]
+        key = (kernel, arch, str(hidden.dtype), token_bucket(hidden.shape[0]), weight.shape[0], hidden.shape[1]) + flags
+        return TUNER.choose(key, candidate_configs(kernel, arch), trial)
 
     def forward(self, hidden, weight, bias, labels, logit_scale, softcap):
         """lse [n], target_logit [n] (fp32) for hidden [n, D] whose rows all have a target."""
@@ -72,21 +91,25 @@ class TritonBackend:
         target_logit = torch.zeros_like(lse)
         if num_tokens == 0:
             return lse, target_logit
-        config = launch_config("lse_forward", _capability(hidden.device))
-        token_tiles = triton.cdiv(num_tokens, config.block_n)
-        vocab_tiles = triton.cdiv(vocab_size, config.block_v)
         wanted = max(2, _PROGRAMS_PER_SM * _num_sms(hidden.device))
-        num_splits = max(1, min(vocab_tiles, triton.cdiv(wanted, token_tiles)))
-        vocab_per_split = triton.cdiv(vocab_tiles, num_splits) * config.block_v
-        num_splits = triton.cdiv(vocab_size, vocab_per_split)
-        partial_lse = torch.empty(num_splits, num_tokens, dtype=torch.float32, device=hidden.device)
         bias_arg = hidden if bias is None else bias
-        lse_forward_kernel[(token_tiles, num_splits)](
-            hidden, weight, bias_arg, labels, partial_lse, target_logit,
-            num_tokens, vocab_size, hidden_dim, vocab_per_split,
-            **_common_args(hidden, weight, bias, logit_scale, softcap), **_tiles(config),
-        )
-        torch.logsumexp(partial_lse, dim=0, out=lse)
+        common = _common_args(hidden, weight, bias, logit_scale, softcap)
+
+        def run(config: KernelConfig) -> None:
+            # Overwrites lse and every target_logit (each label lies in exactly one split): trials leave no trace.
+            token_tiles = triton.cdiv(num_tokens, config.block_n)
+            vocab_tiles = triton.cdiv(vocab_size, config.block_v)
+            num_splits = max(1, min(vocab_tiles, triton.cdiv(wanted, token_tiles)))
+            vocab_per_split = triton.cdiv(vocab_tiles, num_splits) * config.block_v
+            num_splits = triton.cdiv(vocab_size, vocab_per_split)
+            partial_lse = torch.empty(num_splits, num_tokens, dtype=torch.float32, device=hidden.device)
+            lse_forward_kernel[(token_tiles, num_splits)](
+                hidden, weight, bias_arg, labels, partial_lse, target_logit,
+                num_tokens, vocab_size, hidden_dim, vocab_per_split, **common, **_tiles(config),
+            )
+            torch.logsumexp(partial_lse, dim=0, out=lse)
+
+        run(self._config("lse_forward", hidden, weight, (bias is not None, softcap is not None), run))
         return lse, target_logit
 
     def backward(self, hidden, weight, bias, labels, lse, grad_token, logit_scale, softcap,
@@ -95,10 +118,12 @@ class TritonBackend:
         num_tokens, hidden_dim = hidden.shape
         vocab_size = weight.shape[0]
         device = hidden.device
-        grad_hidden = torch.zeros(num_tokens, hidden_dim, dtype=torch.float32, device=device) if need_hidden else None
-        grad_weight = torch.zeros(vocab_size, hidden_dim, dtype=torch.float32, device=device) if need_weight else None
-        grad_bias = torch.zeros(vocab_size, dtype=torch.float32, device=device) if need_bias else None
+        # Every kernel accumulates into its outputs, so each run (a tuning trial or the real one) zeroes them.
+        grad_hidden = torch.empty(num_tokens, hidden_dim, dtype=torch.float32, device=device) if need_hidden else None
+        grad_weight = torch.empty(vocab_size, hidden_dim, dtype=torch.float32, device=device) if need_weight else None
+        grad_bias = torch.empty(vocab_size, dtype=torch.float32, device=device) if need_bias else None
         if num_tokens == 0 or not (need_hidden or need_weight or need_bias):
+            _zero(grad_hidden, grad_weight, grad_bias)
             return grad_hidden, grad_weight, grad_bias
         lse = lse.contiguous()
         grad_token = grad_token.float().contiguous()
@@ -106,29 +131,38 @@ class TritonBackend:
         args = (hidden, weight, hidden if bias is None else bias, labels, lse, grad_token)
         sizes = dict(num_tokens=num_tokens, vocab_size=vocab_size, hidden_dim=hidden_dim)
         common = _common_args(hidden, weight, bias, logit_scale, softcap)
-        capability = _capability(device)
+        flags = (bias is not None, softcap is not None, need_hidden, need_weight, need_bias, filter_eps > 0)
         unused = lse  # a valid pointer for outputs the kernel does not write
         if not self.deterministic:
-            config = launch_config("backward_atomic", capability)
-            grid = (triton.cdiv(num_tokens, config.block_n), triton.cdiv(vocab_size, config.block_v))
-            logprob_backward_atomic_kernel[grid](
-                *args, unused if grad_hidden is None else grad_hidden,
-                unused if grad_weight is None else grad_weight, unused if grad_bias is None else grad_bias,
-                **sizes, filter_eps=filter_eps, **common,
-                NEED_GRAD_HIDDEN=need_hidden, NEED_GRAD_WEIGHT=need_weight, NEED_GRAD_BIAS=need_bias,
-                **_tiles(config),
-            )
+            def run_atomic(config: KernelConfig) -> None:
+                _zero(grad_hidden, grad_weight, grad_bias)
+                grid = (triton.cdiv(num_tokens, config.block_n), triton.cdiv(vocab_size, config.block_v))
+                logprob_backward_atomic_kernel[grid](
+                    *args, unused if grad_hidden is None else grad_hidden,
+                    unused if grad_weight is None else grad_weight, unused if grad_bias is None else grad_bias,
+                    **sizes, filter_eps=filter_eps, **common,
+                    NEED_GRAD_HIDDEN=need_hidden, NEED_GRAD_WEIGHT=need_weight, NEED_GRAD_BIAS=need_bias,
+                    **_tiles(config),
+                )
+
+            run_atomic(self._config("backward_atomic", hidden, weight, flags, run_atomic))
             return grad_hidden, grad_weight, grad_bias
         if need_hidden:
-            config = launch_config("grad_hidden", capability)
-            grad_hidden_kernel[(triton.cdiv(num_tokens, config.block_n),)](
-                *args, grad_hidden, **sizes, filter_eps=filter_eps, **common, **_tiles(config),
-            )
+            def run_hidden(config: KernelConfig) -> None:
+                _zero(grad_hidden)
+                grad_hidden_kernel[(triton.cdiv(num_tokens, config.block_n),)](
+                    *args, grad_hidden, **sizes, filter_eps=filter_eps, **common, **_tiles(config),
+                )
+
+            run_hidden(self._config("grad_hidden", hidden, weight, flags, run_hidden))
         if need_weight or need_bias:
-            config = launch_config("grad_weight", capability)
-            grad_weight_kernel[(triton.cdiv(vocab_size, config.block_v),)](
-                *args, unused if grad_weight is None else grad_weight, unused if grad_bias is None else grad_bias,
-                **sizes, filter_eps=filter_eps, **common,
-                NEED_GRAD_WEIGHT=need_weight, NEED_GRAD_BIAS=need_bias, **_tiles(config),
-            )
+            def run_weight(config: KernelConfig) -> None:
+                _zero(grad_weight, grad_bias)
+                grad_weight_kernel[(triton.cdiv(vocab_size, config.block_v),)](
+                    *args, unused if grad_weight is None else grad_weight, unused if grad_bias is None else grad_bias,
+                    **sizes, filter_eps=filter_eps, **common,
+                    NEED_GRAD_WEIGHT=need_weight, NEED_GRAD_BIAS=need_bias, **_tiles(config),
+                )
+
+            run_weight(self._config("grad_weight", hidden, weight, flags, run_weight))
         return grad_hidden, grad_weight, grad_bias
