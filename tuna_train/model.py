@@ -8,6 +8,7 @@ lm_head weight (and bias, logit scale, softcap the model defines) to the fused l
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -27,6 +28,20 @@ class LmHead:
     bias: Optional[torch.Tensor]
     logit_scale: float
     softcap: Optional[float]
+
+    def cast(self, dtype: torch.dtype) -> "LmHead":
+        """The same head with weight and bias in ``dtype`` (the fused kernels take the hidden states' dtype)."""
+        return dataclasses.replace(self, weight=self.weight.to(dtype),
+                                   bias=None if self.bias is None else self.bias.to(dtype))
+
+    def sequence_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, seq_index: torch.Tensor, num_seqs: int,
+                          **options):
+        """:func:`tuna_kernels.sequence_logprobs` of ``hidden`` [N, D] under this head: (sums [S], counts [S])."""
+        from tuna_kernels import sequence_logprobs
+
+        head = self.cast(hidden.dtype)
+        return sequence_logprobs(hidden, head.weight, labels, seq_index, num_seqs, bias=head.bias,
+                                 logit_scale=head.logit_scale, softcap=head.softcap, **options)
 
 
 def synthetic_tokenizer():

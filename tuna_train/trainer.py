@@ -20,7 +20,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from tuna_kernels import TunaLoss, sequence_logprobs
+from tuna_kernels import TunaLoss
 
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, write_atomic
 from .collate import pack, tokenize_group
@@ -178,11 +178,9 @@ class Trainer:
         """Loss and metrics of a batch; no [N, V] logits anywhere."""
         hidden = (model or self.wrapped)(batch.input_ids, batch.attention_mask, batch.position_ids,
                                          batch.target_positions)
-        head = lm_head_spec(self.model)
-        weight = head.weight.to(hidden.dtype)
-        bias = None if head.bias is None else head.bias.to(hidden.dtype)
-        return self.loss_fn(hidden, weight, batch.labels, batch.layout, bias=bias, logit_scale=head.logit_scale,
-                            softcap=head.softcap)
+        head = lm_head_spec(self.model).cast(hidden.dtype)
+        return self.loss_fn(hidden, head.weight, batch.labels, batch.layout, bias=head.bias,
+                            logit_scale=head.logit_scale, softcap=head.softcap)
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
@@ -196,11 +194,9 @@ class Trainer:
             batch = self.make_batch(mine[start:start + self.config.batch_groups])
             with self.accelerator.autocast():
                 hidden = self.wrapped(batch.input_ids, batch.attention_mask, batch.position_ids, batch.target_positions)
-            head = lm_head_spec(self.model)
-            sums, counts = sequence_logprobs(hidden, head.weight.to(hidden.dtype), batch.labels, batch.layout.seq_index,
-                                             batch.layout.num_seqs, logit_scale=head.logit_scale, softcap=head.softcap,
-                                             bias=None if head.bias is None else head.bias.to(hidden.dtype),
-                                             impl=self.config.impl, autotune=self.config.kernel_autotune or None)
+            sums, counts = lm_head_spec(self.model).sequence_logprobs(
+                hidden, batch.labels, batch.layout.seq_index, batch.layout.num_seqs,
+                impl=self.config.impl, autotune=self.config.kernel_autotune or None)
             scores = batch.layout.to_matrix(sums / counts.to(sums.dtype) ** self.config.alpha)
             for key, value in ranking_counts(scores, batch.layout.valid(), batch.layout.target_scores,
                                              sums, counts).items():

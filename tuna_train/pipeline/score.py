@@ -15,8 +15,6 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
-from tuna_kernels import sequence_logprobs
-
 from ..collate import pack, tokenize_group
 from ..data import RankedExample
 from ..model import TargetHiddenStates, lm_head_spec
@@ -64,10 +62,8 @@ def group_logprobs(model, tokenizer, examples: List[RankedExample], template: st
             tokens, end = tokens + size, end + 1
         batch = pack(groups[start:end], "shared", pad_id).to(device)
         hidden = body(batch.input_ids, batch.attention_mask, batch.position_ids, batch.target_positions)
-        weight = head.weight.to(hidden.dtype)
-        sums, counts = sequence_logprobs(hidden, weight, batch.labels, batch.layout.seq_index, batch.layout.num_seqs,
-                                         bias=None if head.bias is None else head.bias.to(hidden.dtype),
-                                         logit_scale=head.logit_scale, softcap=head.softcap, impl=impl)
+        sums, counts = head.sequence_logprobs(hidden, batch.labels, batch.layout.seq_index, batch.layout.num_seqs,
+                                              impl=impl)
         sums, counts = sums.double().cpu().tolist(), counts.cpu().tolist()
         seq = 0
         for group in groups[start:end]:
