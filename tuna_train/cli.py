@@ -5,6 +5,7 @@
     tuna generate --model PATH --data IN --out OUT -k 4    diverse candidates
     tuna rank --judge openai:MODEL|local:PATH|rule --data IN --out OUT
     tuna pipeline [--config FILE.yaml]                     all stages; no arguments: the embedded default
+    tuna merge ADAPTER --out DIR                           a LoRA adapter merged into its base, saved whole
     tuna eval ranking|generation --model PATH --data FILE --out DIR;  tuna eval --compare RUN_A RUN_B
 """
 
@@ -16,6 +17,7 @@ import sys
 from typing import Optional, Sequence
 
 from .config import TrainConfig, config_fields
+from .model import PLACEMENT_DEVICES, PLACEMENT_DTYPES, Placement
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +32,26 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         else:
             parser.add_argument(flag, dest=name, default=None, metavar=kind.upper(),
                                 help=f"({kind}, default {field_.default!r})")
+
+
+def _add_placement_flags(parser: argparse.ArgumentParser) -> None:
+    """Where a model that only runs (no training) is loaded: the same options for every such command."""
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help="where the model runs: auto (the first GPU if there is one, else the CPU), cpu, "
+                             "cuda or cuda:N (default: auto)")
+    parser.add_argument("--dtype", default="auto", choices=PLACEMENT_DTYPES,
+                        help="weight and compute dtype: auto = bfloat16 on GPUs that support it, float16 on older "
+                             "GPUs, float32 on the CPU (default: auto)")
+    parser.add_argument("--load-in-4bit", action="store_true",
+                        help="load the weights in 4-bit NF4 (bitsandbytes), computing in --dtype; on CUDA the model "
+                             "is placed with device_map on --device")
+
+
+def _placement(args) -> Placement:
+    device = args.pop("device")
+    if device not in PLACEMENT_DEVICES and not device.startswith("cuda:"):
+        raise ValueError(f"--device must be one of {PLACEMENT_DEVICES} or cuda:N, got {device!r}")
+    return Placement(device=device, dtype=args.pop("dtype"), load_in_4bit=args.pop("load_in_4bit"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--token-budget", type=int, default=16384, help="tokens per scoring batch")
     score.add_argument("--base-url", default=None)
     score.add_argument("--api-key-env", default="OPENAI_API_KEY")
+    _add_placement_flags(score)
 
     generate = commands.add_parser("generate", help="sample K diverse responses per instruction")
     generate.add_argument("--model", required=True)
@@ -66,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-tries", type=int, default=3)
     generate.add_argument("--batch-size", type=int, default=8)
     generate.add_argument("--seed", type=int, default=0)
+    _add_placement_flags(generate)
 
     rank = commands.add_parser("rank", help="contextual ranking of responses by a judge")
     rank.add_argument("--judge", required=True, help="openai:MODEL | local:PATH | rule")
@@ -78,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--max-retries", type=int, default=5)
     rank.add_argument("--parse-attempts", type=int, default=3)
     rank.add_argument("--retry-failed", action="store_true")
+    _add_placement_flags(rank)  # for a local:PATH judge
 
     evaluate = commands.add_parser("eval", help="ranking accuracy, ROUGE-L on instruction tasks; --compare reports")
     evaluate.add_argument("kind", nargs="?", choices=["ranking", "generation", "judge"])
@@ -100,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-retries", type=int, default=5)
     evaluate.add_argument("--compare", nargs="+", metavar="RUN", help="print these reports side by side")
     evaluate.add_argument("--png", default=None, help="with --compare: also write a bar chart here")
+    _add_placement_flags(evaluate)
+
+    merge = commands.add_parser("merge", help="merge a LoRA adapter into its base model and save the result whole",
+                                description="Loads the adapter's base model (a local directory, named in its "
+                                            "adapter_config.json) unquantised, merges the adapter into its weights "
+                                            "and writes a plain model (safetensors, config, tokenizer) that "
+                                            "from_pretrained loads and `tuna train --model` trains from.")
+    merge.add_argument("adapter", help="the LoRA adapter directory (e.g. runs/tuna_p/final of a --lora run)")
+    merge.add_argument("--out", required=True, help="directory for the merged model")
+    merge.add_argument("--dtype", default="float32", choices=tuple(PLACEMENT_DTYPES[1:]),
+                       help="dtype of the base while merging and of the saved weights (default: float32)")
+    merge.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code")
 
     pipeline = commands.add_parser("pipeline", help="score -> train Tuna_p -> generate -> rank -> train Tuna_c")
     pipeline.add_argument("--config", dest="config_file", default=None, help="YAML file of PipelineConfig fields")
@@ -122,6 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _rank(args)
         if command == "eval":
             return _eval(args)
+        if command == "merge":
+            return _merge(args)
         return _pipeline(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"tuna {command}: error: {error}", file=sys.stderr)
@@ -148,6 +187,7 @@ def _score(args) -> int:
     from .pipeline.store import read_jsonl, write_jsonl
 
     records = read_jsonl(args["data"])
+    placement = _placement(args)
     if args["teacher"].startswith("openai:"):
         from .pipeline.http import JsonClient
         from .pipeline.score import score_with_endpoint
@@ -157,10 +197,10 @@ def _score(args) -> int:
         client = JsonClient(args["base_url"], args["api_key_env"])
         scored = score_with_endpoint(client, args["teacher"].split(":", 1)[1], records, args["template"], args["alpha"])
     else:
-        from .model import load_model, load_tokenizer
+        from .model import load_tokenizer
         from .pipeline.score import score_with_model
 
-        scored = score_with_model(load_model(args["teacher"]), load_tokenizer(args["teacher"]), records,
+        scored = score_with_model(placement.load(args["teacher"]), load_tokenizer(args["teacher"]), records,
                                   args["template"], args["max_length"], args["token_budget"], args["alpha"],
                                   teacher_name=args["teacher"])
     write_jsonl(args["out"], scored)
@@ -169,11 +209,12 @@ def _score(args) -> int:
 
 
 def _generate(args) -> int:
-    from .model import load_model, load_tokenizer
+    from .model import load_tokenizer
     from .pipeline.generate import generate_records
     from .pipeline.store import read_jsonl
 
-    stats = generate_records(load_model(args["model"]), load_tokenizer(args["model"]), read_jsonl(args["data"]),
+    model = _placement(args).load(args["model"])
+    stats = generate_records(model, load_tokenizer(args["model"]), read_jsonl(args["data"]),
                              args["out"], args["k"], args["template"], args["max_new_tokens"], args["temperature"],
                              args["top_p"], args["rouge_threshold"], args["temperature_step"], args["max_tries"],
                              args["batch_size"], args["seed"])
@@ -186,7 +227,8 @@ def _rank(args) -> int:
     from .pipeline.rank import rank_records
     from .pipeline.store import read_jsonl
 
-    judge = make_judge(args["judge"], args["base_url"], args["api_key_env"], args["timeout"], args["max_retries"])
+    judge = make_judge(args["judge"], args["base_url"], args["api_key_env"], args["timeout"], args["max_retries"],
+                       placement=_placement(args))
     stats = rank_records(read_jsonl(args["data"]), judge, args["out"], args["concurrency"], args["parse_attempts"],
                          args["retry_failed"])
     print(f"tuna rank: {stats} -> {args['out']}")
@@ -203,13 +245,14 @@ def _eval(args) -> int:
         return 0
     if not (args["kind"] and args["model"] and args["data"]):
         raise ValueError("tuna eval needs KIND (ranking | generation), --model and --data, or --compare RUN ...")
-    from .model import load_model, load_tokenizer
+    from .model import load_tokenizer
 
-    model, tokenizer = load_model(args["model"]), load_tokenizer(args["model"])
+    placement = _placement(args)
+    model, tokenizer = placement.load(args["model"]), load_tokenizer(args["model"])
     if args["adapter"]:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, args["adapter"])
+        model = PeftModel.from_pretrained(model, args["adapter"]).eval()
     out, name = Path(args["out"]), args["name"] or Path(args["adapter"] or args["model"]).name
     if args["kind"] == "ranking":
         from .data import load_ranked
@@ -245,6 +288,14 @@ def _eval(args) -> int:
         metrics = evaluation.generation_metrics(records, predictions)
     report = evaluation.write_report(out, args["kind"], name, metrics)
     print(evaluation.markdown([report]), end="")
+    return 0
+
+
+def _merge(args) -> int:
+    from .model import merge_adapter
+
+    out = merge_adapter(args["adapter"], args["out"], args["dtype"], args["trust_remote_code"])
+    print(f"tuna merge: {args['adapter']} merged into its base -> {out}")
     return 0
 
 

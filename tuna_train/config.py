@@ -28,7 +28,8 @@ class TrainConfig:
     synthetic_seed: int = 1234
 
     # model
-    model: Optional[str] = None  # local Hugging Face model directory; None = a tiny Llama built from a config
+    model: Optional[str] = None  # local Hugging Face model or LoRA adapter directory; None = a tiny Llama
+    adapter: str = "attach"  # model is a LoRA adapter: attach (with lora: continue training it) | merge (into the base)
     tokenizer: Optional[str] = None  # defaults to the model directory
     torch_dtype: str = "float32"  # weights of a non-quantised model: float32 | bfloat16 | float16
     load_in_4bit: bool = False  # QLoRA: bitsandbytes NF4 base weights
@@ -92,7 +93,7 @@ class TrainConfig:
             "data_format": ("auto", "native", "tuna_formatted", "tuna_probabilistic", "tuna_contextual"),
             "template": ("alpaca", "chat", "none"), "packing": ("shared", "per_candidate"),
             "torch_dtype": ("float32", "bfloat16", "float16"), "bnb_compute_dtype": ("float32", "bfloat16", "float16"),
-            "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+            "attn_implementation": ("sdpa", "eager", "flash_attention_2"), "adapter": ("attach", "merge"),
             "loss": ("tuna_margin", "listmle", "rrhf", "pairwise_logistic"), "mle_on": ("all", "best"),
             "impl": ("auto", "triton", "chunked"), "optimizer": ("adamw", "paged_adamw_8bit"),
             "lr_schedule": ("cosine", "linear", "constant"), "mixed_precision": ("no", "bf16", "fp16"),
@@ -109,6 +110,10 @@ class TrainConfig:
             raise ValueError(f"config field 'eval_fraction' must be in [0, 1), got {self.eval_fraction}")
         if self.load_in_4bit and not self.lora:
             raise ValueError("config field 'load_in_4bit' needs 'lora': a 4-bit base trains through adapters (QLoRA)")
+        if self.attn_implementation == "flash_attention_2" and self.packing == "shared":
+            raise ValueError("attn_implementation 'flash_attention_2' cannot take packing 'shared' (its 4D mask; "
+                             "flash-attention reads [rows, length] padding masks only): use --packing per_candidate "
+                             "with flash_attention_2, or --attn-implementation sdpa with shared packing")
         if self.load_in_4bit and self.model is None:
             raise ValueError("config field 'load_in_4bit' needs 'model' (a local model directory to quantise)")
         return self

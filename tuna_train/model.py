@@ -9,8 +9,10 @@ lm_head weight (and bias, logit scale, softcap the model defines) to the fused l
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -18,6 +20,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ADAPTER_MODES = ("attach", "merge")
 
 
 @dataclass
@@ -68,19 +71,44 @@ def build_tiny_llama(vocab_size: int = 384, hidden_size: int = 64, num_layers: i
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer of a local model directory, or of an adapter directory's base model when it has none."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(path), local_files_only=True,
+                                              trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(path: str, *, load_in_4bit: bool = False, compute_dtype: str = "bfloat16",
-               double_quant: bool = True, torch_dtype: str = "float32", attn_implementation: str = "sdpa",
-               trust_remote_code: bool = False, device_map=None):
-    """A local causal LM directory (no hub access). With ``load_in_4bit``: bitsandbytes NF4 weights,
-    double quantisation and ``compute_dtype`` (QLoRA); the lm_head stays unquantised."""
+def adapter_base_path(path: str) -> Optional[str]:
+    """The base model directory of a peft adapter directory, or None when ``path`` holds no adapter.
+
+    A relative base path is taken as the adapter was saved with it (relative to the working directory),
+    else relative to the adapter directory itself.
+    """
+    config_file = Path(path) / "adapter_config.json"
+    if not config_file.is_file():
+        return None
+    base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config_file}: 'base_model_name_or_path' is empty: the adapter does not say which model "
+                         "it adapts; merge it with `tuna merge` from a known base, or set the field")
+    for candidate in (Path(base), Path(path) / base):
+        if candidate.is_dir():
+            return str(candidate)
+    raise ValueError(f"{config_file}: the base model '{base}' is not a local directory (no hub access here)")
+
+
+def tokenizer_path(path: str) -> str:
+    """Where the tokenizer of the model at ``path`` is: the directory itself, or an adapter's base model."""
+    if (Path(path) / "tokenizer_config.json").is_file():
+        return path
+    return adapter_base_path(path) or path
+
+
+def _load_base(path: str, *, load_in_4bit: bool, compute_dtype: str, double_quant: bool, torch_dtype: str,
+               attn_implementation: str, trust_remote_code: bool, device_map):
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code,
@@ -101,6 +129,132 @@ def load_model(path: str, *, load_in_4bit: bool = False, compute_dtype: str = "b
     elif device_map is not None:
         kwargs["device_map"] = device_map
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def load_model(path: str, *, load_in_4bit: bool = False, compute_dtype: str = "bfloat16",
+               double_quant: bool = True, torch_dtype: str = "float32", attn_implementation: str = "sdpa",
+               trust_remote_code: bool = False, device_map=None, adapter: str = "attach", trainable: bool = False):
+    """A local causal LM directory (no hub access), or a LoRA adapter directory on its local base model.
+
+    With ``load_in_4bit``: bitsandbytes NF4 weights, double quantisation and ``compute_dtype`` (QLoRA); the
+    lm_head stays unquantised. What happens to an adapter (``path`` holds ``adapter_config.json``):
+
+    - ``"attach"``: the base model with the adapter on it (a peft model); ``trainable`` makes the adapter's
+      weights trainable, so training continues it where it stopped (Tuna_p -> Tuna_c with LoRA);
+    - ``"merge"``: the adapter merged into the base weights (a plain model; not with ``load_in_4bit``: merge
+      into the float model with ``tuna merge`` first, then quantise the merged directory).
+    """
+    base_path = adapter_base_path(path)
+    options = dict(load_in_4bit=load_in_4bit, compute_dtype=compute_dtype, double_quant=double_quant,
+                   torch_dtype=torch_dtype, attn_implementation=attn_implementation,
+                   trust_remote_code=trust_remote_code, device_map=device_map)
+    if base_path is None:
+        model = _load_base(path, **options)
+        if load_in_4bit and trainable:
+            keep_4bit_trainable(model)
+        return model
+    if adapter not in ADAPTER_MODES:
+        raise ValueError(f"adapter must be one of {ADAPTER_MODES}, got {adapter!r}")
+    if adapter == "merge" and load_in_4bit:
+        raise ValueError(f"{path} is a LoRA adapter: merging it into 4-bit weights would quantise the merged "
+                         f"weights again; run `tuna merge {path} --out DIR` and train from DIR with --load-in-4bit")
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    model = _load_base(base_path, **options)
+    if load_in_4bit and trainable:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_trainable(model)
+    model = PeftModel.from_pretrained(model, path, is_trainable=trainable and adapter == "attach")
+    if adapter == "merge":
+        model = model.merge_and_unload()
+    logger.info("loaded %s on its base %s (%s)", path, base_path, "merged" if adapter == "merge" else "adapter")
+    return model
+
+
+def keep_4bit_trainable(model) -> None:
+    """Keep bitsandbytes' 4-bit layers on their trainable weight format.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight into an inference-only layout the first
+    time the layer runs in eval mode on an input that needs no gradient (an evaluation before training).
+    Its kernel there has no backward, so the gradients that flow through the frozen base to earlier LoRA
+    adapters are wrong afterwards (60-80% off). A model that is trained never takes that path: packed
+    weights are unpacked and the switch is turned off.
+    """
+    try:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # no bitsandbytes, no 4-bit layers
+        return
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            state = getattr(module.weight, "quant_state", None)
+            if state is not None and getattr(state, "packing_format_for_cpu", False):
+                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                    module.weight.data, state)
+
+
+@dataclass
+class Placement:
+    """Where and how a model is loaded to run (score, generate, judge, evaluate): one set of options.
+
+    device: ``auto`` (the first GPU when there is one, else the CPU) | ``cpu`` | ``cuda`` | ``cuda:N``;
+    dtype: ``auto`` (bfloat16 on a GPU that supports it, float16 on older GPUs, float32 on the CPU) or a
+    name in :data:`DTYPES`; load_in_4bit: bitsandbytes NF4 weights (computing in ``dtype``), placed with
+    ``device_map`` on the chosen device.
+    """
+
+    device: str = "auto"
+    dtype: str = "auto"
+    load_in_4bit: bool = False
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: no CUDA device is available here; use --device cpu")
+        return device
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            if self.dtype not in DTYPES:
+                raise ValueError(f"--dtype must be one of {('auto',) + tuple(DTYPES)}, got {self.dtype!r}")
+            return self.dtype
+        device = self.resolved_device()
+        if device.type != "cuda":
+            return "float32"
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+    def load(self, path: str, *, attn_implementation: str = "sdpa", trust_remote_code: bool = False):
+        """The model at ``path`` (a model or an adapter directory) in eval mode on this placement."""
+        device, dtype = self.resolved_device(), self.resolved_dtype()
+        if self.load_in_4bit:
+            device_map = {"": device.index or 0} if device.type == "cuda" else "cpu"
+            model = load_model(path, load_in_4bit=True, compute_dtype=dtype, attn_implementation=attn_implementation,
+                               trust_remote_code=trust_remote_code, device_map=device_map)
+        else:
+            model = load_model(path, torch_dtype=dtype, attn_implementation=attn_implementation,
+                               trust_remote_code=trust_remote_code).to(device)
+        return model.eval()
+
+
+PLACEMENT_DEVICES = ("auto", "cpu", "cuda")
+PLACEMENT_DTYPES = ("auto",) + tuple(DTYPES)
+
+
+def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "float32", trust_remote_code: bool = False) -> Path:
+    """Merge a LoRA adapter into its base model's weights and save the result whole (safetensors, config,
+    tokenizer) in ``out_dir``, loadable with ``from_pretrained`` and trainable from (``tuna train --model``).
+
+    The base is loaded in ``dtype`` (not 4-bit: a QLoRA adapter is merged into the unquantised base)."""
+    if adapter_base_path(adapter_dir) is None:
+        raise ValueError(f"{adapter_dir}: no adapter_config.json: not a LoRA adapter directory")
+    model = load_model(adapter_dir, torch_dtype=dtype, trust_remote_code=trust_remote_code, adapter="merge")
+    out = Path(out_dir)
+    model.save_pretrained(str(out), safe_serialization=True)
+    load_tokenizer(adapter_dir, trust_remote_code).save_pretrained(str(out))
+    return out
 
 
 def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules="all-linear",
@@ -154,12 +308,42 @@ def trainable_parameters(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def attention_implementation(model) -> str:
+    """The attention implementation a (possibly peft-wrapped) transformers model runs: sdpa, eager, ..."""
+    config = base_model(model).config
+    return getattr(config, "_attn_implementation", None) or "eager"
+
+
+def model_attention_mask(model, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The attention mask in the form ``model``'s attention implementation reads it.
+
+    A 2D padding mask goes as it is. The prefix-shared layout's 4D mask ([R, 1, L, L], True = may attend)
+    is what ``sdpa`` takes; ``eager`` *adds* a 4D mask to the attention scores, so it gets the additive
+    form (0 where allowed, the dtype's minimum elsewhere), in the model's dtype. ``flash_attention_2``
+    reads only [R, L] padding masks: it cannot express the layout, so it is refused.
+    """
+    if attention_mask.dim() != 4:
+        return attention_mask
+    implementation = attention_implementation(model)
+    if implementation.startswith("flash_attention"):
+        raise ValueError(f"attn_implementation={implementation!r} cannot take the prefix-shared layout's 4D mask "
+                         "(it reads [rows, length] padding masks only): use packing='per_candidate' with it, or "
+                         "attn_implementation='sdpa' with packing='shared'")
+    if implementation == "sdpa" or attention_mask.dtype != torch.bool:
+        return attention_mask
+    dtype = base_model(model).get_input_embeddings().weight.dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    additive = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    return additive.masked_fill_(~attention_mask, torch.finfo(dtype).min)
+
+
 class TargetHiddenStates(torch.nn.Module):
     """nn.Module around a causal LM whose forward returns the hidden states of target positions [N, D].
 
     Training calls this module (not the decoder directly) so that a DDP / FSDP wrapper around it sees
     the forward; the lm_head weight stays a parameter of the wrapped model and gets its gradient from the
-    fused loss.
+    fused loss. The attention mask is adapted to the model's attention implementation here, so every
+    caller (training, evaluation, scoring) runs the same attention.
     """
 
     def __init__(self, causal_lm) -> None:
@@ -167,7 +351,8 @@ class TargetHiddenStates(torch.nn.Module):
         self.causal_lm = causal_lm
 
     def forward(self, input_ids, attention_mask, position_ids, target_positions):
-        outputs = decoder_of(self.causal_lm)(input_ids=input_ids, attention_mask=attention_mask,
+        outputs = decoder_of(self.causal_lm)(input_ids=input_ids,
+                                             attention_mask=model_attention_mask(self.causal_lm, attention_mask),
                                              position_ids=position_ids, use_cache=False)
         hidden = outputs.last_hidden_state
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_positions)

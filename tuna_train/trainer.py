@@ -27,8 +27,8 @@ from .collate import pack, tokenize_group
 from .config import TrainConfig
 from .data import RankedExample, examples_from_records, load_ranked
 from .metrics import COUNT_KEYS, MetricsLog, ranking_counts, summarise
-from .model import (TargetHiddenStates, add_lora, build_tiny_llama, lm_head_spec, load_model, load_tokenizer,
-                    synthetic_tokenizer)
+from .model import (TargetHiddenStates, adapter_base_path, add_lora, build_tiny_llama, lm_head_spec, load_model,
+                    load_tokenizer, synthetic_tokenizer)
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,12 @@ def load_datasets(config: TrainConfig) -> Datasets:
 
 
 def build_model(config: TrainConfig):
-    """(model, tokenizer) as configured: a local model (4-bit, LoRA) or the tiny Llama of the default."""
+    """(model, tokenizer) as configured: a local model (4-bit, LoRA) or the tiny Llama of the default.
+
+    A ``config.model`` directory that holds a LoRA adapter (a Tuna_p trained with ``--lora``) is loaded on
+    its base: with ``lora`` and ``adapter="attach"`` training continues that adapter; with
+    ``adapter="merge"`` it is merged into the base first (and ``lora`` then trains a new adapter on top).
+    """
     if config.model is None:
         tokenizer = synthetic_tokenizer()
         model = build_tiny_llama(vocab_size=len(tokenizer), hidden_size=config.tiny_hidden_size,
@@ -77,10 +82,21 @@ def build_model(config: TrainConfig):
                                  intermediate_size=3 * config.tiny_hidden_size, seed=config.seed,
                                  attn_implementation=config.attn_implementation)
     else:
+        is_adapter = adapter_base_path(config.model) is not None
+        if is_adapter and not config.lora and config.adapter == "attach":
+            raise ValueError(f"{config.model} is a LoRA adapter: train it further with --lora (adapter 'attach'), "
+                             "or merge it into its base with --adapter merge (full fine-tuning of the merged model)")
         tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
         model = load_model(config.model, load_in_4bit=config.load_in_4bit, compute_dtype=config.bnb_compute_dtype,
                            double_quant=config.bnb_double_quant, torch_dtype=config.torch_dtype,
-                           attn_implementation=config.attn_implementation, trust_remote_code=config.trust_remote_code)
+                           attn_implementation=config.attn_implementation, trust_remote_code=config.trust_remote_code,
+                           adapter=config.adapter, trainable=True)
+        if is_adapter and config.adapter == "attach":  # the adapter is trained as it is: no second one
+            if config.gradient_checkpointing:
+                model.get_base_model().gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.enable_input_require_grads()
+            return model, tokenizer
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.lora:
@@ -192,11 +208,11 @@ class Trainer:
         mine = examples[self.rank::self.world_size]
         for start in range(0, len(mine), self.config.batch_groups):
             batch = self.make_batch(mine[start:start + self.config.batch_groups])
-            with self.accelerator.autocast():
+            with self.accelerator.autocast():  # the dtype path of training: the fused pass follows autocast
                 hidden = self.wrapped(batch.input_ids, batch.attention_mask, batch.position_ids, batch.target_positions)
-            sums, counts = lm_head_spec(self.model).sequence_logprobs(
-                hidden, batch.labels, batch.layout.seq_index, batch.layout.num_seqs,
-                impl=self.config.impl, autotune=self.config.kernel_autotune or None)
+                sums, counts = lm_head_spec(self.model).sequence_logprobs(
+                    hidden, batch.labels, batch.layout.seq_index, batch.layout.num_seqs,
+                    impl=self.config.impl, autotune=self.config.kernel_autotune or None)
             scores = batch.layout.to_matrix(sums / counts.to(sums.dtype) ** self.config.alpha)
             for key, value in ranking_counts(scores, batch.layout.valid(), batch.layout.target_scores,
                                              sums, counts).items():

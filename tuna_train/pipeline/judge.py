@@ -12,6 +12,7 @@ import re
 from typing import Dict, List, Optional, Sequence
 
 from ..templates import alpaca_prompt
+from ..model import Placement, load_tokenizer
 from .http import JsonClient
 
 SYSTEM_PROMPT = ("You are an experienced data annotator. You judge responses to instructions carefully, "
@@ -89,11 +90,9 @@ class ChatJudge:
 class LocalJudge:
     """A local causal LM as judge (greedy decoding of the same prompt)."""
 
-    def __init__(self, path: str, max_new_tokens: int = 512) -> None:
-        from ..model import load_model, load_tokenizer
-
+    def __init__(self, path: str, max_new_tokens: int = 512, placement: Optional[Placement] = None) -> None:
         self.tokenizer = load_tokenizer(path)
-        self.model = load_model(path).eval()
+        self.model = (placement or Placement()).load(path)
         self.max_new_tokens = max_new_tokens
         self.name = f"local:{path}"
 
@@ -107,7 +106,7 @@ class LocalJudge:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
             text = "\n\n".join(m["content"] for m in messages)
-        ids = self.tokenizer(text, return_tensors="pt")
+        ids = self.tokenizer(text, return_tensors="pt").to(self.model.device)
         with torch.no_grad():
             out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False,
                                       pad_token_id=self.tokenizer.pad_token_id)
@@ -135,13 +134,13 @@ class RuleJudge:
 
 
 def make_judge(spec: str, base_url: Optional[str] = None, api_key_env: str = "OPENAI_API_KEY",
-               timeout: float = 60.0, max_retries: int = 5):
-    """``openai:MODEL`` | ``local:PATH`` | ``rule``."""
+               timeout: float = 60.0, max_retries: int = 5, placement: Optional[Placement] = None):
+    """``openai:MODEL`` | ``local:PATH`` (loaded with ``placement``) | ``rule``."""
     if spec == "rule":
         return RuleJudge()
     if spec.startswith("openai:"):
         client = JsonClient(base_url or "https://api.openai.com/v1", api_key_env, timeout, max_retries)
         return ChatJudge(spec.split(":", 1)[1], client)
     if spec.startswith("local:"):
-        return LocalJudge(spec.split(":", 1)[1])
+        return LocalJudge(spec.split(":", 1)[1], placement=placement)
     raise ValueError(f"--judge must be openai:MODEL, local:PATH or rule, got {spec!r}")
