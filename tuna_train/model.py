@@ -263,7 +263,8 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     if isinstance(target_modules, str) and target_modules != "all-linear":
         target_modules = [name.strip() for name in target_modules.split(",") if name.strip()]
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
