@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from .sharding import SHARDINGS
+
 
 @dataclass
 class TrainConfig:
@@ -75,6 +77,8 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     seed: int = 42
     cpu: bool = False  # force CPU even when a GPU is present
+    sharding: str = "none"  # none (one process, or DDP) | fsdp (FSDP2 full shard) | deepspeed_zero3 (accelerate launch)
+    fsdp_cpu_offload: bool = False  # fsdp: keep shards and their gradients in CPU memory between uses (GPU runs)
 
     # run
     output_dir: str = "runs/tuna"
@@ -97,6 +101,7 @@ class TrainConfig:
             "loss": ("tuna_margin", "listmle", "rrhf", "pairwise_logistic"), "mle_on": ("all", "best"),
             "impl": ("auto", "triton", "chunked"), "optimizer": ("adamw", "paged_adamw_8bit"),
             "lr_schedule": ("cosine", "linear", "constant"), "mixed_precision": ("no", "bf16", "fp16"),
+            "sharding": SHARDINGS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

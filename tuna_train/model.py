@@ -357,3 +357,35 @@ class TargetHiddenStates(torch.nn.Module):
                                              position_ids=position_ids, use_cache=False)
         hidden = outputs.last_hidden_state
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_positions)
+
+
+class FusedCausalLM(torch.nn.Module):
+    """A causal LM and the fused lm_head pass in one ``forward``: the module training, evaluation and scoring
+    call, and the one a DDP / FSDP / ZeRO-3 wrapper wraps.
+
+    Reading the lm_head weight inside this forward is what sharding needs: FSDP gathers the root module's
+    parameters (the lm_head among them) for the forward, keeps what the fused backward saved, and
+    reduce-scatters the lm_head's gradient like any other; outside a wrapped forward each rank would see
+    only its shard of the vocabulary. No [N, V] logits are built.
+
+    ``forward(batch)`` takes a :class:`tuna_train.collate.PackedBatch` and returns ``(loss, metrics)`` of
+    ``loss_fn`` (a :class:`tuna_kernels.TunaLoss`); ``forward(batch, scores_only=True)`` returns the
+    per-sequence ``(sums [S], counts [S])`` of the target log-probabilities (evaluation, scoring).
+    """
+
+    def __init__(self, causal_lm, loss_fn=None, **logprob_options) -> None:
+        super().__init__()
+        self.causal_lm = causal_lm
+        self.loss_fn = loss_fn
+        self.logprob_options = logprob_options
+
+    def forward(self, batch, scores_only: bool = False):
+        hidden = target_hidden_states(self.causal_lm, batch)
+        head = lm_head_spec(self.causal_lm).cast(hidden.dtype)
+        if scores_only:
+            return head.sequence_logprobs(hidden, batch.labels, batch.layout.seq_index, batch.layout.num_seqs,
+                                          **self.logprob_options)
+        if self.loss_fn is None:
+            raise ValueError("FusedCausalLM was built without a loss_fn: only scores_only=True is available")
+        return self.loss_fn(hidden, head.weight, batch.labels, batch.layout, bias=head.bias,
+                            logit_scale=head.logit_scale, softcap=head.softcap)

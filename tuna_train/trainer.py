@@ -27,8 +27,10 @@ from .collate import pack, tokenize_group
 from .config import TrainConfig
 from .data import RankedExample, examples_from_records, load_ranked
 from .metrics import COUNT_KEYS, MetricsLog, ranking_counts, summarise
-from .model import (TargetHiddenStates, adapter_base_path, add_lora, build_tiny_llama, lm_head_spec, load_model,
-                    load_tokenizer, synthetic_tokenizer)
+from .model import (FusedCausalLM, adapter_base_path, add_lora, build_tiny_llama, load_model, load_tokenizer,
+                    synthetic_tokenizer)
+from .sharding import (check_launch, check_sharding, clip_grad_norm, gathered_state, local_fraction, register_for_zero3,
+                       shard_fsdp)
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +143,10 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.config = config.validate()
+        check_sharding(config)
         self.accelerator = Accelerator(cpu=config.cpu or not torch.cuda.is_available(),
                                        mixed_precision=config.mixed_precision)
+        check_launch(config, self.accelerator.distributed_type.value)
         set_seed(config.seed)
         self.output_dir = Path(config.output_dir)
         self.is_main = self.accelerator.is_main_process
@@ -155,7 +159,18 @@ class Trainer:
         self.data = load_datasets(config)
         self.model, self.tokenizer = build_model(config)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.loss_fn = TunaLoss(loss=config.loss, margin=config.margin, alpha=config.alpha,
+                                mle_weight=config.mle_weight, mle_on=config.mle_on, skip_ties=config.skip_ties,
+                                beta=config.beta, gamma=config.gamma, impl=config.impl,
+                                autotune=config.kernel_autotune or None)
+        # the causal LM and the fused loss in one module: the one DDP / FSDP / ZeRO-3 wraps
+        fused = FusedCausalLM(self.model, self.loss_fn, impl=config.impl, autotune=config.kernel_autotune or None)
+        self.sharded = config.sharding == "fsdp"
+        if self.sharded:  # shard first: the optimizer holds the shards
+            fused = shard_fsdp(fused, config.fsdp_cpu_offload)
+        elif config.sharding == "deepspeed_zero3":
+            register_for_zero3(fused)
+        params = [p for p in fused.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(config, params)
         self.global_groups = config.batch_groups * config.grad_accum * self.world_size
         self.steps_per_epoch = len(self.data.train) // self.global_groups
@@ -165,11 +180,10 @@ class Trainer:
         self.total_steps = config.max_steps if config.max_steps > 0 else max(
             1, math.ceil(config.num_epochs * self.steps_per_epoch))
         self.scheduler = build_scheduler(config, self.optimizer, self.total_steps)
-        self.wrapped, self.optimizer = self.accelerator.prepare(TargetHiddenStates(self.model), self.optimizer)
-        self.loss_fn = TunaLoss(loss=config.loss, margin=config.margin, alpha=config.alpha,
-                                mle_weight=config.mle_weight, mle_on=config.mle_on, skip_ties=config.skip_ties,
-                                beta=config.beta, gamma=config.gamma, impl=config.impl,
-                                autotune=config.kernel_autotune or None)
+        if self.sharded:
+            self.wrapped = fused
+        else:
+            self.wrapped, self.optimizer = self.accelerator.prepare(fused, self.optimizer)
         self.log = MetricsLog(self.output_dir, config.tensorboard, enabled=self.is_main)
         self.stop_requested = False
 
@@ -192,11 +206,7 @@ class Trainer:
     # --------------------------------------------------------------- forward
     def forward(self, batch, model=None):
         """Loss and metrics of a batch; no [N, V] logits anywhere."""
-        hidden = (model or self.wrapped)(batch.input_ids, batch.attention_mask, batch.position_ids,
-                                         batch.target_positions)
-        head = lm_head_spec(self.model).cast(hidden.dtype)
-        return self.loss_fn(hidden, head.weight, batch.labels, batch.layout, bias=head.bias,
-                            logit_scale=head.logit_scale, softcap=head.softcap)
+        return (model or self.wrapped)(batch)
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
@@ -205,19 +215,17 @@ class Trainer:
         totals = dict.fromkeys(COUNT_KEYS, 0.0)
         was_training = self.wrapped.training
         self.wrapped.eval()
-        mine = examples[self.rank::self.world_size]
+        # FSDP's forward is collective: every process must run as many batches, so each scores all examples
+        mine = examples if self.sharded else examples[self.rank::self.world_size]
         for start in range(0, len(mine), self.config.batch_groups):
             batch = self.make_batch(mine[start:start + self.config.batch_groups])
             with self.accelerator.autocast():  # the dtype path of training: the fused pass follows autocast
-                hidden = self.wrapped(batch.input_ids, batch.attention_mask, batch.position_ids, batch.target_positions)
-                sums, counts = lm_head_spec(self.model).sequence_logprobs(
-                    hidden, batch.labels, batch.layout.seq_index, batch.layout.num_seqs,
-                    impl=self.config.impl, autotune=self.config.kernel_autotune or None)
+                sums, counts = self.wrapped(batch, scores_only=True)
             scores = batch.layout.to_matrix(sums / counts.to(sums.dtype) ** self.config.alpha)
             for key, value in ranking_counts(scores, batch.layout.valid(), batch.layout.target_scores,
                                              sums, counts).items():
                 totals[key] += value
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.sharded:
             vector = torch.tensor([totals[k] for k in COUNT_KEYS], dtype=torch.float64, device=self.accelerator.device)
             vector = self.accelerator.reduce(vector, reduction="sum")
             totals = dict(zip(COUNT_KEYS, vector.tolist()))
@@ -303,7 +311,8 @@ class Trainer:
         interrupted = final_step < self.total_steps
         summary = {"status": "interrupted" if interrupted else "finished", "steps": final_step,
                    "total_steps": self.total_steps, "train_seconds": time.perf_counter() - started,
-                   "world_size": self.world_size, "train_groups": len(self.data.train),
+                   "world_size": self.world_size, "sharding": config.sharding,
+                   "local_param_fraction": local_fraction(self.wrapped), "train_groups": len(self.data.train),
                    "eval_groups": min(len(self.data.eval), config.eval_groups), "skipped_records": self.data.skipped}
         if not interrupted:
             final_eval = self._eval_and_track(final_step, state) if self.data.eval else None
@@ -335,7 +344,10 @@ class Trainer:
         skip = False
         for micro in range(accum):
             batch = self.make_batch(self.groups_for(step, micro))
-            sync = contextlib.nullcontext() if micro == accum - 1 else self.accelerator.no_sync(self.wrapped)
+            if self.sharded:  # reduce-scatter the gradients once, after the last micro-batch
+                self.wrapped.set_requires_gradient_sync(micro == accum - 1)
+            sync = contextlib.nullcontext() if micro == accum - 1 or self.sharded else \
+                self.accelerator.no_sync(self.wrapped)
             with sync:
                 with self.accelerator.autocast():
                     loss, metrics = self.forward(batch)
@@ -367,7 +379,8 @@ class Trainer:
             logger.warning("step %d: non-finite loss, step skipped (%d so far)", step + 1, state["skipped_nonfinite"])
         else:
             if config.max_grad_norm > 0:
-                grad_norm = float(self.accelerator.clip_grad_norm_(self.wrapped.parameters(), config.max_grad_norm))
+                grad_norm = clip_grad_norm(self.wrapped.parameters(), config.max_grad_norm) if self.sharded else \
+                    float(self.accelerator.clip_grad_norm_(self.wrapped.parameters(), config.max_grad_norm))
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -375,9 +388,16 @@ class Trainer:
                     skipped_nonfinite=state["skipped_nonfinite"])
 
     def _save_final_model(self) -> None:
+        """The model (or adapter) whole in ``final/``, loadable with ``from_pretrained``; a sharded model is
+        gathered first (every process takes part, the main process writes)."""
+        state = None
+        if self.sharded:
+            prefix = "causal_lm."
+            state = {name[len(prefix):]: tensor for name, tensor in
+                     gathered_state(self.wrapped, trainable_only=False).items()}
         if not self.is_main:
             return
         final = self.output_dir / "final"
         unwrapped = self.accelerator.unwrap_model(self.wrapped).causal_lm
-        unwrapped.save_pretrained(str(final), safe_serialization=True)
+        unwrapped.save_pretrained(str(final), safe_serialization=True, state_dict=state)
         self.tokenizer.save_pretrained(str(final))

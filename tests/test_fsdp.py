@@ -1,0 +1,54 @@
+"""Sharded training with FSDP2 on CPU processes (gloo): two processes follow the one-process trajectory and
+end at the same weights, each holding about half of the parameters."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+RUN = dict(synthetic_examples=200, batch_groups=4, tiny_hidden_size=32, eval_groups=8, progress=False,
+           tensorboard=False, eval_every=0, log_every=1, max_steps=4, save_every=100, warmup_steps=0,
+           learning_rate=1e-3, lr_schedule="constant")
+
+
+def flags(**values):
+    return [arg for key, value in values.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def train_losses(output_dir):
+    rows = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if r["split"] == "train"]
+
+
+def run_two_processes(output_dir, **overrides):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "tuna_train.cli", "train",
+                           *flags(**dict(RUN, output_dir=str(output_dir), **overrides))],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads((Path(output_dir) / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one_process(tmp_path):
+    one = tmp_path / "one"
+    done = subprocess.run([sys.executable, "-m", "tuna_train.cli", "train",
+                           *flags(**dict(RUN, output_dir=str(one), grad_accum=2))], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = run_two_processes(tmp_path / "fsdp", grad_accum=1, sharding="fsdp")
+    assert summary["world_size"] == 2 and summary["sharding"] == "fsdp"
+    assert summary["local_param_fraction"] == pytest.approx(0.5, abs=0.05)  # each rank holds about half
+
+    for (step_a, loss_a), (step_b, loss_b) in zip(train_losses(one), train_losses(tmp_path / "fsdp"), strict=True):
+        assert step_a == step_b and loss_b == pytest.approx(loss_a, rel=1e-5), step_a
+    single, sharded = load_file(str(one / "final" / "model.safetensors")), \
+        load_file(str(tmp_path / "fsdp" / "final" / "model.safetensors"))
+    assert single.keys() == sharded.keys()
+    for name, expected in single.items():
+        assert torch.allclose(sharded[name], expected, rtol=1e-5, atol=1e-6), name
+    initial = json.loads((one / "summary.json").read_text())["initial_eval"]
+    assert summary["initial_eval"] == pytest.approx(initial, rel=1e-5)
