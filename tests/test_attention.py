@@ -8,7 +8,8 @@ import torch
 from tuna_train.collate import pack, tokenize_group
 from tuna_train.config import load_config
 from tuna_train.data import examples_from_records
-from tuna_train.model import TargetHiddenStates, build_tiny_llama, lm_head_spec, model_attention_mask, synthetic_tokenizer
+from tuna_hf.model import TargetHiddenStates, lm_head_spec, model_attention_mask
+from tuna_train.model import build_tiny_llama, synthetic_tokenizer
 from tuna_train.synthetic import make_records
 
 CPU_IMPLEMENTATIONS = ("sdpa", "eager")

@@ -8,7 +8,8 @@ from conftest import rel_err
 from tuna_kernels import TunaLoss, sequence_logprobs
 from tuna_train.collate import pack, tokenize_group
 from tuna_train.data import RankedExample, examples_from_records
-from tuna_train.model import build_tiny_llama, lm_head_spec, synthetic_tokenizer, target_hidden_states
+from tuna_hf.model import lm_head_spec, target_hidden_states
+from tuna_train.model import build_tiny_llama, synthetic_tokenizer
 from tuna_train.synthetic import make_records
 
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from tuna_kernels import TunaLoss
+from tuna_hf.model import TargetHiddenStates, lm_head_spec
 from tuna_train.collate import pack, tokenize_group
 from tuna_train.config import load_config
 from tuna_train.data import examples_from_records
-from tuna_train.model import TargetHiddenStates, add_lora, lm_head_spec, load_model, synthetic_tokenizer
+from tuna_train.model import add_lora, load_model
 from tuna_train.synthetic import make_records
 from tuna_train.trainer import build_model
 

@@ -110,7 +110,7 @@ def test_qlora_trains_saves_and_reloads(tmp_path):
     batch = trainer.make_batch(trainer.data.eval[:4])
     with torch.no_grad():
         trained_loss, _ = trainer.forward(batch, model=trainer.wrapped.eval())
-        from tuna_train.model import TargetHiddenStates, lm_head_spec
+        from tuna_hf.model import TargetHiddenStates, lm_head_spec
 
         hidden = TargetHiddenStates(reloaded.eval())(batch.input_ids, batch.attention_mask, batch.position_ids,
                                                      batch.target_positions)
@@ -159,7 +159,8 @@ def test_non_finite_loss_stops_cleanly_or_is_skipped(tmp_path, monkeypatch):
 
 
 def test_training_never_materialises_logits(tmp_path):
-    from tuna_train.model import FusedCausalLM, build_tiny_llama
+    from tuna_hf.model import FusedCausalLM
+    from tuna_train.model import build_tiny_llama
 
     vocab_size = 8192  # larger than the chunked path's vocabulary chunk, so a logits tensor would stand out
     trainer = Trainer(small_config(tmp_path, max_steps=1, save_every=100))

@@ -22,6 +22,8 @@ from typing import Dict, List
 
 import torch
 
+from tuna_hf.model import base_model, lm_head_spec
+
 SHARDINGS = ("none", "fsdp", "deepspeed_zero3")
 
 
@@ -61,8 +63,6 @@ def check_launch(config, distributed_type: str) -> None:
 
 def transformer_blocks(model) -> List[torch.nn.Module]:
     """The repeated blocks of a transformers model (its ``_no_split_modules`` classes, e.g. LlamaDecoderLayer)."""
-    from .model import base_model
-
     names = set(getattr(base_model(model), "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:
@@ -89,8 +89,6 @@ def register_for_zero3(module: torch.nn.Module) -> None:
     """ZeRO-3 gathers a parameter for the forward of the module that owns it; the fused loss reads the lm_head
     weight in the root's forward instead, so it is registered there as an external parameter."""
     import deepspeed
-
-    from .model import lm_head_spec
 
     head = lm_head_spec(module.causal_lm)
     deepspeed.zero.register_external_parameter(module, head.weight)

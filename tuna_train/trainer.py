@@ -27,7 +27,9 @@ from .collate import pack, tokenize_group
 from .config import TrainConfig
 from .data import RankedExample, examples_from_records, load_ranked
 from .metrics import COUNT_KEYS, MetricsLog, ranking_counts, summarise
-from .model import (FusedCausalLM, adapter_base_path, add_lora, build_tiny_llama, load_model, load_tokenizer,
+from tuna_hf.model import FusedCausalLM
+
+from .model import (adapter_base_path, add_lora, build_tiny_llama, load_model, load_tokenizer,
                     synthetic_tokenizer)
 from .sharding import (check_launch, check_sharding, clip_grad_norm, gathered_state, local_fraction, register_for_zero3,
                        shard_fsdp)

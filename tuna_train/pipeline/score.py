@@ -17,7 +17,7 @@ import torch
 
 from ..collate import pack, tokenize_group
 from ..data import RankedExample
-from ..model import TargetHiddenStates, lm_head_spec
+from tuna_hf.model import TargetHiddenStates, lm_head_spec
 from .http import JsonClient
 
 

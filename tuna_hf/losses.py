@@ -1,0 +1,129 @@
+"""One call from a Hugging Face causal LM to a fused loss, without logits.
+
+- :func:`tuna_loss`: the Tuna ranking loss (+ MLE) of ranked candidate responses, one row per candidate (or
+  several candidates per row, named by ``candidate_ids``), from ``input_ids`` / ``attention_mask`` / ``labels``
+  (-100 = ignored) as a Hugging Face training loop has them; the label shift is done here.
+- :func:`causal_lm_loss`: the standard causal-LM (SFT) loss, mean token cross-entropy with -100 ignored,
+  exactly as ``model(..., labels=labels).loss`` computes it, without the [tokens x vocab] logits.
+- :func:`apply_fused_causal_lm_loss`: one line that makes ``model(..., labels=labels)`` return that loss (and
+  no logits); without labels the model runs as before (generation).
+
+All run the model body, keep the hidden states of positions that have a target, and hand them with the
+lm_head spec (weight, bias, logit scale, softcap; tied, peft-wrapped and 4-bit models alike) to
+:mod:`tuna_kernels`, which follows autocast like ``nn.Linear`` and accumulates in fp32.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+from tuna_kernels import GroupLayout, TunaLoss, token_logprobs
+
+from .model import base_model, decoder_of, lm_head_spec, model_attention_mask
+
+IGNORE_INDEX = -100
+
+
+def shifted_targets(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], labels: torch.Tensor,
+                    position_ids: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the body of ``model``; return ``(hidden [N, D], targets [N], flat_positions [N])`` of the N positions
+    that predict a label (position t predicts ``labels[:, t + 1]``; -100 labels are dropped)."""
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels must be [B, T] like input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+    mask = None if attention_mask is None else model_attention_mask(model, attention_mask)
+    outputs = decoder_of(model)(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+    hidden = outputs.last_hidden_state[:, :-1]
+    next_labels = labels[:, 1:]
+    positions = (next_labels != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    return flat_hidden, next_labels.reshape(-1).index_select(0, positions), positions
+
+
+def tuna_loss(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], labels: torch.Tensor, *,
+              group_sizes: Optional[Sequence[int]] = None, candidate_ids: Optional[torch.Tensor] = None,
+              target_scores: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+              loss_fn: Optional[TunaLoss] = None, **loss_options) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The fused Tuna loss of ranked candidates: ``(loss, metrics)``, no logits.
+
+    Args:
+        model: a causal LM (transformers, peft-wrapped, 4-bit, tied, with softcap or logit scale).
+        input_ids, attention_mask, labels: [B, T] as for ``model(..., labels=labels)``: labels are the input ids
+            with -100 on prompt and padding positions (the shift is done here).
+        group_sizes: candidates are numbered group after group, best first; group g has ``group_sizes[g]``
+            of them. Default: one group holding every candidate.
+        candidate_ids: [B, T] int, the candidate each label belongs to (several candidates in one row, each
+            with its own prompt and a mask that separates them). Default: row b is candidate b.
+        target_scores: [G, K] the ranking's own scores (for ``skip_ties``), optional.
+        position_ids: [B, T], for rows that hold several sequences.
+        loss_fn: a :class:`tuna_kernels.TunaLoss`; or ``**loss_options`` to build one (``loss``, ``margin``,
+            ``alpha``, ``mle_weight``, ``impl``, ...).
+
+    Returns:
+        ``(loss, metrics)`` of :class:`tuna_kernels.TunaLoss` (``rank_loss``, ``mle_loss``, ``pair_accuracy``...).
+    """
+    if loss_fn is None:
+        loss_fn = TunaLoss(**loss_options)
+    elif loss_options:
+        raise ValueError("pass either loss_fn or loss options, not both")
+    hidden, targets, positions = shifted_targets(model, input_ids, attention_mask, labels, position_ids)
+    if candidate_ids is None:
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand(-1, input_ids.shape[1] - 1)
+        seq_index = rows.reshape(-1).index_select(0, positions)
+        num_seqs = input_ids.shape[0]
+    else:
+        if candidate_ids.shape != input_ids.shape:
+            raise ValueError(f"candidate_ids must be [B, T] like input_ids, got {tuple(candidate_ids.shape)}")
+        seq_index = candidate_ids[:, 1:].reshape(-1).index_select(0, positions).long()
+        num_seqs = int(seq_index.max()) + 1 if seq_index.numel() else 0
+    sizes = [num_seqs] if group_sizes is None else list(group_sizes)
+    if sum(sizes) != num_seqs:
+        raise ValueError(f"group_sizes {sizes} add up to {sum(sizes)}, but the batch has {num_seqs} candidates")
+    layout = GroupLayout.from_group_sizes(seq_index, sizes, target_scores=target_scores)
+    head = lm_head_spec(model).cast(hidden.dtype)
+    return loss_fn(hidden, head.weight, targets, layout, bias=head.bias, logit_scale=head.logit_scale,
+                   softcap=head.softcap)
+
+
+def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], labels: torch.Tensor, *,
+                   position_ids: Optional[torch.Tensor] = None, num_items_in_batch=None,
+                   **logprob_options) -> torch.Tensor:
+    """Mean token cross-entropy of ``labels`` (-100 ignored, shifted here), as ``model(..., labels=labels).loss``,
+    computed by the fused kernels: the largest tensor is a chunk, never the [tokens x vocab] logits.
+
+    ``num_items_in_batch`` (as transformers' Trainer passes it under gradient accumulation) replaces the count
+    of this batch's targets in the mean.
+    """
+    hidden, targets, _ = shifted_targets(model, input_ids, attention_mask, labels, position_ids)
+    head = lm_head_spec(model).cast(hidden.dtype)
+    token_lp = token_logprobs(hidden, head.weight, targets, bias=head.bias, logit_scale=head.logit_scale,
+                              softcap=head.softcap, **logprob_options)
+    count = targets.numel() if num_items_in_batch is None else num_items_in_batch
+    if torch.is_tensor(count):
+        count = count.to(token_lp.device)
+    return -token_lp.sum() / count
+
+
+def apply_fused_causal_lm_loss(model, **logprob_options):
+    """Make ``model(..., labels=labels)`` compute its loss with :func:`causal_lm_loss` and return no logits.
+
+    Without ``labels`` the model's own forward runs (generation, evaluation with logits). Works on the model
+    under a peft wrapper. Returns ``model``.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    inner = base_model(model)
+    original = inner.forward
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, **kwargs):
+        if labels is None or input_ids is None:
+            return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            labels=labels, **kwargs)
+        loss = causal_lm_loss(self, input_ids, attention_mask, labels, position_ids=position_ids,
+                              num_items_in_batch=kwargs.get("num_items_in_batch"), **logprob_options)
+        return CausalLMOutputWithPast(loss=loss, logits=None)
+
+    inner.forward = types.MethodType(forward, inner)
+    return model

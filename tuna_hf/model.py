@@ -1,0 +1,156 @@
+"""What the fused loss needs of a Hugging Face causal LM, for any model (plain, tied, peft-wrapped, 4-bit,
+with softcap or logit scale): its body, its lm_head as a spec, and the two modules that run them.
+
+- :func:`lm_head_spec` -> :class:`LmHead`: the lm_head weight [V, D] (tied or not), bias, logit scale, softcap;
+- :func:`decoder_of` / :func:`base_model`: the decoder stack under any wrapper;
+- :func:`model_attention_mask`: a prefix-shared 4D mask in the form the model's attention reads;
+- :class:`TargetHiddenStates`: the body's hidden states of target positions only ([N, D]);
+- :class:`FusedCausalLM`: body + fused head pass (+ loss) in one ``forward``, the module to wrap with DDP/FSDP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from tuna_kernels import sequence_logprobs
+
+
+@dataclass
+class LmHead:
+    """What the fused loss needs of the lm_head: weight [V, D], bias [V] or None, scale and softcap."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    logit_scale: float
+    softcap: Optional[float]
+
+    def cast(self, dtype: torch.dtype) -> "LmHead":
+        """The same head with weight and bias in ``dtype`` (the fused kernels take the hidden states' dtype)."""
+        return dataclasses.replace(self, weight=self.weight.to(dtype),
+                                   bias=None if self.bias is None else self.bias.to(dtype))
+
+    def sequence_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, seq_index: torch.Tensor, num_seqs: int,
+                          **options):
+        """:func:`tuna_kernels.sequence_logprobs` of ``hidden`` [N, D] under this head: (sums [S], counts [S])."""
+        head = self.cast(hidden.dtype)
+        return sequence_logprobs(hidden, head.weight, labels, seq_index, num_seqs, bias=head.bias,
+                                 logit_scale=head.logit_scale, softcap=head.softcap, **options)
+
+
+def base_model(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_of(model):
+    """The decoder stack (e.g. LlamaModel) that returns the last hidden states."""
+    base = base_model(model)
+    if hasattr(base, "get_decoder"):
+        decoder = base.get_decoder()
+        if decoder is not None:
+            return decoder
+    return getattr(base, base.base_model_prefix)
+
+
+def lm_head_spec(model) -> LmHead:
+    """The lm_head weight [V, D] (tied or not), its bias, and any final logit scale or softcap."""
+    base = base_model(model)
+    head = base.get_output_embeddings()
+    config = base.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    return LmHead(weight=head.weight, bias=getattr(head, "bias", None),
+                  logit_scale=float(getattr(text_config, "logit_scale", None) or 1.0),
+                  softcap=float(softcap) if softcap else None)
+
+
+def target_hidden_states(model, batch) -> torch.Tensor:
+    """Run the model body on a PackedBatch; return the hidden states [N, D] of its target positions."""
+    return TargetHiddenStates(model)(batch.input_ids, batch.attention_mask, batch.position_ids,
+                                     batch.target_positions)
+
+
+def attention_implementation(model) -> str:
+    """The attention implementation a (possibly peft-wrapped) transformers model runs: sdpa, eager, ..."""
+    config = base_model(model).config
+    return getattr(config, "_attn_implementation", None) or "eager"
+
+
+def model_attention_mask(model, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The attention mask in the form ``model``'s attention implementation reads it.
+
+    A 2D padding mask goes as it is. The prefix-shared layout's 4D mask ([R, 1, L, L], True = may attend)
+    is what ``sdpa`` takes; ``eager`` *adds* a 4D mask to the attention scores, so it gets the additive
+    form (0 where allowed, the dtype's minimum elsewhere), in the model's dtype. ``flash_attention_2``
+    reads only [R, L] padding masks: it cannot express the layout, so it is refused.
+    """
+    if attention_mask.dim() != 4:
+        return attention_mask
+    implementation = attention_implementation(model)
+    if implementation.startswith("flash_attention"):
+        raise ValueError(f"attn_implementation={implementation!r} cannot take the prefix-shared layout's 4D mask "
+                         "(it reads [rows, length] padding masks only): use packing='per_candidate' with it, or "
+                         "attn_implementation='sdpa' with packing='shared'")
+    if implementation == "sdpa" or attention_mask.dtype != torch.bool:
+        return attention_mask
+    dtype = base_model(model).get_input_embeddings().weight.dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    additive = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    return additive.masked_fill_(~attention_mask, torch.finfo(dtype).min)
+
+
+class TargetHiddenStates(torch.nn.Module):
+    """nn.Module around a causal LM whose forward returns the hidden states of target positions [N, D].
+
+    Training calls this module (not the decoder directly) so that a DDP / FSDP wrapper around it sees
+    the forward; the lm_head weight stays a parameter of the wrapped model and gets its gradient from the
+    fused loss. The attention mask is adapted to the model's attention implementation here, so every
+    caller (training, evaluation, scoring) runs the same attention.
+    """
+
+    def __init__(self, causal_lm) -> None:
+        super().__init__()
+        self.causal_lm = causal_lm
+
+    def forward(self, input_ids, attention_mask, position_ids, target_positions):
+        outputs = decoder_of(self.causal_lm)(input_ids=input_ids,
+                                             attention_mask=model_attention_mask(self.causal_lm, attention_mask),
+                                             position_ids=position_ids, use_cache=False)
+        hidden = outputs.last_hidden_state
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_positions)
+
+
+class FusedCausalLM(torch.nn.Module):
+    """A causal LM and the fused lm_head pass in one ``forward``: the module training, evaluation and scoring
+    call, and the one a DDP / FSDP / ZeRO-3 wrapper wraps.
+
+    Reading the lm_head weight inside this forward is what sharding needs: FSDP gathers the root module's
+    parameters (the lm_head among them) for the forward, keeps what the fused backward saved, and
+    reduce-scatters the lm_head's gradient like any other; outside a wrapped forward each rank would see
+    only its shard of the vocabulary. No [N, V] logits are built.
+
+    ``forward(batch)`` takes a :class:`tuna_train.collate.PackedBatch` and returns ``(loss, metrics)`` of
+    ``loss_fn`` (a :class:`tuna_kernels.TunaLoss`); ``forward(batch, scores_only=True)`` returns the
+    per-sequence ``(sums [S], counts [S])`` of the target log-probabilities (evaluation, scoring).
+    """
+
+    def __init__(self, causal_lm, loss_fn=None, **logprob_options) -> None:
+        super().__init__()
+        self.causal_lm = causal_lm
+        self.loss_fn = loss_fn
+        self.logprob_options = logprob_options
+
+    def forward(self, batch, scores_only: bool = False):
+        hidden = target_hidden_states(self.causal_lm, batch)
+        head = lm_head_spec(self.causal_lm).cast(hidden.dtype)
+        if scores_only:
+            return head.sequence_logprobs(hidden, batch.labels, batch.layout.seq_index, batch.layout.num_seqs,
+                                          **self.logprob_options)
+        if self.loss_fn is None:
+            raise ValueError("FusedCausalLM was built without a loss_fn: only scores_only=True is available")
+        return self.loss_fn(hidden, head.weight, batch.labels, batch.layout, bias=head.bias,
+                            logit_scale=head.logit_scale, softcap=head.softcap)
