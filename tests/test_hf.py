@@ -4,7 +4,7 @@ naive references computed from the model's own logits (float32, 1e-5)."""
 import pytest
 import torch
 
-from tuna_hf import apply_fused_causal_lm_loss, causal_lm_loss, tuna_loss
+from tuna_hf import apply_fused_losses, causal_lm_loss, tuna_loss
 from tuna_kernels import AllocationTracker
 from tuna_train.model import add_lora, build_tiny_llama, load_model
 
@@ -92,7 +92,7 @@ def test_fused_sft_loss_equals_the_model_loss_and_builds_no_logits():
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     assert max(rel_err(g, e) for g, e in zip(torch.autograd.grad(loss, params), expected_grads)) <= 1e-5
 
-    apply_fused_causal_lm_loss(model)  # the one line
+    apply_fused_losses(model)  # the one line
     outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     assert outputs.logits is None and float(outputs.loss) == pytest.approx(float(expected), rel=1e-5)
     assert model(input_ids=input_ids).logits.shape[-1] == 8192  # without labels: the model's own forward
@@ -100,7 +100,7 @@ def test_fused_sft_loss_equals_the_model_loss_and_builds_no_logits():
 
 def test_fused_sft_loss_never_holds_an_eighth_of_the_logits():
     vocab_size, rows, width = 32000, 16, 128
-    model = apply_fused_causal_lm_loss(build_tiny_llama(vocab_size=vocab_size, hidden_size=16, seed=4))
+    model = apply_fused_losses(build_tiny_llama(vocab_size=vocab_size, hidden_size=16, seed=4))
     input_ids = torch.randint(3, vocab_size, (rows, width), generator=torch.Generator().manual_seed(0))
     with AllocationTracker() as tracker:
         model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids).loss.backward()

@@ -5,8 +5,8 @@
   (-100 = ignored) as a Hugging Face training loop has them; the label shift is done here.
 - :func:`causal_lm_loss`: the standard causal-LM (SFT) loss, mean token cross-entropy with -100 ignored,
   exactly as ``model(..., labels=labels).loss`` computes it, without the [tokens x vocab] logits.
-- :func:`apply_fused_causal_lm_loss`: one line that makes ``model(..., labels=labels)`` return that loss (and
-  no logits); without labels the model runs as before (generation).
+- :func:`apply_fused_losses`: one line that makes ``model(..., labels=labels)`` return that loss (and no
+  logits), and ``model(tuna_batch=packed)`` the Tuna loss; without either the model runs as before.
 
 All run the model body, keep the hidden states of positions that have a target, and hand them with the
 lm_head spec (weight, bias, logit scale, softcap; tied, peft-wrapped and 4-bit models alike) to
@@ -16,13 +16,16 @@ lm_head spec (weight, bias, logit scale, softcap; tied, peft-wrapped and 4-bit m
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from tuna_kernels import GroupLayout, TunaLoss, token_logprobs
 
-from .model import base_model, decoder_of, lm_head_spec, model_attention_mask
+from .model import base_model, decoder_of, fused_batch_forward, lm_head_spec, model_attention_mask
 
 IGNORE_INDEX = -100
 
@@ -106,18 +109,35 @@ def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: Optional[torc
     return -token_lp.sum() / count
 
 
-def apply_fused_causal_lm_loss(model, **logprob_options):
-    """Make ``model(..., labels=labels)`` compute its loss with :func:`causal_lm_loss` and return no logits.
+@dataclass
+class TunaOutput(ModelOutput):
+    """What a model patched by :func:`apply_fused_losses` returns for ``tuna_batch``: the loss and its metrics."""
 
-    Without ``labels`` the model's own forward runs (generation, evaluation with logits). Works on the model
-    under a peft wrapper. Returns ``model``.
+    loss: Optional[torch.Tensor] = None
+    metrics: Optional[Dict[str, torch.Tensor]] = None
+
+
+def apply_fused_losses(model, tuna_loss_fn: Optional[TunaLoss] = None, **logprob_options):
+    """Make the model's own forward compute its losses with the fused kernels (one line; returns ``model``):
+
+    - ``model(input_ids, attention_mask, labels=labels)``: :func:`causal_lm_loss` (the SFT loss), ``logits=None``;
+    - ``model(tuna_batch=packed)`` (a :class:`tuna_train.collate.PackedBatch`): the Tuna loss of
+      ``tuna_loss_fn`` (default ``TunaLoss()``) as a :class:`TunaOutput` with ``loss`` and ``metrics``;
+    - without either, the model's own forward (generation, logits for evaluation).
+
+    Because the loss is computed inside the model's forward, a DDP / FSDP wrapper around the model (as
+    ``transformers.Trainer`` and accelerate build) sees it, and the lm_head is gathered for it. Works on the
+    model under a peft wrapper.
     """
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
     inner = base_model(model)
     original = inner.forward
+    loss_fn = tuna_loss_fn if tuna_loss_fn is not None else TunaLoss()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, tuna_batch=None,
+                **kwargs):
+        if tuna_batch is not None:
+            loss, metrics = fused_batch_forward(self, tuna_batch, loss_fn)
+            return TunaOutput(loss=loss, metrics=metrics)
         if labels is None or input_ids is None:
             return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             labels=labels, **kwargs)

@@ -145,12 +145,19 @@ class FusedCausalLM(torch.nn.Module):
         self.logprob_options = logprob_options
 
     def forward(self, batch, scores_only: bool = False):
-        hidden = target_hidden_states(self.causal_lm, batch)
-        head = lm_head_spec(self.causal_lm).cast(hidden.dtype)
-        if scores_only:
-            return head.sequence_logprobs(hidden, batch.labels, batch.layout.seq_index, batch.layout.num_seqs,
-                                          **self.logprob_options)
-        if self.loss_fn is None:
-            raise ValueError("FusedCausalLM was built without a loss_fn: only scores_only=True is available")
-        return self.loss_fn(hidden, head.weight, batch.labels, batch.layout, bias=head.bias,
-                            logit_scale=head.logit_scale, softcap=head.softcap)
+        return fused_batch_forward(self.causal_lm, batch, self.loss_fn, scores_only, **self.logprob_options)
+
+
+def fused_batch_forward(causal_lm, batch, loss_fn=None, scores_only: bool = False, **logprob_options):
+    """What :class:`FusedCausalLM` computes, as a function: ``(loss, metrics)`` of ``loss_fn`` on a packed batch
+    (``input_ids``, ``attention_mask``, ``position_ids``, ``target_positions``, ``labels``, ``layout``), or
+    ``(sums [S], counts [S])`` with ``scores_only``."""
+    hidden = target_hidden_states(causal_lm, batch)
+    head = lm_head_spec(causal_lm).cast(hidden.dtype)
+    if scores_only:
+        return head.sequence_logprobs(hidden, batch.labels, batch.layout.seq_index, batch.layout.num_seqs,
+                                      **logprob_options)
+    if loss_fn is None:
+        raise ValueError("no loss_fn was given: only scores_only=True is available")
+    return loss_fn(hidden, head.weight, batch.labels, batch.layout, bias=head.bias, logit_scale=head.logit_scale,
+                   softcap=head.softcap)
