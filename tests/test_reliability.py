@@ -145,3 +145,17 @@ def test_malformed_rank_records_are_listed_as_failures(tmp_path):
     assert "record 4: field 'responses': item 1 is int" in reasons["c"]
     assert "record 5: field 'instruction'" in reasons["d"]
     assert "record 6: field 'input'" in reasons["e"]
+
+
+def test_requests_go_through_the_configured_proxy(monkeypatch):
+    """The client honours http_proxy / no_proxy as urllib did (a plain-HTTP proxy gets the absolute URL)."""
+    with FakeOpenAI() as proxy:
+        monkeypatch.setenv("http_proxy", proxy.base_url.rsplit("/v1", 1)[0])
+        monkeypatch.setenv("no_proxy", "")
+        client = JsonClient("http://api.invalid/v1", None, timeout=2, max_retries=0)
+        answer = client.post("/chat/completions", {"messages": [{"content": "Instruction:\nok1"}]})
+        assert "rank:" in answer["choices"][0]["message"]["content"] and proxy.requests["ok1"] == 1
+        monkeypatch.setenv("no_proxy", "api.invalid")
+        with pytest.raises(RequestFailed):
+            client.post("/chat/completions", {"messages": [{"content": "Instruction:\nok1"}]})
+        assert proxy.requests["ok1"] == 1

@@ -14,7 +14,7 @@ Every wait is bounded:
 - so one request takes at most ``(max_retries + 1) * timeout + max_retries * max_backoff`` seconds.
 
 The API key is read from an environment variable and only ever sent in the Authorization header to the
-``base_url`` host: it is never logged or written.
+``base_url`` host (through the ``https_proxy`` tunnel if one is set): it is never logged or written.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import ssl
 import threading
 import time
 import urllib.parse
-from typing import Any, Callable, Dict, Optional
+import urllib.request
+from typing import Any, Callable, Dict, Optional, Tuple
 
 
 class RequestFailed(RuntimeError):
@@ -69,7 +70,7 @@ class JsonClient:
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ValueError(f"base URL must be http(s)://HOST[:PORT]/PATH, got {base_url!r}")
         self._scheme, self._host, self._port = parsed.scheme, parsed.hostname, parsed.port
-        self._prefix = parsed.path
+        self._prefix, self._netloc = parsed.path, parsed.netloc
         self.api_key = os.environ.get(api_key_env) if api_key_env else None
         self.timeout, self.max_retries = timeout, max_retries
         self.backoff, self.max_backoff, self.sleep = backoff, max_backoff, sleep
@@ -87,17 +88,29 @@ class JsonClient:
         asked = retry_after_seconds(retry_after)
         return min(self.max_backoff, asked) if asked is not None else delay
 
-    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+    def _connection(self, timeout: float) -> Tuple[http.client.HTTPConnection, str]:
+        """A connection to the endpoint, or to the proxy that ``http(s)_proxy`` / ``no_proxy`` name for it
+        (an https endpoint is reached through a CONNECT tunnel); and the request target to send."""
+        proxy = urllib.request.getproxies().get(self._scheme)
+        if proxy and not urllib.request.proxy_bypass(self._host):
+            via = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+            if self._scheme == "http":  # a plain-HTTP proxy takes the absolute URL
+                return (http.client.HTTPConnection(via.hostname, via.port, timeout=timeout),
+                        f"http://{self._netloc}{self._prefix}")
+            connection = http.client.HTTPSConnection(via.hostname, via.port, timeout=timeout,
+                                                     context=ssl.create_default_context())
+            connection.set_tunnel(self._host, self._port)
+            return connection, self._prefix
         if self._scheme == "https":
             return http.client.HTTPSConnection(self._host, self._port, timeout=timeout,
-                                               context=ssl.create_default_context())
-        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+                                               context=ssl.create_default_context()), self._prefix
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout), self._prefix
 
     def _attempt(self, path: str, body: bytes, headers: Dict[str, str]) -> Dict[str, Any]:
         """One request under one deadline: a watchdog shuts the socket down when ``timeout`` has passed,
         which ends any blocked read however slowly the server sends."""
         deadline = time.monotonic() + self.timeout
-        connection = self._connection(self.timeout)  # connect() itself gives up after timeout
+        connection, target = self._connection(self.timeout)  # connect() itself gives up after timeout
         expired = threading.Event()
         sockets = []  # the connection drops its socket once the response is read: keep our own reference
 
@@ -117,7 +130,7 @@ class JsonClient:
             sockets.append(connection.sock)
             if expired.is_set():
                 cut()
-            connection.request("POST", self._prefix + path, body=body, headers=headers)
+            connection.request("POST", target + path, body=body, headers=headers)
             response = connection.getresponse()
             data = response.read()
             status, retry_after = response.status, response.getheader("Retry-After")
