@@ -19,12 +19,26 @@ class FakeOpenAI:
     - ``rhang``: the first request hangs past the client's timeout, then a good answer;
     - ``rgarbage``: always an answer with no ranking;
     - ``rbadindex``: always a ranking that names response 9 (there are 3);
+    - ``rparts``: content as a list of content parts (valid OpenAI output) holding the ranking;
+    - ``rint``: always message content that is a number;
+    - ``rbytes``: always a body that is not UTF-8;
+    - ``rcut``: the first body is cut short (Content-Length promises more), then a good answer;
+    - ``rstatus``: always a garbage status line;
+    - ``rinf``, ``rnan``, ``rneg``, ``rhuge``: the first request gets 429 with Retry-After inf, nan, -5,
+      100000, then a good answer;
+    - ``rtrickle``: always a body sent one byte every ``trickle_seconds``;
     - anything else: "rank: [2, 0, 1]". ``delay`` slows every answer (for the kill test).
+
+    ``redirect_to``: every request gets a 307 redirect to that base URL instead. The Authorization header of
+    every request is recorded in ``authorizations``.
     """
 
-    def __init__(self, hang_seconds: float = 2.0, delay: float = 0.0) -> None:
+    def __init__(self, hang_seconds: float = 2.0, delay: float = 0.0, trickle_seconds: float = 0.2,
+                 redirect_to: str = None) -> None:
         self.requests = Counter()
+        self.authorizations = []
         self.hang_seconds, self.delay = hang_seconds, delay
+        self.trickle_seconds, self.redirect_to = trickle_seconds, redirect_to
         self.lock = threading.Lock()
         fake = self
 
@@ -34,6 +48,10 @@ class FakeOpenAI:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with fake.lock:
+                    fake.authorizations.append(self.headers.get("Authorization"))
+                if fake.redirect_to:
+                    return self._send(307, {}, {"Location": fake.redirect_to + self.path.split("/v1", 1)[-1]})
                 text = json.dumps(body.get("messages") or body.get("prompt"))
                 match = re.search(r"Instruction:\\n(\w+)", text)
                 name = match.group(1) if match else "unknown"
@@ -46,6 +64,32 @@ class FakeOpenAI:
                     return self._send(429, {"error": "slow down"}, {"Retry-After": "0"})
                 if name == "r500" and count == 1:
                     return self._send(500, {"error": "boom"})
+                retry_after = {"rinf": "inf", "rnan": "nan", "rneg": "-5", "rhuge": "100000"}.get(name)
+                if retry_after and count == 1:
+                    return self._send(429, {"error": "slow down"}, {"Retry-After": retry_after})
+                if name == "rparts":
+                    return self._send(200, _chat([{"type": "text", "text": "Response 0: [3]\nrank: [1, "},
+                                                  {"type": "text", "text": "0, 2]"}]))
+                if name == "rint":
+                    return self._send(200, _chat(7))
+                if name == "rbytes":
+                    return self._raw(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: 4"
+                                     b"\r\n\r\n\xff\xfe\xfd\xfc")
+                if name == "rcut" and count == 1:
+                    return self._raw(b"HTTP/1.0 200 OK\r\nContent-Length: 500\r\n\r\n{\"choices\": [")
+                if name == "rstatus":
+                    return self._raw(b"SPAM AND EGGS\r\n\r\n")
+                if name == "rtrickle":
+                    data = json.dumps(_chat("rank: [0, 1, 2]")).encode()
+                    try:
+                        self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(data))
+                        for byte in data:
+                            self.wfile.write(bytes([byte]))
+                            self.wfile.flush()
+                            time.sleep(fake.trickle_seconds)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    return
                 if name == "rhang" and count == 1:
                     time.sleep(fake.hang_seconds)
                     return self._send(200, _chat("rank: [0, 1, 2]"))
@@ -62,6 +106,14 @@ class FakeOpenAI:
                 if name == "rbadindex":
                     return self._send(200, _chat("Response 0: [9]\nrank: [0, 9, 1]"))
                 self._send(200, _chat("Response 0: [10]\nResponse 1: [5]\nResponse 2: [12]\nrank: [2, 0, 1]"))
+
+            def _raw(self, data):
+                try:
+                    self.wfile.write(data)
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                self.close_connection = True
 
             def _send(self, code, payload, headers=None):
                 data = json.dumps(payload).encode()

@@ -4,8 +4,13 @@ A checkpoint directory ``checkpoints/step-000100/`` holds:
 
 - ``trainable.safetensors``: every trainable parameter (all weights in full fine-tuning, the adapters
   with LoRA; the frozen base is rebuilt from its source on resume);
-- ``optimizer.pt``, ``scheduler.pt``; ``rng-<rank>.pt`` (Python, NumPy, torch and CUDA generators);
+- ``optimizer.pt``, ``scheduler.pt``: state dicts of tensors and numbers, read back with
+  ``torch.load(weights_only=True)``, which refuses any other pickled object (no code runs on resume);
+- ``rng-<rank>.json``: the Python, NumPy, torch and CUDA generator states as JSON lists of integers;
 - ``state.json``: the step, the data position, counters and the best evaluation so far.
+
+``checkpoints/latest`` names the newest checkpoint; it must be a plain ``step-NNNNNNN`` name inside
+``checkpoints/`` (an absolute path or ``..`` is refused).
 
 It is written to ``.tmp-step-000100`` with every file fsynced, then renamed into place, and only then
 does ``checkpoints/latest`` (itself replaced by rename) point at it: a run killed at any moment leaves
@@ -16,7 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -51,19 +58,44 @@ def write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be trusted or read (named in the message)."""
+
+
+_LATEST_NAME = re.compile(r"step-\d+")
+
+
 def rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as JSON-able lists of ints (no pickle)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def load_tensors(path: Path) -> Any:
+    """``torch.load`` of a checkpoint file with ``weights_only=True``: tensors, numbers, strings and
+    containers only. A file holding any other pickled object is refused before it can run code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: refused: not a plain tensor file ({first}); checkpoints hold only "
+                              "tensors, safetensors and JSON. Delete this checkpoint or pass --overwrite") from None
 
 
 def trainable_state(model) -> Dict[str, torch.Tensor]:
@@ -85,8 +117,8 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: D
         tmp.mkdir()
     if barrier:
         barrier()
-    torch.save(rng_state(), tmp / f"rng-{rank}.pt")
-    _fsync_file(tmp / f"rng-{rank}.pt")
+    (tmp / f"rng-{rank}.json").write_text(json.dumps(rng_state()))
+    _fsync_file(tmp / f"rng-{rank}.json")
     if barrier:
         barrier()
     if rank == 0:
@@ -127,15 +159,24 @@ def find_checkpoint(root: Path, resume: str) -> Optional[Path]:
     latest = root / "checkpoints" / LATEST
     if not latest.exists():
         return None
-    path = root / "checkpoints" / latest.read_text().strip()
-    return path if (path / "state.json").exists() else None
+    name = latest.read_text(encoding="utf-8", errors="replace").strip()
+    if not _LATEST_NAME.fullmatch(name):
+        raise CheckpointError(f"{latest}: names {name!r}, which is not a checkpoint directory name (step-NNNNNNN) "
+                              "inside checkpoints/; refusing to follow it")
+    path = root / "checkpoints" / name
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"{latest}: names {name}, but {path} is not a complete checkpoint (no state.json)")
+    return path
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> Dict[str, Any]:
     """Restore weights, optimizer, scheduler and this process's RNG; return the saved state."""
     from safetensors.torch import load_file
 
-    state = json.loads((path / "state.json").read_text())
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path / 'state.json'}: not valid JSON ({error})") from None
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in weights]
@@ -145,9 +186,15 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> D
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor.to(params[name].device))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng_file = path / f"rng-{rank}.pt"
+    optimizer.load_state_dict(load_tensors(path / "optimizer.pt"))
+    scheduler.load_state_dict(load_tensors(path / "scheduler.pt"))
+    rng_file = path / f"rng-{rank}.json"
     if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            set_rng_state(json.loads(rng_file.read_text(encoding="utf-8")))
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{rng_file}: not a generator state ({type(error).__name__}: {error})") from None
+    elif (path / f"rng-{rank}.pt").exists():  # written before RNG states were JSON: refused, not unpickled
+        raise CheckpointError(f"{path / f'rng-{rank}.pt'}: a pickled RNG state from an older version; it is not "
+                              "loaded (pickle can run code). Start afresh with --overwrite")
     return state

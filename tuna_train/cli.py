@@ -98,10 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--data", required=True)
     rank.add_argument("--out", required=True)
     rank.add_argument("--concurrency", type=int, default=4)
-    rank.add_argument("--timeout", type=float, default=60.0)
-    rank.add_argument("--max-retries", type=int, default=5)
-    rank.add_argument("--parse-attempts", type=int, default=3)
-    rank.add_argument("--retry-failed", action="store_true")
+    rank.add_argument("--timeout", type=float, default=60.0,
+                      help="deadline in seconds for one whole HTTP attempt (connect, send, receive the full "
+                           "answer), not per socket read (default: 60)")
+    rank.add_argument("--max-retries", type=int, default=5,
+                      help="retries of a request after 429, 5xx, a time-out or a malformed answer (default: 5)")
+    rank.add_argument("--max-backoff", type=float, default=30.0,
+                      help="longest wait in seconds between retries, also when the server's Retry-After asks "
+                           "for more (default: 30). One request ends within (max-retries + 1) x timeout + "
+                           "max-retries x max-backoff seconds (6 x 60 + 5 x 30 = 510 s by default)")
+    rank.add_argument("--parse-attempts", type=int, default=3,
+                      help="times a record is asked when the answer holds no valid ranking (default: 3)")
+    rank.add_argument("--retry-failed", action="store_true", help="ask again for records cached as failed")
     _add_placement_flags(rank)  # for a local:PATH judge
 
     evaluate = commands.add_parser("eval", help="ranking accuracy, ROUGE-L on instruction tasks; --compare reports")
@@ -228,7 +236,7 @@ def _rank(args) -> int:
     from .pipeline.store import read_jsonl
 
     judge = make_judge(args["judge"], args["base_url"], args["api_key_env"], args["timeout"], args["max_retries"],
-                       placement=_placement(args))
+                       placement=_placement(args), max_backoff=args["max_backoff"])
     stats = rank_records(read_jsonl(args["data"]), judge, args["out"], args["concurrency"], args["parse_attempts"],
                          args["retry_failed"])
     print(f"tuna rank: {stats} -> {args['out']}")

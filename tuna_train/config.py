@@ -88,6 +88,8 @@ class TrainConfig:
     save_every: int = 100
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto (latest checkpoint in output_dir) | never | a checkpoint directory
+    overwrite: bool = False  # delete an earlier run's checkpoints, metrics and results in output_dir; start afresh
+    resume_with_new_settings: bool = False  # resume although data/model/loss/optimizer settings changed
     skip_nonfinite: bool = False
     tensorboard: bool = True
     progress: bool = True
@@ -119,6 +121,9 @@ class TrainConfig:
             raise ValueError("attn_implementation 'flash_attention_2' cannot take packing 'shared' (its 4D mask; "
                              "flash-attention reads [rows, length] padding masks only): use --packing per_candidate "
                              "with flash_attention_2, or --attn-implementation sdpa with shared packing")
+        if self.overwrite and (self.resume_with_new_settings or self.resume not in ("auto", "never")):
+            raise ValueError("config field 'overwrite' starts afresh: it cannot go with 'resume_with_new_settings' "
+                             f"or a checkpoint to resume (resume: {self.resume!r})")
         if self.load_in_4bit and self.model is None:
             raise ValueError("config field 'load_in_4bit' needs 'model' (a local model directory to quantise)")
         return self

@@ -20,6 +20,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from tuna_hf.model import FusedCausalLM
 from tuna_kernels import TunaLoss
 
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, write_atomic
@@ -27,10 +28,9 @@ from .collate import pack, tokenize_group
 from .config import TrainConfig
 from .data import RankedExample, examples_from_records, load_ranked
 from .metrics import COUNT_KEYS, MetricsLog, ranking_counts, summarise
-from tuna_hf.model import FusedCausalLM
-
 from .model import (adapter_base_path, add_lora, build_tiny_llama, load_model, load_tokenizer,
                     synthetic_tokenizer)
+from .run_dir import claim_output_dir
 from .sharding import (check_launch, check_sharding, clip_grad_norm, gathered_state, local_fraction, register_for_zero3,
                        shard_fsdp)
 
@@ -154,8 +154,11 @@ class Trainer:
         self.is_main = self.accelerator.is_main_process
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
+        self.run_lock = None
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            # one run per directory, and no silent resume with other settings (run_dir.py): checked first
+            self.run_lock = claim_output_dir(self.output_dir, config)
         self.accelerator.wait_for_everyone()
 
         self.data = load_datasets(config)
@@ -268,8 +271,6 @@ class Trainer:
             state.update(saved)
             self.log.truncate_after(start_step)
             logger.info("resumed from %s at step %d", checkpoint, start_step)
-        elif self.is_main:
-            write_atomic(self.output_dir / "config.json", json.dumps(config.to_dict(), indent=1))
         if state["initial_eval"] is None and self.data.eval:
             state["initial_eval"] = self.evaluate()
             self.log.log(0, "eval", state["initial_eval"])
@@ -315,7 +316,9 @@ class Trainer:
                    "total_steps": self.total_steps, "train_seconds": time.perf_counter() - started,
                    "world_size": self.world_size, "sharding": config.sharding,
                    "local_param_fraction": local_fraction(self.wrapped), "train_groups": len(self.data.train),
-                   "eval_groups": min(len(self.data.eval), config.eval_groups), "skipped_records": self.data.skipped}
+                   "eval_groups": min(len(self.data.eval), config.eval_groups), "skipped_records": self.data.skipped,
+                   "resumed_from_step": start_step if checkpoint is not None else None,
+                   "steps_this_run": final_step - start_step}
         if not interrupted:
             final_eval = self._eval_and_track(final_step, state) if self.data.eval else None
             if final_step % config.save_every != 0:
@@ -328,6 +331,8 @@ class Trainer:
             write_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=1))
         self.log.close()
         self.accelerator.wait_for_everyone()
+        if self.run_lock is not None:
+            self.run_lock.release()
         return summary
 
     def _eval_and_track(self, step: int, state: Dict) -> Dict[str, float]:

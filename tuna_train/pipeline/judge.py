@@ -41,6 +41,23 @@ class RankingParseError(ValueError):
     pass
 
 
+class JudgeAnswerError(ValueError):
+    """The judge answered, but not with text (e.g. message content that is a number)."""
+
+
+def message_text(content) -> str:
+    """The text of a chat message's ``content``: a string, or a list of content parts (OpenAI's
+    ``[{"type": "text", "text": ...}, ...]``), whose text parts are joined; anything else is refused."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [part if isinstance(part, str) else part.get("text") for part in content
+                 if isinstance(part, str) or (isinstance(part, dict) and part.get("type", "text") == "text")]
+        if all(isinstance(text, str) for text in texts):
+            return "".join(texts)
+    raise JudgeAnswerError(f"the message content is {type(content).__name__}, not text: {str(content)[:80]!r}")
+
+
 _RANK_RE = re.compile(r"\brank(?:ing)?\s*:\s*\[?([^\]\n]*)", re.IGNORECASE)
 
 
@@ -73,6 +90,8 @@ class ChatJudge:
         self.model, self.client = model, client
         self.temperature, self.max_tokens = temperature, max_tokens
         self.name = f"openai:{model}"
+        # what, besides the prompt, decides the answer: part of the cache key of a judgement
+        self.identity = {"name": self.name, "temperature": temperature, "max_tokens": max_tokens}
 
     def ask(self, record: Dict) -> str:
         return self.chat(judge_messages(record["instruction"], record.get("input"), record["responses"]))
@@ -82,9 +101,10 @@ class ChatJudge:
                                                         "temperature": self.temperature,
                                                         "max_tokens": self.max_tokens})
         try:
-            return answer["choices"][0]["message"]["content"]
+            content = answer["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
             return ""  # an answer without content is unparsable: retried, then recorded
+        return message_text(content)
 
 
 class LocalJudge:
@@ -95,6 +115,7 @@ class LocalJudge:
         self.model = (placement or Placement()).load(path)
         self.max_new_tokens = max_new_tokens
         self.name = f"local:{path}"
+        self.identity = {"name": self.name, "max_new_tokens": max_new_tokens}
 
     def ask(self, record: Dict) -> str:
         return self.chat(judge_messages(record["instruction"], record.get("input"), record["responses"]))
@@ -118,6 +139,7 @@ class RuleJudge:
     writes its answer in the same form as a model judge would, so it goes through the same parser."""
 
     name = "rule"
+    identity = {"name": "rule"}
 
     def ask(self, record: Dict) -> str:
         from ..synthetic import grade
@@ -134,12 +156,14 @@ class RuleJudge:
 
 
 def make_judge(spec: str, base_url: Optional[str] = None, api_key_env: str = "OPENAI_API_KEY",
-               timeout: float = 60.0, max_retries: int = 5, placement: Optional[Placement] = None):
+               timeout: float = 60.0, max_retries: int = 5, placement: Optional[Placement] = None,
+               max_backoff: float = 30.0):
     """``openai:MODEL`` | ``local:PATH`` (loaded with ``placement``) | ``rule``."""
     if spec == "rule":
         return RuleJudge()
     if spec.startswith("openai:"):
-        client = JsonClient(base_url or "https://api.openai.com/v1", api_key_env, timeout, max_retries)
+        client = JsonClient(base_url or "https://api.openai.com/v1", api_key_env, timeout, max_retries,
+                            max_backoff=max_backoff)
         return ChatJudge(spec.split(":", 1)[1], client)
     if spec.startswith("local:"):
         return LocalJudge(spec.split(":", 1)[1], placement=placement)

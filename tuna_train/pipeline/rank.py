@@ -1,26 +1,70 @@
 """``tuna rank``: contextual ranking of each record's responses by a judge.
 
 Each record (``instruction`` [+ ``input``], ``responses``) is sent to the judge with the method's prompt;
-the ranking is parsed from the answer. A network fault is retried by the client; an answer that does not
-parse (no ranking, an index that names no response, an index twice) is asked again, up to
-``parse_attempts`` times, then recorded as a failure. Every finished record (ranked or failed, with the
-judge's raw answers) goes to an on-disk cache as soon as it is done, so a killed run resumes without
-asking again. The output is native ranked records (``ranking`` best first) that ``tuna train`` reads;
-failures go to ``<out>.failures.jsonl``.
+the ranking is parsed from the answer. A network fault is retried by the client (within its stated
+deadlines); an answer that does not parse (no ranking, an index that names no response, an index twice,
+message content that is not text) is asked again, up to ``parse_attempts`` times, then recorded as a
+failure. A malformed input record (no ``responses``, wrong types) is recorded as a failure without asking.
+No single record can stop the run: whatever goes wrong with one ends as that record's failure reason.
+
+Every finished record (ranked or failed, with the judge's raw answers) goes to an on-disk cache as soon
+as it is done, so a killed run resumes without asking again. The cache key is a hash of everything that
+decides the judgement: the judge (name, model and sampling settings), the prompt it is sent (instruction,
+input, responses), the task fields the rule judge reads and the parser version; not the record's ``id``.
+So two records sharing an id get a judgement each, and changed responses or another judge are asked anew.
+The output is native ranked records (``ranking`` best first) that ``tuna train`` reads; failures (with
+their reasons) go to ``<out>.failures.jsonl``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
+import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from .http import RequestFailed
-from .judge import RankingParseError, parse_ranking
-from .store import JsonlStore, record_key, write_jsonl
+from .judge import RankingParseError, judge_messages, parse_ranking
+from .store import JsonlStore, write_jsonl
 
 logger = logging.getLogger(__name__)
+
+PARSER_VERSION = 1  # bump when parse_ranking changes what it accepts: cached judgements are then redone
+
+
+def record_problem(record: Any) -> Optional[str]:
+    """Why a record cannot be sent to the judge (None if it can)."""
+    if not isinstance(record, dict):
+        return f"a record must be a JSON object, got {type(record).__name__}"
+    instruction = record.get("instruction")
+    if not isinstance(instruction, str) or not instruction.strip():
+        return f"field 'instruction' must be a non-empty string, got {_shown(instruction)}"
+    if record.get("input") is not None and not isinstance(record["input"], str):
+        return f"field 'input' must be a string or null, got {_shown(record['input'])}"
+    if "responses" not in record:
+        return "no 'responses' field"
+    responses = record["responses"]
+    if not isinstance(responses, list) or not responses:
+        return f"field 'responses' must be a non-empty list of strings, got {_shown(responses)}"
+    for index, response in enumerate(responses):
+        if not isinstance(response, str):
+            return f"field 'responses': item {index} is {_shown(response)}, not a string"
+    return None
+
+
+def _shown(value: Any) -> str:
+    return f"{type(value).__name__} {json.dumps(value, default=str)[:60]}"
+
+
+def judgement_key(judge, record: Dict[str, Any]) -> str:
+    """The cache key of a record's judgement: a hash of what decides it (see the module docstring)."""
+    material = {"judge": getattr(judge, "identity", {"name": judge.name}), "parser": PARSER_VERSION,
+                "prompt": judge_messages(record["instruction"], record.get("input"), record["responses"]),
+                "task": [record.get("task"), record.get("length")]}
+    text = json.dumps(material, sort_keys=True, default=str)  # ASCII: lone surrogates are escaped
+    return "judgement:" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def rank_one(judge, record: Dict[str, Any], parse_attempts: int = 3) -> Dict[str, Any]:
@@ -31,6 +75,9 @@ def rank_one(judge, record: Dict[str, Any], parse_attempts: int = 3) -> Dict[str
             answer = judge.ask(record)
         except RequestFailed as error:
             return {"status": "failed", "reason": str(error), "answers": answers, "errors": errors}
+        except Exception as error:  # a bad answer (content that is not text) or a judge fault: this record only
+            errors.append(f"{type(error).__name__}: {error}")
+            continue
         answers.append(answer)
         try:
             return {"status": "ok", "ranking": parse_ranking(answer, len(record["responses"])),
@@ -54,19 +101,33 @@ def ranked_record(record: Dict[str, Any], entry: Dict[str, Any], judge_name: str
 
 def rank_records(records: List[Dict[str, Any]], judge, out: Path, concurrency: int = 4,
                  parse_attempts: int = 3, retry_failed: bool = False) -> Dict[str, int]:
-    """Rank every record (bounded concurrency, cached); write ``out`` and ``out.failures.jsonl``."""
+    """Rank every record (bounded concurrency, cached); write ``out`` and ``out.failures.jsonl``.
+
+    Every record ends in one of the two files: ranked, or failed with its reason.
+    """
     out = Path(out)
     cache = JsonlStore(out.with_name(out.name + ".cache.jsonl"))
-    keys = [record_key(r) for r in records]
-    pending = [(key, r) for key, r in zip(keys, records)
-               if key not in cache or (retry_failed and cache.entries[key]["status"] != "ok")]
-    pending = list({key: (key, r) for key, r in pending}.values())
+    problems = [record_problem(r) for r in records]
+    keys = [None if problem else judgement_key(judge, r) for r, problem in zip(records, problems)]
+    pending = {key: r for key, r in zip(keys, records)
+               if key is not None and (key not in cache or (retry_failed and cache.entries[key]["status"] != "ok"))}
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        futures = {pool.submit(rank_one, judge, record, parse_attempts): key for key, record in pending}
+        futures = {pool.submit(rank_one, judge, record, parse_attempts): key for key, record in pending.items()}
         for future in concurrent.futures.as_completed(futures):
-            cache.put(futures[future], future.result())
+            key = futures[future]
+            try:
+                entry = future.result()
+            except Exception as error:  # never lose the other records over one
+                entry = {"status": "failed", "reason": f"{type(error).__name__}: {error}", "answers": [],
+                         "errors": []}
+            cache.put(key, dict(entry, id=pending[key].get("id")))
     ranked, failed = [], []
-    for key, record in zip(keys, records):
+    for index, (key, record, problem) in enumerate(zip(keys, records, problems)):
+        if problem is not None:
+            reason = f"record {index + 1}: {problem}"
+            failed.append(dict(record, judge_failure=reason, judge_answers=[]) if isinstance(record, dict)
+                          else {"record": record, "judge_failure": reason, "judge_answers": []})
+            continue
         entry = cache.entries[key]
         result = ranked_record(record, entry, judge.name) if entry["status"] == "ok" else None
         if result is not None and result["ranking"]:

@@ -1,0 +1,173 @@
+"""The output directory of a training run: one run at a time, and resume only with the same settings.
+
+- :class:`RunLock`: an exclusive ``fcntl.flock`` on ``<output_dir>/run.lock``, held for the whole run by the
+  main process (the other processes of a multi-process run write nothing but their own checkpoint files,
+  under the main process's barriers). A second run on the same directory fails at once, naming the
+  directory and the pid of the run that holds it. The kernel drops the lock when its process ends, so a
+  killed run never leaves a stale lock behind.
+- :func:`changed_settings`: the fields of a saved ``config.json`` that differ from the new configuration,
+  ignoring those that do not change what is trained (:data:`RESULT_NEUTRAL_FIELDS`).
+- :func:`clear_run`: remove an earlier run's checkpoints, metrics and results (``--overwrite``).
+- :func:`prepare_output_dir`: the policy, applied by the main process under the lock before anything
+  is loaded (so a refused run fails at once); :func:`claim_output_dir` takes the lock and applies it:
+
+  * ``overwrite``: the earlier run's files are deleted and the run starts afresh;
+  * a checkpoint to resume: its run's ``config.json`` is compared with the new configuration; any
+    difference is refused, naming each field (old -> new), unless ``resume_with_new_settings``;
+  * nothing to resume: a directory that holds a finished run's results, or checkpoints that
+    ``resume: never`` would mix with a new run, is refused; the metrics of a run that died before its
+    first checkpoint are dropped;
+  * in every accepted case ``config.json`` is rewritten with the settings this run uses.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = "run.lock"
+
+# fields that change how a run is watched or where it is written, not what it trains or reports
+RESULT_NEUTRAL_FIELDS = frozenset({
+    "output_dir", "resume", "overwrite", "resume_with_new_settings", "progress", "tensorboard", "log_every",
+    "eval_every", "save_every", "keep_checkpoints", "kernel_autotune",
+})
+
+# what an earlier run leaves in its output directory (the lock file stays: it is ours now)
+RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "config.json", "tensorboard", "final")
+
+
+class RunDirectoryError(ValueError):
+    """The output directory is busy, or holds a run that this configuration must not continue."""
+
+
+class RunLock:
+    """An exclusive lock on ``directory`` for this process; :meth:`release` (or process exit) frees it."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / LOCK_NAME
+        self._handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._handle.seek(0)
+            holder = self._handle.read().strip() or "unknown"
+            self._handle.close()
+            raise RunDirectoryError(f"output directory {Path(directory)} is in use by another run (pid {holder}, "
+                                    f"lock {self.path}); wait for it to finish or choose another --output-dir") from None
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(str(os.getpid()))
+        self._handle.flush()
+
+    def release(self) -> None:
+        if not self._handle.closed:
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
+            self._handle.close()
+
+
+def saved_config(directory: Path) -> Optional[Dict[str, Any]]:
+    """The ``config.json`` of the run in ``directory`` (None if there is none)."""
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunDirectoryError(f"{path}: not valid JSON ({error}); pass --overwrite to start afresh") from None
+    if not isinstance(saved, dict):
+        raise RunDirectoryError(f"{path}: expected an object of config fields; pass --overwrite to start afresh")
+    return saved
+
+
+def changed_settings(saved: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
+    """(field, old, new) for every result-changing field whose value differs; a field that a saved config
+    lacks (written by an older version) counts as changed only if the new value is not its default."""
+    from .config import config_fields
+
+    defaults = {name: f.default for name, f in config_fields().items()}
+    changes = []
+    for name in sorted(new):
+        if name in RESULT_NEUTRAL_FIELDS:
+            continue
+        old = saved.get(name, defaults.get(name))
+        if old != new[name]:
+            changes.append((name, old, new[name]))
+    return changes
+
+
+def describe(changes: List[Tuple[str, Any, Any]]) -> str:
+    return "; ".join(f"{name}: {old!r} -> {new!r}" for name, old, new in changes)
+
+
+def clear_run(directory: Path) -> List[str]:
+    """Delete an earlier run's files from ``directory``; return the names removed."""
+    removed = []
+    for name in RUN_FILES:
+        path = Path(directory) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def prepare_output_dir(directory: Path, config) -> Optional[Path]:
+    """Apply the policy of the module docstring for ``config`` (a TrainConfig); return the checkpoint the
+    run will resume from (None: a fresh start). Main process only, holding :class:`RunLock`."""
+    from .checkpoint import find_checkpoint, write_atomic
+
+    directory = Path(directory)
+    new = config.to_dict()
+    checkpoint = None
+    if config.overwrite:
+        removed = clear_run(directory)
+        if removed:
+            logger.warning("--overwrite: deleted the earlier run's %s in %s", ", ".join(removed), directory)
+    else:
+        checkpoint = find_checkpoint(directory, config.resume)
+        if checkpoint is not None:
+            run_of_checkpoint = checkpoint.resolve().parent.parent
+            saved = saved_config(run_of_checkpoint) or saved_config(directory)
+            changes = changed_settings(saved, new) if saved is not None else []
+            if changes and not config.resume_with_new_settings:
+                raise RunDirectoryError(
+                    f"{directory}: the run to resume ({checkpoint}) has other settings: {describe(changes)}. "
+                    "Pass --overwrite to start afresh (deletes that run's checkpoints and metrics), or "
+                    "--resume-with-new-settings to continue from its checkpoint with the new settings")
+            if changes:
+                logger.warning("resuming %s with new settings: %s", checkpoint, describe(changes))
+        else:
+            finished = [name for name in ("summary.json", "final") if (directory / name).exists()]
+            steps = sorted(p.name for p in (directory / "checkpoints").glob("step-*"))
+            if finished or steps:
+                what = ", ".join(finished + steps[-1:])
+                raise RunDirectoryError(
+                    f"{directory} holds an earlier run ({what}) that this run would not resume "
+                    f"(resume: {config.resume}); pass --overwrite to start afresh (deletes it), or choose "
+                    "another --output-dir")
+            if (directory / "metrics.jsonl").exists():  # a run killed before its first checkpoint
+                (directory / "metrics.jsonl").unlink()
+    write_atomic(directory / "config.json", json.dumps(new, indent=1))
+    return checkpoint
+
+
+def claim_output_dir(directory: Path, config) -> RunLock:
+    """Lock ``directory`` and apply :func:`prepare_output_dir`; the lock is released if that refuses."""
+    lock = RunLock(directory)
+    try:
+        prepare_output_dir(directory, config)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
