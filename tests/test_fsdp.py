@@ -52,3 +52,42 @@ def test_fsdp_two_processes_match_one_process(tmp_path):
         assert torch.allclose(sharded[name], expected, rtol=1e-5, atol=1e-6), name
     initial = json.loads((one / "summary.json").read_text())["initial_eval"]
     assert summary["initial_eval"] == pytest.approx(initial, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_killed_and_resumed_ends_at_the_uninterrupted_weights(tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    run = dict(max_steps=40, save_every=2, sharding="fsdp")
+    straight = run_two_processes(tmp_path / "straight", **run)
+    assert straight["resumed_from_step"] is None
+
+    killed = tmp_path / "killed"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc_per_node", "2", "-m", "tuna_train.cli", "train",
+               *flags(**dict(RUN, output_dir=str(killed), **run))]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not (latest.exists() and latest.read_text().strip() >= "step-0000002"):
+        assert process.poll() is None, "the run ended before its second checkpoint"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    launcher = psutil.Process(process.pid)
+    ranks = launcher.children(recursive=True)
+    assert len(ranks) >= 2
+    for victim in [launcher, *ranks]:  # the launcher and both ranks, at once (they are in their own groups)
+        victim.send_signal(signal.SIGKILL)
+    psutil.wait_procs([launcher, *ranks], timeout=60)
+    process.wait()
+
+    resumed = run_two_processes(killed, **run)
+    assert 0 < resumed["resumed_from_step"] < 40 and resumed["steps"] == 40
+    expected = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    got = load_file(str(killed / "final" / "model.safetensors"))
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+    assert train_losses(killed) == train_losses(tmp_path / "straight")

@@ -104,8 +104,13 @@ def trainable_state(model) -> Dict[str, torch.Tensor]:
 
 
 def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: Dict[str, Any],
-                    rank: int = 0, world_size: int = 1, barrier=None, keep: int = 2) -> Path:
-    """Write checkpoint ``step`` under ``root/checkpoints``; every process calls it (each saves its RNG)."""
+                    rank: int = 0, world_size: int = 1, barrier=None, keep: int = 2,
+                    weights: Optional[Dict[str, torch.Tensor]] = None,
+                    optimizer_state: Optional[Dict[str, Any]] = None) -> Path:
+    """Write checkpoint ``step`` under ``root/checkpoints``; every process calls it (each saves its RNG).
+
+    ``weights`` and ``optimizer_state``, when given, are written instead of ``model``'s trainable parameters
+    and ``optimizer.state_dict()`` (a sharded run passes the gathered ones)."""
     from safetensors.torch import save_file
 
     checkpoints = root / "checkpoints"
@@ -122,8 +127,8 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: D
     if barrier:
         barrier()
     if rank == 0:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(trainable_state(model) if weights is None else weights, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps(dict(state, step=step, world_size=world_size), indent=1))
         for file in tmp.iterdir():
@@ -169,8 +174,11 @@ def find_checkpoint(root: Path, resume: str) -> Optional[Path]:
     return path
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> Dict[str, Any]:
-    """Restore weights, optimizer, scheduler and this process's RNG; return the saved state."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, restore=None) -> Dict[str, Any]:
+    """Restore weights, optimizer, scheduler and this process's RNG; return the saved state.
+
+    ``restore(weights, optimizer_state)``, when given, loads the weights and optimizer state instead of the
+    plain copy (a sharded run shards them again)."""
     from safetensors.torch import load_file
 
     try:
@@ -183,10 +191,13 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> D
     if missing:
         raise ValueError(f"checkpoint {path} lacks trainable parameters {missing[:3]}: was it written "
                          "with another model or LoRA setting?")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor.to(params[name].device))
-    optimizer.load_state_dict(load_tensors(path / "optimizer.pt"))
+    if restore is not None:
+        restore(weights, load_tensors(path / "optimizer.pt"))
+    else:
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor.to(params[name].device))
+        optimizer.load_state_dict(load_tensors(path / "optimizer.pt"))
     scheduler.load_state_dict(load_tensors(path / "scheduler.pt"))
     rng_file = path / f"rng-{rank}.json"
     if rng_file.exists():

@@ -18,7 +18,7 @@ registered with the root so that ZeRO-3 gathers it there).
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -120,11 +120,40 @@ def gathered_state(module: torch.nn.Module, trainable_only: bool = True) -> Dict
     return state
 
 
-def load_gathered_state(module: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
-    """Load a full state (as :func:`gathered_state` gives) into the sharded ``module``: each rank keeps its shard."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+# names in a checkpoint are those of the causal LM (as an unsharded run writes them), not of the wrapper
+_PREFIX = "causal_lm."
 
-    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+def training_state(module: torch.nn.Module, optimizer) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(trainable weights, optimizer state), both gathered in full on the CPU of the main process (empty on the
+    others), named as the causal LM names its parameters; every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    weights = {name[len(_PREFIX):]: tensor for name, tensor in gathered_state(module).items()}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optimizer_state = get_optimizer_state_dict(module, optimizer, options=options)
+    if not optimizer_state:  # gathered on the main process only (the one that writes)
+        return weights, optimizer_state
+    optimizer_state["state"] = {name[len(_PREFIX):]: value for name, value in optimizer_state["state"].items()}
+    for group in optimizer_state["param_groups"]:
+        group["params"] = [name[len(_PREFIX):] for name in group["params"]]
+    return weights, optimizer_state
+
+
+def restore_training_state(module: torch.nn.Module, optimizer, weights: Dict[str, torch.Tensor],
+                           optimizer_state: Dict[str, Any]) -> None:
+    """Load what :func:`training_state` gathered into the sharded ``module`` and its ``optimizer``: each
+    process keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(module, {_PREFIX + name: tensor for name, tensor in weights.items()}, options=options)
+    optimizer_state = dict(optimizer_state)
+    optimizer_state["state"] = {_PREFIX + name: value for name, value in optimizer_state["state"].items()}
+    optimizer_state["param_groups"] = [dict(group, params=[_PREFIX + name for name in group["params"]])
+                                       for group in optimizer_state["param_groups"]]
+    set_optimizer_state_dict(module, optimizer, optimizer_state, options=options)
 
 
 def clip_grad_norm(parameters, max_norm: float) -> float:

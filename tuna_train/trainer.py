@@ -8,6 +8,7 @@ number: a resumed run sees exactly the batches an uninterrupted run would have.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from .model import (adapter_base_path, add_lora, build_tiny_llama, load_model, l
                     synthetic_tokenizer)
 from .run_dir import claim_output_dir
 from .sharding import (check_launch, check_sharding, clip_grad_norm, gathered_state, local_fraction, register_for_zero3,
-                       shard_fsdp)
+                       restore_training_state, shard_fsdp, training_state)
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +245,9 @@ class Trainer:
         self.stop_requested = True
 
     def _save(self, step: int, state: Dict) -> None:
+        gathered = training_state(self.wrapped, self.optimizer) if self.sharded else (None, None)
         save_checkpoint(self.output_dir, step, self.model, self.optimizer, self.scheduler, state,
+                        weights=gathered[0], optimizer_state=gathered[1],
                         rank=self.rank, world_size=self.world_size,
                         barrier=self.accelerator.wait_for_everyone if self.world_size > 1 else None,
                         keep=self.config.keep_checkpoints)
@@ -262,7 +265,8 @@ class Trainer:
         start_step = 0
         checkpoint = find_checkpoint(self.output_dir, config.resume)
         if checkpoint is not None:
-            saved = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.rank)
+            restore = functools.partial(restore_training_state, self.wrapped, self.optimizer) if self.sharded else None
+            saved = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.rank, restore=restore)
             start_step = saved.pop("step")
             if saved.get("world_size", 1) != self.world_size:
                 raise ValueError(f"checkpoint {checkpoint} was written by {saved['world_size']} processes, "
