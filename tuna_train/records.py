@@ -1,0 +1,348 @@
+"""Raw records from a data file, one at a time: JSON (a list), JSON lines, Parquet, CSV, a dataset directory
+saved with ``datasets``' ``save_to_disk``, or a dataset name on the Hugging Face Hub.
+
+Nothing here holds the whole file in Python objects; memory stays flat however large the file is:
+
+- **JSON lines** are read line by line in binary and decoded here, not by ``datasets``: its JSON reader infers
+  one Arrow schema for the file and fails or coerces on records of different shapes (a score written as a
+  string, a missing field), and cannot name the line at fault. A UTF-8 byte-order mark is accepted; a line
+  that is not UTF-8 or not JSON (cut short, a number too long to parse, brackets nested deeper than Python's
+  recursion limit) is a *bad record* naming file, record and line, which ``skip_bad_records`` skips.
+- **JSON lists** are decoded element by element from a window over the text (``json.JSONDecoder.raw_decode``),
+  so a large list is never parsed in one piece. Bytes that are not UTF-8 become lone surrogates
+  (``surrogateescape``) and are rejected with the record and field by the text check of ``tuna_train.data``;
+  a malformed element whose brackets still balance is a bad record; a list broken beyond that (cut short)
+  stops with the line.
+- **Parquet, CSV, saved datasets and Hub names** go through ``datasets``: columnar files are streamed
+  (``load_dataset(..., streaming=True)``, one Arrow batch in memory at a time), a saved dataset is
+  memory-mapped (``load_from_disk``). ``datasets`` gets a temporary cache directory, removed when the
+  records have been read, so nothing is left under ``~/.cache``. Columns are filled with nulls where a
+  record lacks a field; such nulls are dropped so a record reads as it would in JSON.
+- **CSV** cells are all read as text. The list- and object-valued fields of the four formats
+  (:data:`CSV_JSON_FIELDS`: ``responses``, ``scores``, ``ranking``, ``output``, ``orig``...) are written
+  in their cells as JSON (``"[""a"", ""b""]"``) and decoded here; an empty cell is a missing field.
+- A **Hub name** (``owner/name``, optionally ``owner/name:split``, split ``train`` by default) is tried only
+  when no file or directory of that name exists and the Hub is not offline (``HF_HUB_OFFLINE=1``); otherwise
+  the error names the path.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+
+class DataError(ValueError):
+    """A record that cannot be used; the message names the file, the record and the field."""
+
+
+#: (record number from 1, line number or None, the decoded record or the DataError that makes it unusable)
+RawRecord = Tuple[int, Optional[int], Union[Any, DataError]]
+
+COLUMNAR_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
+DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".csv", ".arrow", ".txt", ".gz")
+CSV_JSON_FIELDS = frozenset({"responses", "scores", "ranking", "output", "score", "orig", "text",
+                             "avg_token_prob", "length", "logprob", "generation", "rank", "ranks"})
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
+_BOM = codecs.BOM_UTF8
+_WINDOW_CHARS = 1 << 20
+
+
+def read_records(path: str) -> Iterator[Tuple[int, Optional[int], Any]]:
+    """(record number from 1, line number or None, record) for every record of ``path``; the first bad
+    record raises its DataError."""
+    for number, line_no, record in iter_records(path):
+        if isinstance(record, DataError):
+            raise record
+        yield number, line_no, record
+
+
+def iter_records(path: str) -> Iterator[RawRecord]:
+    """Every record of ``path`` in order; a record that cannot be decoded is yielded as its DataError (so the
+    caller may skip it); a file that cannot be read at all raises DataError."""
+    file = Path(path)
+    if file.is_dir():
+        yield from _saved_dataset_records(path)
+    elif file.is_file():
+        suffix = file.suffix.lower()
+        if suffix in COLUMNAR_SUFFIXES:
+            yield from _datasets_records(path, COLUMNAR_SUFFIXES[suffix], data_files=str(file))
+        elif _first_byte(file) == b"[":
+            yield from _json_list_records(path)
+        else:
+            yield from _json_lines_records(path)
+    elif _is_hub_name(path):
+        yield from _hub_records(path)
+    else:
+        raise DataError(f"{path}: no such file")
+
+
+def record_where(path: str, number: int, line_no: Optional[int]) -> str:
+    """How an error names a record: ``'<path>: record 3 (line 4)'`` (the line only for JSON lines)."""
+    return f"{path}: record {number}" + (f" (line {line_no})" if line_no else "")
+
+
+def _first_byte(file: Path) -> bytes:
+    """The first byte that is not whitespace or a byte-order mark (b'' for an empty file)."""
+    with open(file, "rb") as handle:
+        if handle.read(len(_BOM)) != _BOM:
+            handle.seek(0)
+        while True:
+            block = handle.read(4096)
+            if not block:
+                return b""
+            stripped = block.lstrip()
+            if stripped:
+                return stripped[:1]
+
+
+def _json_error(error: BaseException) -> str:
+    if isinstance(error, RecursionError):
+        return "not valid JSON (brackets nested too deeply)"
+    if isinstance(error, json.JSONDecodeError):
+        return f"not valid JSON ({error.msg})"
+    return f"not valid JSON ({error})"  # e.g. an integer longer than Python's int-to-str limit
+
+
+def _json_lines_records(path: str) -> Iterator[RawRecord]:
+    number = 0
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if line_no == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+            if not raw.strip():
+                continue
+            number += 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield number, line_no, DataError(f"{record_where(path, number, line_no)}: not valid UTF-8 "
+                                                 f"(byte 0x{raw[error.start]:02x} at byte {error.start + 1})")
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError) as error:
+                yield number, line_no, DataError(f"{record_where(path, number, line_no)}: {_json_error(error)}")
+                continue
+            yield number, line_no, record
+
+
+_STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+
+
+def _value_end(text: str, start: int) -> Optional[int]:
+    """The end of the bracketed JSON value starting at ``text[start]`` ('{' or '['), found by balancing
+    brackets outside strings; None when it does not end within ``text``."""
+    depth = 0
+    for match in _STRING_OR_BRACKET.finditer(text, start):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+        elif token in "]}":
+            depth -= 1
+            if depth == 0:
+                return match.end()
+    return None
+
+
+class _JsonListReader:
+    """Elements of a JSON list decoded one by one from a sliding window over the file's text."""
+
+    def __init__(self, path: str, handle):
+        self.path, self.handle = path, handle
+        self.text, self.pos, self.line_no, self.eof = "", 0, 1, False
+        self.decoder = json.JSONDecoder()
+
+    def more(self) -> bool:
+        """Append the next chunk to the window (dropping what was consumed); False at the end of the file."""
+        chunk = self.handle.read(max(_WINDOW_CHARS, len(self.text) - self.pos))  # doubles for a long element
+        if not chunk:
+            self.eof = True
+            return False
+        self.text, self.pos = self.text[self.pos:] + chunk, 0
+        return True
+
+    def next_char(self) -> str:
+        """The next character that is not whitespace, counting lines ('' at the end of the file)."""
+        while True:
+            start = self.pos
+            while self.pos < len(self.text) and self.text[self.pos] in " \t\r\n":
+                self.pos += 1
+            self.line_no += self.text.count("\n", start, self.pos)
+            if self.pos < len(self.text):
+                return self.text[self.pos]
+            if not self.more():
+                return ""
+
+    def broken(self, message: str) -> DataError:
+        return DataError(f"{self.path}: line {self.line_no}: {message}")
+
+    def decode(self) -> Tuple[Any, Optional[BaseException], Optional[int]]:
+        """(value, error, end) of the element at ``pos``, reading on until it is complete or known bad; end is
+        None when a bad element cannot be delimited (the list is cut short or broken)."""
+        previous = None
+        while True:
+            try:
+                value, end = self.decoder.raw_decode(self.text, self.pos)
+            except (ValueError, RecursionError) as error:
+                # An element cut by the window's edge fails too: it is bad only if it fails the same way
+                # with more text (or at the end of the file).
+                signature = (type(error), getattr(error, "msg", None), getattr(error, "pos", 0) - self.pos)
+                if self.eof or signature == previous:
+                    end = _value_end(self.text, self.pos) if self.text[self.pos] in "[{" else None
+                    while end is None and self.text[self.pos] in "[{" and self.more():
+                        end = _value_end(self.text, self.pos)
+                    return None, error, end
+                previous = signature
+                self.more()
+                continue
+            if end < len(self.text) or self.eof:  # a number at the window's edge may go on
+                return value, None, end
+            self.more()
+
+    def records(self) -> Iterator[RawRecord]:
+        if self.next_char() != "[":
+            raise self.broken("not valid JSON (expected '[')")
+        self.pos += 1
+        if self.next_char() == "]":
+            return
+        number = 0
+        while True:
+            number += 1
+            value, error, end = self.decode()
+            if error is not None and end is None:
+                raise self.broken(_json_error(error)) from None
+            if error is not None:
+                yield number, None, DataError(f"{record_where(self.path, number, self.line_no)}: {_json_error(error)}")
+            else:
+                yield number, None, value
+            self.line_no += self.text.count("\n", self.pos, end)
+            self.pos = end
+            separator = self.next_char()
+            if separator == "]":
+                self.pos += 1
+                if self.next_char() != "":
+                    raise self.broken("not valid JSON (extra data after the list)")
+                return
+            if separator != ",":
+                raise self.broken("not valid JSON (expected ',' or ']' after an element)")
+            self.pos += 1
+            self.next_char()
+
+
+def _json_list_records(path: str) -> Iterator[RawRecord]:
+    with open(path, "r", encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+        yield from _JsonListReader(path, handle).records()
+
+
+def _drop_nulls(value: Any) -> Any:
+    """A columnar row with the nulls of absent fields removed (recursively), so it reads like JSON."""
+    if isinstance(value, dict):
+        return {key: _drop_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(item) for item in value]
+    return value
+
+
+def _csv_record(row: Dict[str, Any], where: str) -> Union[Dict[str, Any], DataError]:
+    record = {}
+    for name, cell in row.items():
+        if cell is None or cell == "":
+            continue
+        if name in CSV_JSON_FIELDS:
+            try:
+                cell = json.loads(cell)
+            except (ValueError, RecursionError) as error:
+                return DataError(f"{where}: field '{name}' must hold JSON in its CSV cell: {_json_error(error)}")
+        record[name] = cell
+    return record
+
+
+def _csv_columns(path: str) -> List[str]:
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
+        return next(csv.reader(handle), [])
+
+
+def _datasets_records(path: str, builder: str, data_files: Optional[str] = None, name: Optional[str] = None,
+                      split: str = "train") -> Iterator[RawRecord]:
+    """Rows of a columnar file (``builder`` 'parquet' or 'csv') or of a Hub dataset (``name``), streamed by
+    ``datasets`` with a temporary cache directory."""
+    import datasets  # imported here, not at the top: 0.5 s, and only these sources need it
+
+    with tempfile.TemporaryDirectory(prefix="tuna-datasets-cache-") as cache_dir:
+        options: Dict[str, Any] = {"split": split, "streaming": True, "cache_dir": cache_dir}
+        if builder == "csv":  # every cell as text: types come from the JSON in the cells, not from pandas
+            columns = _csv_columns(path)
+            options.update(features=datasets.Features({c: datasets.Value("string") for c in columns}),
+                           keep_default_na=False, encoding="utf-8-sig")
+        try:
+            if name is not None:
+                rows = datasets.load_dataset(name, **options)
+            else:
+                rows = datasets.load_dataset(builder, data_files=data_files, **options)
+            iterator = iter(rows)
+        except Exception as error:  # datasets raises many kinds; all mean "cannot read this source"
+            raise DataError(f"{path}: cannot be read as {builder} ({type(error).__name__}: {error})") from None
+        number = 0
+        while True:
+            try:
+                row = next(iterator)
+            except StopIteration:
+                return
+            except Exception as error:
+                raise DataError(f"{path}: after record {number}: cannot be read as {builder} "
+                                f"({type(error).__name__}: {error})") from None
+            number += 1
+            if builder == "csv":
+                yield number, None, _csv_record(row, record_where(path, number, None))
+            else:
+                yield number, None, _drop_nulls(row)
+
+
+def _saved_dataset_records(path: str) -> Iterator[RawRecord]:
+    """Rows of a dataset saved with ``save_to_disk`` (memory-mapped Arrow); of a DatasetDict, its 'train'
+    split or its only split."""
+    import datasets  # imported here, not at the top: 0.5 s, and only these sources need it
+
+    try:
+        saved = datasets.load_from_disk(path)
+    except Exception as error:
+        raise DataError(f"{path}: a directory, but not a dataset saved with save_to_disk "
+                        f"({type(error).__name__}: {error})") from None
+    if isinstance(saved, datasets.DatasetDict):
+        if "train" in saved:
+            saved = saved["train"]
+        elif len(saved) == 1:
+            saved = next(iter(saved.values()))
+        else:
+            raise DataError(f"{path}: a saved DatasetDict with splits {sorted(saved)} and none named 'train'")
+    for number, row in enumerate(saved, start=1):
+        yield number, None, _drop_nulls(row)
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face Hub must not be contacted (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set)."""
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _is_hub_name(path: str) -> bool:
+    return bool(HUB_NAME.match(path)) and not path.lower().endswith(DATA_SUFFIXES)
+
+
+def _hub_records(path: str) -> Iterator[RawRecord]:
+    if hub_offline():
+        raise DataError(f"{path}: no such file or directory (and the Hugging Face Hub is offline, "
+                        "HF_HUB_OFFLINE=1, so it is not looked up as a dataset name)")
+    name, _, split = path.partition(":")
+    try:
+        yield from _datasets_records(path, "a Hub dataset", name=name, split=split or "train")
+    except DataError as error:
+        raise DataError(f"{path}: no such file or directory, and not readable from the Hugging Face Hub "
+                        f"({str(error)[len(path) + 2:]})") from None
