@@ -133,22 +133,32 @@ def _json_lines_records(path: str) -> Iterator[RawRecord]:
             yield number, line_no, record
 
 
-_STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]|[^"\[\]{}]+', re.DOTALL)
+_SCALAR = re.compile(r'[^,\]\s]*(?=[,\]\s])')
 
 
 def _value_end(text: str, start: int) -> Optional[int]:
-    """The end of the bracketed JSON value starting at ``text[start]`` ('{' or '['), found by balancing
-    brackets outside strings; None when it does not end within ``text``."""
-    depth = 0
-    for match in _STRING_OR_BRACKET.finditer(text, start):
-        token = match.group()
-        if token in "[{":
+    """Where the JSON value starting at ``text[start]`` ends, found from its strings and brackets alone (so
+    also for a value that does not decode); None when it does not end within ``text``."""
+    if text[start] == '"':
+        match = _STRING.match(text, start)
+        return match.end() if match else None
+    if text[start] not in "[{":
+        match = _SCALAR.match(text, start)  # a number or a literal ends at a delimiter
+        return match.end() if match else None
+    depth, pos = 0, start
+    while True:
+        match = _TOKEN.match(text, pos)
+        if match is None:  # a string that does not end within the text
+            return None
+        token, pos = match.group(), match.end()
+        if token in ("[", "{"):
             depth += 1
-        elif token in "]}":
+        elif token in ("]", "}"):
             depth -= 1
             if depth == 0:
-                return match.end()
-    return None
+                return pos
 
 
 class _JsonListReader:
@@ -184,23 +194,17 @@ class _JsonListReader:
         return DataError(f"{self.path}: line {self.line_no}: {message}")
 
     def decode(self) -> Tuple[Any, Optional[BaseException], Optional[int]]:
-        """(value, error, end) of the element at ``pos``, reading on until it is complete or known bad; end is
-        None when a bad element cannot be delimited (the list is cut short or broken)."""
-        previous = None
+        """(value, error, end) of the element at ``pos``, reading on until it is complete; end is None when a
+        bad element does not end before the end of the file (the list is cut short)."""
         while True:
             try:
                 value, end = self.decoder.raw_decode(self.text, self.pos)
             except (ValueError, RecursionError) as error:
-                # An element cut by the window's edge fails too: it is bad only if it fails the same way
-                # with more text (or at the end of the file).
-                signature = (type(error), getattr(error, "msg", None), getattr(error, "pos", 0) - self.pos)
-                if self.eof or signature == previous:
-                    end = _value_end(self.text, self.pos) if self.text[self.pos] in "[{" else None
-                    while end is None and self.text[self.pos] in "[{" and self.more():
-                        end = _value_end(self.text, self.pos)
+                end = _value_end(self.text, self.pos)
+                if end is not None:  # the whole element is in the window: it is bad, not cut by the window
                     return None, error, end
-                previous = signature
-                self.more()
+                if self.eof or not self.more():
+                    return None, error, None
                 continue
             if end < len(self.text) or self.eof:  # a number at the window's edge may go on
                 return value, None, end
