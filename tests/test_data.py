@@ -334,3 +334,15 @@ def test_loaded_examples_are_a_compact_sequence(tmp_path):
     formatted, _ = load_ranked(write_json(tmp_path / "f.json", FORMATTED))
     assert formatted[0].meta == {"id": 7}
     assert examples.nbytes() < (tmp_path / "many.jsonl").stat().st_size
+
+
+def test_a_failed_load_leaves_no_file(tmp_path, monkeypatch):
+    store = tmp_path / "tmp"
+    store.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(store))  # where the example store is written
+    path = write_jsonl(tmp_path / "bad.jsonl", [NATIVE[0]] * 5000 + [{"instruction": "x"}])  # one batch written
+    with pytest.raises(DataError, match="record 5001"):
+        load_ranked(path)
+    examples, _ = load_ranked(path, skip_bad_records=True)
+    assert len(examples) == 5000 and examples[4999].responses == ["4", "5", "22"]
+    assert list(store.iterdir()) == []  # the store of the good load is unlinked too, yet still readable

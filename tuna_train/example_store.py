@@ -134,14 +134,14 @@ class ExampleStoreBuilder:
             self.pending = {name: [] for name in SCHEMA.names}
 
     def finish(self) -> RankedExamples:
-        self._flush()
-        self.writer.close()
-        self.sink.close()
         try:
+            self._flush()
+            self.writer.close()
+            self.sink.close()
             reader = pa.ipc.open_file(pa.memory_map(self.file, "r"))
             batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
         except BaseException:
-            os.unlink(self.file)
+            self.abandon()
             raise
         examples = RankedExamples(self.path, batches, self.example_type)
         try:
@@ -152,9 +152,13 @@ class ExampleStoreBuilder:
 
     def abandon(self) -> None:
         """Drop what was written (loading failed)."""
-        self.writer.close()
-        self.sink.close()
-        _remove(self.file)
+        try:
+            self.writer.close()
+            self.sink.close()
+        except Exception:  # already closed, or closing a broken writer: the file goes anyway
+            pass
+        finally:
+            _remove(self.file)
 
 
 def _remove(file: str) -> None:
