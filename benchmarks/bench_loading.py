@@ -3,7 +3,7 @@
 Writes a JSON lines file of native records (400k records, about 80 MB by default), then loads it in a fresh
 subprocess (so imports and earlier allocations do not blur the figure) and reports the growth of the
 resident set (psutil RSS after the load minus before it, with the loaded examples still alive), the peak
-growth (``ru_maxrss`` minus the RSS before), the time, and the file size; then the growth after one pass over
+growth (the largest RSS sampled every 5 ms during the load, minus the RSS before), the time, and the file size; then the growth after one pass over
 every example (which maps every page of a memory-mapped store; file-backed pages the kernel may drop again,
 reported apart as the anonymous growth). A load of a 2-record file first sets up the libraries; its growth
 is reported, not counted. Acceptance (issue 13): the
@@ -49,7 +49,7 @@ def write_native_jsonl(path: Path, num_records: int, seed: int = 0) -> int:
 # Runs in the child: imports and a load of a 2-record file first (one-time library set-up, not counted), then
 # the load, measured with the examples alive.
 CHILD = r"""
-import gc, json, resource, sys, time
+import gc, json, sys, threading, time
 import psutil
 from tuna_train import data
 process = psutil.Process()
@@ -60,12 +60,23 @@ del warm_up
 gc.collect()
 before_info = process.memory_info()
 before = before_info.rss
+peak, done = before, threading.Event()
+
+def sample():  # the peak of this load alone (ru_maxrss would also hold earlier peaks, even the parent's)
+    global peak
+    while not done.wait(0.005):
+        peak = max(peak, process.memory_info().rss)
+
+sampler = threading.Thread(target=sample)
+sampler.start()
 start = time.perf_counter()
 examples, report = data.load_ranked(sys.argv[1])
 seconds = time.perf_counter() - start
+done.set()
+sampler.join()
 gc.collect()
 after = process.memory_info().rss
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+peak = max(peak, after)
 first, last = examples[0], examples[len(examples) - 1]  # still usable after the measurement
 start = time.perf_counter()
 count = sum(1 for _ in examples)  # a pass over every example maps every page of the store
