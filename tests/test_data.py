@@ -287,6 +287,33 @@ def test_missing_path_with_the_hub_offline_names_the_path(monkeypatch):
         load_ranked("nobody/no-such-dataset")
 
 
+def test_hub_name_is_streamed_through_datasets_and_a_local_typo_is_not(tmp_path, monkeypatch):
+    import datasets
+
+    asked = []
+
+    def fake_load_dataset(name, split, streaming, cache_dir, **options):  # the Hub, without the network
+        asked.append((name, split, streaming))
+        if name != "owner/ranked":
+            raise FileNotFoundError(f"Dataset '{name}' doesn't exist on the Hub")
+        return iter([{**record, "prompt": None} for record in NATIVE[:1]] + NATIVE[1:])  # Arrow fills nulls
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.chdir(tmp_path)
+    examples, _ = load_ranked("owner/ranked:test")
+    same_examples(examples, examples_from_records(NATIVE))
+    assert asked == [("owner/ranked", "test", True)]
+    with pytest.raises(DataError, match=r"^owner/other: no such file or directory, and not readable from the "
+                                        r"Hugging Face Hub \(FileNotFoundError"):
+        load_ranked("owner/other")
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DataError, match=r"^data/ranked: no such file$"):
+        load_ranked("data/ranked")  # 'data' is a local directory: a mistyped path, the Hub is not asked
+    assert len(asked) == 2
+
+
 def test_json_list_read_through_a_small_window(tmp_path, monkeypatch):
     """Elements straddling the window's edge decode as from one piece; a bad element that still balances is a
     bad record, a list cut short names its line."""

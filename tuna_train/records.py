@@ -22,8 +22,8 @@ Nothing here holds the whole file in Python objects; memory stays flat however l
   (:data:`CSV_JSON_FIELDS`: ``responses``, ``scores``, ``ranking``, ``output``, ``orig``...) are written
   in their cells as JSON (``"[""a"", ""b""]"``) and decoded here; an empty cell is a missing field.
 - A **Hub name** (``owner/name``, optionally ``owner/name:split``, split ``train`` by default) is tried only
-  when no file or directory of that name exists and the Hub is not offline (``HF_HUB_OFFLINE=1``); otherwise
-  the error names the path.
+  when no file or directory of that name exists, ``owner`` is not a local directory and the Hub is not
+  offline (``HF_HUB_OFFLINE=1``); otherwise the error names the path at once.
 """
 
 from __future__ import annotations
@@ -292,7 +292,9 @@ def _datasets_records(path: str, builder: str, data_files: Optional[str] = None,
                 rows = datasets.load_dataset(builder, data_files=data_files, **options)
             iterator = iter(rows)
         except Exception as error:  # datasets raises many kinds; all mean "cannot read this source"
-            raise DataError(f"{path}: cannot be read as {builder} ({type(error).__name__}: {error})") from None
+            what = ("no such file or directory, and not readable from the Hugging Face Hub" if name is not None
+                    else f"cannot be read as {builder}")
+            raise DataError(f"{path}: {what} ({type(error).__name__}: {error})") from None
         number = 0
         while True:
             try:
@@ -337,7 +339,10 @@ def hub_offline() -> bool:
 
 
 def _is_hub_name(path: str) -> bool:
-    return bool(HUB_NAME.match(path)) and not path.lower().endswith(DATA_SUFFIXES)
+    """``owner/name[:split]`` that is no local path: no data-file suffix, and ``owner`` is no local directory
+    (so a mistyped ``data/ranked`` fails at once instead of asking the Hub)."""
+    return (bool(HUB_NAME.match(path)) and "/" in path and not path.lower().endswith(DATA_SUFFIXES)
+            and not Path(path.split("/")[0]).is_dir())
 
 
 def _hub_records(path: str) -> Iterator[RawRecord]:
@@ -345,8 +350,4 @@ def _hub_records(path: str) -> Iterator[RawRecord]:
         raise DataError(f"{path}: no such file or directory (and the Hugging Face Hub is offline, "
                         "HF_HUB_OFFLINE=1, so it is not looked up as a dataset name)")
     name, _, split = path.partition(":")
-    try:
-        yield from _datasets_records(path, "a Hub dataset", name=name, split=split or "train")
-    except DataError as error:
-        raise DataError(f"{path}: no such file or directory, and not readable from the Hugging Face Hub "
-                        f"({str(error)[len(path) + 2:]})") from None
+    yield from _datasets_records(path, "a Hub dataset", name=name, split=split or "train")
