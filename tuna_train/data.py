@@ -22,9 +22,10 @@ Reading (:mod:`tuna_train.records`): JSON lines are decoded line by line here (a
 ``datasets``' JSON reader would infer one schema and fail or coerce on records of different shapes), JSON
 lists element by element, Parquet, CSV, saved dataset directories and Hub names stream through
 ``datasets``. Storing (:mod:`tuna_train.example_store`): ``load_ranked`` normalises each record as it is
-read and keeps the examples in Arrow batches, not as Python objects, so memory grows by less than the
-file's size (400k records, 80 MB: see README); it returns a read-only sequence that builds a
-``RankedExample`` on each access.
+read and keeps the examples in a memory-mapped Arrow file in ``$TMPDIR`` (unlinked at once), not as Python
+objects, so resident memory grows by a small fraction of the file's size (400k records, 80 MB: +16 MB, see
+README); it returns a read-only sequence that builds a ``RankedExample`` on each access. Split it with
+:func:`select_examples` (a view), not a list comprehension, to keep it compact.
 """
 
 from __future__ import annotations
