@@ -13,11 +13,13 @@ Nothing here holds the whole file in Python objects; memory stays flat however l
   (``surrogateescape``) and are rejected with the record and field by the text check of ``tuna_train.data``;
   a malformed element whose brackets still balance is a bad record; a list broken beyond that (cut short)
   stops with the line.
-- **Parquet, CSV, saved datasets and Hub names** go through ``datasets``: columnar files are streamed
-  (``load_dataset(..., streaming=True)``, one Arrow batch in memory at a time), a saved dataset is
-  memory-mapped (``load_from_disk``). ``datasets`` gets a temporary cache directory, removed when the
-  records have been read, so nothing is left under ``~/.cache``. Columns are filled with nulls where a
-  record lacks a field; such nulls are dropped so a record reads as it would in JSON.
+- **CSV, saved datasets and Hub names** go through ``datasets``: CSV and Hub datasets are streamed
+  (``load_dataset(..., streaming=True)``), a saved dataset is memory-mapped (``load_from_disk``).
+  ``datasets`` gets a temporary cache directory, removed when the records have been read, so nothing is
+  left under ``~/.cache``. **Parquet** is read by ``pyarrow.parquet`` 1024 rows at a time: streaming it
+  through ``datasets`` kept +340 MB resident and took 7-17 s for a 400k-row file that pyarrow reads in
+  2.3 s with +68 MB (one row group decoded). Columns are filled with nulls where a record lacks a field;
+  such nulls are dropped so a record reads as it would in JSON.
 - **CSV** cells are all read as text. The list- and object-valued fields of the four formats
   (:data:`CSV_JSON_FIELDS`: ``responses``, ``scores``, ``ranking``, ``output``, ``orig``...) are written
   in their cells as JSON (``"[""a"", ""b""]"``) and decoded here; an empty cell is a missing field.
@@ -37,6 +39,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 
 class DataError(ValueError):
     """A record that cannot be used; the message names the file, the record and the field."""
@@ -45,7 +50,6 @@ class DataError(ValueError):
 #: (record number from 1, line number or None, the decoded record or the DataError that makes it unusable)
 RawRecord = Tuple[int, Optional[int], Union[Any, DataError]]
 
-COLUMNAR_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
 DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".csv", ".arrow", ".txt", ".gz")
 CSV_JSON_FIELDS = frozenset({"responses", "scores", "ranking", "output", "score", "orig", "text",
                              "avg_token_prob", "length", "logprob", "generation", "rank", "ranks"})
@@ -71,8 +75,10 @@ def iter_records(path: str) -> Iterator[RawRecord]:
         yield from _saved_dataset_records(path)
     elif file.is_file():
         suffix = file.suffix.lower()
-        if suffix in COLUMNAR_SUFFIXES:
-            yield from _datasets_records(path, COLUMNAR_SUFFIXES[suffix], data_files=str(file))
+        if suffix == ".parquet":
+            yield from _parquet_records(path)
+        elif suffix == ".csv":
+            yield from _datasets_records(path, "csv", data_files=str(file))
         elif _first_byte(file) == b"[":
             yield from _json_list_records(path)
         else:
@@ -275,8 +281,8 @@ def _csv_columns(path: str) -> List[str]:
 
 def _datasets_records(path: str, builder: str, data_files: Optional[str] = None, name: Optional[str] = None,
                       split: str = "train") -> Iterator[RawRecord]:
-    """Rows of a columnar file (``builder`` 'parquet' or 'csv') or of a Hub dataset (``name``), streamed by
-    ``datasets`` with a temporary cache directory."""
+    """Rows of a CSV file (``builder`` 'csv') or of a Hub dataset (``name``), streamed by ``datasets`` with a
+    temporary cache directory."""
     import datasets  # imported here, not at the top: 0.5 s, and only these sources need it
 
     with tempfile.TemporaryDirectory(prefix="tuna-datasets-cache-") as cache_dir:
@@ -309,6 +315,19 @@ def _datasets_records(path: str, builder: str, data_files: Optional[str] = None,
                 yield number, None, _csv_record(row, record_where(path, number, None))
             else:
                 yield number, None, _drop_nulls(row)
+
+
+def _parquet_records(path: str) -> Iterator[RawRecord]:
+    """Rows of a Parquet file, 1024 at a time (memory: one row group decoded at most)."""
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        number = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                number += 1
+                yield number, None, _drop_nulls(row)
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"{path}: cannot be read as parquet ({type(error).__name__}: {error})") from None
 
 
 def _saved_dataset_records(path: str) -> Iterator[RawRecord]:
