@@ -276,9 +276,13 @@ def test_every_source_gives_the_same_examples(tmp_path, monkeypatch, records, fm
 
 def test_csv_cell_that_is_not_json_is_named(tmp_path):
     path = tmp_path / "d.csv"
-    path.write_text('instruction,responses,scores\nx,"[""a""]",[1.0]\ny,"[""a"", ""b""",[1.0]\n')
-    with pytest.raises(DataError, match=r"d.csv: record 2: field 'responses' must hold JSON"):
+    path.write_text('instruction,responses,scores\n"two\nlines","[""a""]",[1.0]\ny,"[""a"", ""b""",[1.0]\n'
+                    'z,"[""a""]",[1.0],extra\n')
+    with pytest.raises(DataError, match=r"d.csv: record 2 \(line 4\): field 'responses' must hold JSON"):
         load_ranked(str(path))
+    examples, report = load_ranked(str(path), skip_bad_records=True)
+    assert examples[0].instruction == "two\nlines" and report.skipped == 2
+    assert report.first_errors[1].endswith("record 3 (line 5): 4 cells for 3 columns")
 
 
 def test_missing_path_with_the_hub_offline_names_the_path(monkeypatch):
