@@ -1,13 +1,13 @@
 """Memory and time of loading a large ranked-data file with ``tuna_train.data.load_ranked``.
 
 Writes a JSON lines file of native records (400k records, about 80 MB by default), then loads it in a fresh
-subprocess (so imports and earlier allocations do not blur the figure) and reports the growth of the
-resident set (psutil RSS after the load minus before it, with the loaded examples still alive), the peak
-growth (the largest RSS sampled every 5 ms during the load, minus the RSS before), the time, and the file size; then the growth after one pass over
-every example (which maps every page of a memory-mapped store; file-backed pages the kernel may drop again,
-reported apart as the anonymous growth). A load of a 2-record file first sets up the libraries; its growth
-is reported, not counted. Acceptance (issue 13): the
-growth is at most the file's size.
+subprocess (so imports and earlier allocations do not blur the figure) and reports the growth of the resident
+set (psutil RSS after the load minus before it, with the loaded examples still alive), the peak growth (the
+largest RSS sampled every 5 ms during the load, minus the RSS before), the time, and the file size; then the
+growth after one pass over every example (which maps every page of a memory-mapped store; file-backed pages
+the kernel may drop again, reported apart as the anonymous growth). A load of a 2-record file first sets up
+the libraries; its growth is reported, not counted. Acceptance (issue 13): the growth is at most the file's
+size.
 
     python benchmarks/bench_loading.py [--records 400000] [--keep FILE] [--json OUT]
 

@@ -12,20 +12,20 @@ Formats (detected from the first record, or named with ``data_format``):
 - ``tuna_contextual``: raw contextual-ranking records, ``{"prompt", "instruct", "generation": [...],
   "rank" | "ranks": [indices best first], "response_4", ...}``; index K is the judge's own response.
 
-A malformed record raises :class:`DataError` naming the file, the record number (the line for JSON lines)
-and the field; with ``skip_bad_records`` such records are skipped and counted instead. Besides the fields
-of its format, a record is refused when a text it trains on is not a string (a list in ``orig.input``) or
-is not valid Unicode (a lone surrogate such as ``"\\ud800"``, or bytes that are not UTF-8 in a JSON list),
-so no bad text reaches the tokenizer in the middle of a run.
+A malformed record raises :class:`DataError` naming the file, the record number (and line, for JSON lines and
+CSV) and the field; with ``skip_bad_records`` such records are skipped and counted instead. Besides the fields
+of its format, a record is refused when a text it trains on is not a string (a list in ``orig.input``) or is
+not valid Unicode (a lone surrogate such as ``"\\ud800"``, or bytes that are not UTF-8 in a JSON list), so no
+bad text reaches the tokenizer in the middle of a run.
 
-Reading (:mod:`tuna_train.records`): JSON lines are decoded line by line here (an error names the line;
+Reading (:mod:`tuna_train.records`): JSON lines are decoded line by line (an error names the line;
 ``datasets``' JSON reader would infer one schema and fail or coerce on records of different shapes), JSON
-lists element by element, Parquet, CSV, saved dataset directories and Hub names stream through
-``datasets``. Storing (:mod:`tuna_train.example_store`): ``load_ranked`` normalises each record as it is
-read and keeps the examples in a memory-mapped Arrow file in ``$TMPDIR`` (unlinked at once), not as Python
-objects, so resident memory grows by a small fraction of the file's size (400k records, 80 MB: +16 MB, see
-README); it returns a read-only sequence that builds a ``RankedExample`` on each access. Split it with
-:func:`select_examples` (a view), not a list comprehension, to keep it compact.
+lists element by element, CSV row by row, Parquet 1024 rows at a time; saved dataset directories are memory-
+mapped and Hub names streamed by ``datasets``. Storing (:mod:`tuna_train.example_store`): ``load_ranked``
+normalises each record as it is read and keeps the examples in a memory-mapped Arrow file in ``$TMPDIR``
+(unlinked at once), not as Python objects, so resident memory grows by a small fraction of the file's size
+(400k records, 80 MB: +16 MB, see README); it returns a read-only sequence that builds a ``RankedExample`` on
+each access. Split it with :func:`select_examples` (a view), not a list comprehension, to keep it compact.
 """
 
 from __future__ import annotations
@@ -271,7 +271,8 @@ def load_ranked(path: str, data_format: str = "auto", skip_bad_records: bool = F
                 check_text(example, record, where)
             except DataError as error:
                 message = str(error) if str(error).startswith(str(path)) else f"{where}: {error}"
-            except (TypeError, ValueError, OverflowError, RecursionError, AttributeError, KeyError, IndexError) as error:
+            except (TypeError, ValueError, OverflowError, RecursionError, AttributeError, KeyError,
+                    IndexError) as error:
                 # a shape parse_record does not foresee must still name its record, and be skippable
                 message = f"{where}: cannot be used ({type(error).__name__}: {error})"
             else:

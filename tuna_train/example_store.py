@@ -1,12 +1,12 @@
 """Ranked examples kept compactly in Arrow record batches and rebuilt as :class:`RankedExample` on access.
 
 A Python ``RankedExample`` costs several times its text (object headers, a dict, boxed floats, one string
-object per response, the ``source`` string); 400k of them took 5x the file's size. Here the examples of a
-file live as columns (strings, lists of strings, float64 lists, the record and line numbers), written a
-batch at a time to an Arrow file in the temporary directory and memory-mapped, and an example is made
-only when it is indexed: resident memory holds only the pages read, which the kernel can drop again. The source (``'<path>: record N (line
-L)'``) is rebuilt from the path and the numbers; fields of ``RankedExample`` other than the columns
-(``meta`` and any a later version adds) are kept as one JSON string per example.
+object per response, the ``source`` string); 400k of them took 5x the file's size. Here the examples of a file
+live as columns (strings, lists of strings, float64 lists, the record and line numbers), written a batch at a
+time to an Arrow file in the temporary directory and memory-mapped, and an example is made only when it is
+indexed: resident memory holds only the pages read, which the kernel can drop again. The source
+(``'<path>: record N (line L)'``) is rebuilt from the path and the numbers; fields of ``RankedExample`` other than the
+columns (``meta`` and any a later version adds) are kept as one JSON string per example.
 
 :class:`RankedExamples` is a read-only sequence: ``len``, indexing, iteration, slicing (a view) and
 ``select(indices)`` (a view) work as on a list of examples; ``list(examples)`` makes the Python objects.

@@ -21,9 +21,10 @@ Nothing here holds the whole file in Python objects; memory stays flat however l
   7-36 s; ``pyarrow.parquet`` reads 1024 rows at a time (+68 MB: one row group decoded, 2.3 s), the standard
   ``csv`` module one row at a time, keeping every cell text and naming lines. Columns are filled with nulls
   where a record lacks a field; such nulls are dropped so a record reads as it would in JSON.
-- **CSV** (a header line, then one record per row) cells are all read as text. The list- and object-valued fields of the four formats
-  (:data:`CSV_JSON_FIELDS`: ``responses``, ``scores``, ``ranking``, ``output``, ``orig``...) are written
-  in their cells as JSON (``"[""a"", ""b""]"``) and decoded here; an empty cell is a missing field.
+- **CSV** has a header line, then one record per row; its cells are all read as text. The list- and
+  object-valued fields of the four formats (:data:`CSV_JSON_FIELDS`: ``responses``, ``scores``,
+  ``ranking``, ``output``, ``orig``...) are written in their cells as JSON (``"[""a"", ""b""]"``) and
+  decoded here; an empty cell is a missing field; errors name the row's first line.
 - A **Hub name** (``owner/name``, optionally ``owner/name:split``, split ``train`` by default) is tried only
   when no file or directory of that name exists, ``owner`` is not a local directory and the Hub is not
   offline (``HF_HUB_OFFLINE=1``); otherwise the error names the path at once.
@@ -38,7 +39,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -91,7 +92,7 @@ def iter_records(path: str) -> Iterator[RawRecord]:
 
 
 def record_where(path: str, number: int, line_no: Optional[int]) -> str:
-    """How an error names a record: ``'<path>: record 3 (line 4)'`` (the line only for JSON lines)."""
+    """How an error names a record: ``'<path>: record 3 (line 4)'`` (a line for JSON lines and CSV)."""
     return f"{path}: record {number}" + (f" (line {line_no})" if line_no else "")
 
 
