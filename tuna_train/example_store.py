@@ -122,7 +122,7 @@ class ExampleStoreBuilder:
             self.pending[name].append(getattr(example, name))
         extra = {name: getattr(example, name) for name, default in self.extra_fields.items()
                  if getattr(example, name) != default}
-        self.pending["extra"].append(json.dumps(extra) if extra else None)
+        self.pending["extra"].append(json.dumps(extra, default=str) if extra else None)  # e.g. a Parquet date id
         self.pending["record"].append(number)
         self.pending["line"].append(line_no)
         if len(self.pending["record"]) >= BATCH_EXAMPLES:
