@@ -27,7 +27,7 @@ from tuna_kernels import TunaLoss
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, write_atomic
 from .collate import pack, tokenize_group
 from .config import TrainConfig
-from .data import RankedExample, examples_from_records, load_ranked
+from .data import RankedExample, examples_from_records, load_ranked, select_examples
 from .metrics import COUNT_KEYS, MetricsLog, ranking_counts, summarise
 from .model import (adapter_base_path, add_lora, build_tiny_llama, load_model, load_tokenizer,
                     synthetic_tokenizer)
@@ -44,8 +44,8 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class Datasets:
-    train: List[RankedExample]
-    eval: List[RankedExample]
+    train: Sequence[RankedExample]
+    eval: Sequence[RankedExample]
     skipped: int = 0
 
 
@@ -70,7 +70,7 @@ def load_datasets(config: TrainConfig) -> Datasets:
     order = list(range(len(examples)))
     random.Random(config.seed).shuffle(order)
     num_eval = int(round(len(examples) * config.eval_fraction))
-    return Datasets([examples[i] for i in order[num_eval:]], [examples[i] for i in order[:num_eval]], skipped)
+    return Datasets(select_examples(examples, order[num_eval:]), select_examples(examples, order[:num_eval]), skipped)
 
 
 def build_model(config: TrainConfig):
