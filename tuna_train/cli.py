@@ -16,7 +16,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from .config import TrainConfig, config_fields
+from .config import FIELD_HELP, TrainConfig, config_fields
 from .model import PLACEMENT_DEVICES, PLACEMENT_DTYPES, Placement
 
 
@@ -25,13 +25,14 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for name, field_ in config_fields().items():
         flag = "--" + name.replace("_", "-")
         kind = type(field_.default).__name__ if field_.default is not None else "str"
+        described = FIELD_HELP.get(name, "") + " " if name in FIELD_HELP else ""
         if isinstance(field_.default, bool):
             # "--lora" alone means true; "--lora false" is accepted too
             parser.add_argument(flag, dest=name, nargs="?", const="true", default=None, metavar="BOOL",
-                                help=f"(bool, default {field_.default})")
+                                help=f"{described}(bool, default {field_.default})")
         else:
             parser.add_argument(flag, dest=name, default=None, metavar=kind.upper(),
-                                help=f"({kind}, default {field_.default!r})")
+                                help=f"{described}({kind}, default {field_.default!r})")
 
 
 def _add_placement_flags(parser: argparse.ArgumentParser) -> None:

@@ -176,7 +176,6 @@ def evaluate_stages(config: PipelineConfig, root: Path, manifest: Manifest, eval
     from ..config import load_config
     from ..data import load_ranked
     from ..model import load_model, load_tokenizer
-    from ..synthetic import answer
     from ..trainer import build_model
 
     tasks_path = config.generation_tasks
@@ -184,8 +183,7 @@ def evaluate_stages(config: PipelineConfig, root: Path, manifest: Manifest, eval
         tasks_path = str(root / "generation_tasks.jsonl")
         if not Path(tasks_path).exists():
             write_jsonl(Path(tasks_path), [
-                {"id": i, "instruction": r["instruction"], "input": r["input"], "task": r["task"],
-                 "references": [answer(r["task"], r["input"], r["length"])]}
+                {"id": i, "instruction": r["instruction"], "task": r["task"], "references": r["references"]}
                 for i, r in enumerate(read_jsonl(eval_path))])
     examples, _ = load_ranked(eval_path)
     tasks = read_jsonl(tasks_path)
