@@ -321,7 +321,8 @@ class Trainer:
                     step_metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
                     self.log.log(final_step, "train", step_metrics)
                     window_tokens, window_start = 0, time.perf_counter()
-                if config.eval_every and final_step % config.eval_every == 0 and final_step != self.total_steps:
+                if (config.eval_every and final_step % config.eval_every == 0 and final_step != self.total_steps
+                        and self.data.eval):  # eval_fraction 0 and no eval_data: nothing held out
                     self._eval_and_track(final_step, state)
                 if final_step % config.save_every == 0 or self.stop_requested:
                     self._save(final_step, state)
