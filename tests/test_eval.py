@@ -38,6 +38,10 @@ def test_rouge_l_per_task_matches_rouge_score_exactly():
     assert metrics["rouge_l_per_task"] == expected_tasks
     assert metrics["rouge_l"] == sum(expected_tasks.values()) / 3  # each task counts once
     assert metrics["tasks"] == 3 and metrics["records"] == 5
+    # exact match per task (white space around ignored), then over tasks: task1 0/2, task2 0/2, task3 0/1
+    assert metrics["exact_match"] == 0.0
+    matched = generation_metrics(FIXTURE, [" the cat sat on the mat", "x", "y", "forty two", "yes"])
+    assert matched["exact_match"] == pytest.approx((1 / 2 + 1 / 2 + 1 / 1) / 3)
 
 
 def naive_tau_b(x, y):

@@ -310,7 +310,8 @@ def _pipeline(args) -> int:
           f"after Tuna_p {fmt(accuracy['after_tuna_p'])}, after Tuna_c {fmt(accuracy['after_tuna_c'])}")
     for name, metrics in report["eval"].items():
         print(f"  tuna eval, {name}: pairwise accuracy {fmt(metrics['pair_accuracy'])}, Kendall tau "
-              f"{fmt(metrics['kendall_tau'])}, ROUGE-L {fmt(metrics['rouge_l'])}")
+              f"{fmt(metrics['kendall_tau'])}, ROUGE-L {fmt(metrics['rouge_l'])}, "
+              f"exact match {fmt(metrics.get('exact_match'))}")
     return 0
 
 
@@ -322,6 +323,15 @@ def _print_summary(config: TrainConfig, summary: dict) -> None:
           f"in {summary['train_seconds']:.0f} s; output in {config.output_dir}")
     print(f"held-out pairwise ranking accuracy: before {accuracy(summary.get('initial_eval'))}, "
           f"after {accuracy(summary.get('final_eval'))}")
+    final = summary.get("final_eval") or {}
+    if "shuffled_pair_accuracy" in final:  # the controls: instruction following, not the look of the answers
+        print(f"  controls after training: with another held-out prompt {final['shuffled_pair_accuracy']:.3f}, "
+              f"prompt-free scorer {final['prompt_free_pair_accuracy']:.3f}")
+    truncation = summary.get("truncation") or {}
+    if truncation.get("groups_truncated"):
+        print(f"  truncated by max_length {truncation['max_length']}: {truncation['prompts_truncated']} prompts, "
+              f"{truncation['responses_truncated']} responses ({100 * truncation['truncated_fraction']:.1f}% of "
+              "the training groups)")
 
 
 if __name__ == "__main__":
