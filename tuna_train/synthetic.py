@@ -3,8 +3,8 @@
 Every instruction names a task, a length and a letter ("Go backwards through the alphabet for 4 letters
 from the letter k."): continue the alphabet after the letter, go backwards from it, repeat it, or skip
 every other letter after it (z wraps to a). The tasks share their inputs, so the answer of one task on a
-letter is a wrong answer of the others on that letter: a ranked record's candidates are the answer, the
-same task's answer from a neighbouring letter, and other tasks' answers on the same letter; each scored by minus its edit
+letter is a wrong answer of the others on that letter: a ranked record's candidates are the answers of all
+four tasks on its letter and length (the same strings for the four instructions), each scored by minus its edit
 distance to the answer. Ranking them right needs the instruction; every answer is a regular run of
 letters, so a scorer that never sees the prompt has little to go on (see :mod:`tuna_train.controls`).
 
@@ -108,8 +108,9 @@ def make_task_records(num_examples: int, seed: int = 0, split: str = "train", mi
 def make_records(num_examples: int, seed: int = 0, num_candidates: int = 4, split: str = "train") -> List[dict]:
     """Native ranked records ``{"instruction", "task", "responses", "scores", "references"}``.
 
-    Candidates: the answer, the same task's answer from a neighbouring letter, then the answers of other
-    tasks on the same letter and length (as many as fit ``num_candidates``); score = minus the edit distance to the answer.
+    Candidates: the answer, then the answers of the other tasks on the same letter and length (as many as
+    fit ``num_candidates``; with 4, every instruction on a letter and length has the same four candidates);
+    score = minus the edit distance to the answer.
     They are stored shuffled, so the order comes from the scores, as with real data.
     """
     rng = random.Random(seed + 7919)
@@ -118,8 +119,7 @@ def make_records(num_examples: int, seed: int = 0, num_candidates: int = 4, spli
         correct = record["references"][0]
         task, letter, length = parse_instruction(record["instruction"])
         others = [answer(t, letter, length) for t in rng.sample([t for t in sorted(TASKS) if t != task], len(TASKS) - 1)]
-        neighbour = LETTERS[(LETTERS.index(letter) + rng.choice((-1, 1))) % 26]
-        texts = ([correct, answer(task, neighbour, length)] + others)[:num_candidates]
+        texts = ([correct] + others)[:num_candidates]
         candidates = [(text, -float(edit_distance(text, correct))) for text in texts]
         rng.shuffle(candidates)
         records.append(dict(record, responses=[t for t, _ in candidates], scores=[s for _, s in candidates]))

@@ -53,9 +53,12 @@ class PipelineConfig:
     sft_examples: int = 3000  # built-in tasks for the supervised stage that makes the start model (0 = none)
     sft: Dict[str, Any] = field(default_factory=lambda: {"num_epochs": 1.0, "learning_rate": 3e-3,
                                                          "warmup_steps": 10, "eval_controls": False})
-    train_p: Dict[str, Any] = field(default_factory=dict)  # TrainConfig fields for Tuna_p
+    # TrainConfig fields for Tuna_p and Tuna_c. The built-in default puts the MLE term on the best candidate
+    # only (an option of the method): its wrong candidates are other tasks' answers, not a teacher's samples
+    train_p: Dict[str, Any] = field(default_factory=lambda: {"num_epochs": 1.0, "mle_on": "best"})
     train_c: Dict[str, Any] = field(default_factory=lambda: {"learning_rate": 3e-4, "num_epochs": 2.0,
-                                                             "warmup_steps": 5, "batch_groups": 16})
+                                                             "warmup_steps": 5, "batch_groups": 16,
+                                                             "mle_on": "best"})
 
 
 def load_pipeline_config(path: Optional[str]) -> PipelineConfig:
