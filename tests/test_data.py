@@ -19,13 +19,27 @@ FORMATTED = [{"id": 7, "instruction": "### Instruction:\nSay hi\n\n### Response:
 PROBABILISTIC = [{"orig": {"instruction": "Name a colour.", "input": "", "output": "red"},
                   "text": ["blue", "red", "car", "green"], "avg_token_prob": [-1.0, -0.2, -3.0, -1.5],
                   "length": [1, 1, 1, 1], "logprob": [-1.0, -0.2, -3.0, -1.5]}]
+ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+          "request.\n\n### Instruction:\n{}\n\n### Response:")
+
+
+def release_contextual(instruction, generations, ranking, key="rank", judge_response="1, 2, 3", **extra):
+    """A raw contextual record shaped like the public release: ``instruct`` is the templated instruction,
+    ``prompt`` what the judge was sent (instruct, every candidate as "###Response j:", the judge's steps)."""
+    instruct = ALPACA.format(instruction)
+    shown = "".join(f"\n\n###Response {j}:\n{text}" for j, text in enumerate(generations))
+    record = {"prompt": instruct + shown + "\n\nWe would like to request your feedback ... rank: [...]",
+              "instruct": instruct, "id": extra.pop("id", 1), "generation": list(generations),
+              "gpt_eval": f"... rank: {ranking}", "rank_str": str(ranking), key: list(ranking)}
+    if judge_response is not None:
+        record["response_4"] = judge_response
+    record.update(extra)
+    return record
+
+
 CONTEXTUAL = [
-    {"prompt": "### Instruction:\nCount to 3\n\n### Response:", "instruct": "Count to 3", "id": 1,
-     "generation": ["1 2 3", "1 2", "3 2 1", "1 2 3 4"], "gpt_eval": "...rank: [0, 4, 3, 1]",
-     "rank_str": "[0, 4, 3, 1]", "ranks": [0, 4, 3, 1], "response_4": "1, 2, 3"},
-    {"prompt": "### Instruction:\nSay yes\n\n### Response:", "instruct": "Say yes", "id": 2,
-     "generation": ["yes", "no", "maybe", "yes!"], "gpt_eval": "...", "rank_str": "", "rank": [3, 0, 2, 1],
-     "response_4": "Yes."},
+    release_contextual("Count to 3", ["1 2 3", "1 2", "3 2 1", "1 2 3 4"], [0, 4, 3, 1], key="ranks"),
+    release_contextual("Say yes", ["yes", "no", "maybe", "yes!"], [3, 0, 2, 1], judge_response="Yes.", id=2),
 ]
 
 
@@ -79,6 +93,37 @@ def test_tuna_contextual_rank_and_ranks(tmp_path):
     assert examples[1].responses == ["yes!", "yes", "maybe", "no"]  # "rank" spelling
     with_judge, _ = load_ranked(str(tmp_path / "c.json"), include_judge_response=True)
     assert with_judge[0].responses == ["1 2 3", "1, 2, 3", "1 2 3 4", "1 2"]
+
+
+@pytest.mark.parametrize("key", ["rank", "ranks"])
+@pytest.mark.parametrize("judge_response", ["the judge's own answer", None])
+def test_contextual_trains_on_instruct_not_on_the_judge_prompt(tmp_path, key, judge_response):
+    generations = ["Paris", "Lyon", "Paris, France", "Marseille"]
+    record = release_contextual("Name the capital of France.", generations, [2, 0, 1, 3], key=key,
+                                judge_response=judge_response)
+    examples, _ = load_ranked(write_jsonl(tmp_path / "c.jsonl", [record]))
+    example = examples[0]
+    for template in ("alpaca", "chat", "none"):  # templated once: no template is applied again
+        assert example.prompt_text(template) == record["instruct"]
+    assert "###Response" not in example.prompt_text()
+    assert example.meta["judge_prompt"] == record["prompt"]  # kept for audit, never trained on
+    assert example.responses == ["Paris, France", "Paris", "Lyon", "Marseille"]
+
+
+def test_contextual_untemplated_instruct_is_templated_once(tmp_path):
+    record = dict(CONTEXTUAL[1], instruct="Say yes")
+    examples, _ = load_ranked(write_jsonl(tmp_path / "c.jsonl", [record]))
+    assert examples[0].prompt_text("alpaca") == ALPACA.format("Say yes")
+
+
+def test_contextual_record_whose_instruct_shows_its_candidates_is_refused(tmp_path):
+    swapped = dict(CONTEXTUAL[1], instruct=CONTEXTUAL[1]["prompt"])  # the judge's prompt as the training prompt
+    path = write_jsonl(tmp_path / "c.jsonl", [CONTEXTUAL[0], swapped])
+    with pytest.raises(DataError, match=r"c.jsonl: record 2 \(line 2\): field 'instruct' holds the judge's prompt"):
+        load_ranked(path)
+    no_instruct = {k: v for k, v in CONTEXTUAL[0].items() if k != "instruct"}
+    with pytest.raises(DataError, match=r"record 1 \(line 1\): field 'instruct' is missing"):
+        load_ranked(write_jsonl(tmp_path / "n.jsonl", [no_instruct]), data_format="tuna_contextual")
 
 
 @pytest.mark.parametrize("bad, field", [

@@ -38,6 +38,10 @@ def test_rouge_l_per_task_matches_rouge_score_exactly():
     assert metrics["rouge_l_per_task"] == expected_tasks
     assert metrics["rouge_l"] == sum(expected_tasks.values()) / 3  # each task counts once
     assert metrics["tasks"] == 3 and metrics["records"] == 5
+    # exact match per task (white space around ignored), then over tasks: task1 0/2, task2 0/2, task3 0/1
+    assert metrics["exact_match"] == 0.0
+    matched = generation_metrics(FIXTURE, [" the cat sat on the mat", "x", "y", "forty two", "yes"])
+    assert matched["exact_match"] == pytest.approx((1 / 2 + 1 / 2 + 1 / 1) / 3)
 
 
 def naive_tau_b(x, y):
@@ -194,3 +198,33 @@ def test_eval_judge_killed_run_resumes_without_repeated_requests(tiny_model_dir,
     report = json.loads((out / "report.json").read_text())["metrics"]
     assert report["wins"] + report["ties"] + report["losses"] + report["failed"] == len(names)
     assert len((out / "verdicts.jsonl").read_text().splitlines()) == len(names)
+
+
+def test_eval_ranking_of_release_contextual_records_scores_instruct(tiny_model_dir, tmp_path):
+    """`tuna eval ranking` reads raw contextual records through the training loader: candidates are scored
+    given `instruct` (the templated instruction), not the judge's prompt that shows all of them."""
+    from test_data import release_contextual
+    from test_score_generate import naive_sums
+    from tuna_train.cli import main
+    from tuna_train.model import load_model, load_tokenizer
+
+    records = [release_contextual("Continue the alphabet after c.", ["def", "dfe", "xyz", "de"], [0, 3, 1, 2]),
+               release_contextual("Repeat the letter q.", ["qqq", "qq", "q", "qqqq"], [1, 0, 4, 3, 2], key="ranks",
+                                  judge_response="qqqq", id=2)]
+    data = tmp_path / "contextual.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["eval", "ranking", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "r")]) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+
+    model, tokenizer = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    naive, targets = [], []
+    for record in records:  # best first, the judge's own response (index 4) left out
+        order = [i for i in record.get("rank", record.get("ranks")) if i < 4]
+        sums, counts = naive_sums(model, tokenizer, {"prompt": record["instruct"],
+                                                     "responses": [record["generation"][i] for i in order]})
+        naive.append([s / c for s, c in zip(sums, counts)])
+        targets.append([-float(position) for position in range(len(order))])
+    expected = ranking_metrics(naive, targets)
+    assert report["metrics"]["pairs"] == expected["pairs"]
+    for key in ("pair_accuracy", "kendall_tau", "score_gap"):
+        assert report["metrics"][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6)

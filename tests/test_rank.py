@@ -95,6 +95,9 @@ def test_killed_run_resumes_without_repeated_requests(tmp_path):
 
 
 def test_rule_judge_ranks_by_correctness():
-    record = {"instruction": "Continue the alphabet after the letter, 3 letters.", "input": "a", "task": "alphabet",
-              "length": 3, "responses": ["bcx", "bcd", "xyz", "bcd"]}
+    record = {"instruction": "Continue the alphabet for 3 letters after the letter a.",
+              "responses": ["bcx", "bcd", "xyz", "bcd"]}
     assert parse_ranking(RuleJudge().ask(record), 4) == [1, 0, 2]  # the duplicate (3) is dropped
+    # the same responses, graded for another instruction on the same letter: the task decides
+    record = {"instruction": "Write 3 times the letter b.", "responses": ["bcd", "bbb", "abc", "bbx"]}
+    assert parse_ranking(RuleJudge().ask(record), 4) == [1, 3, 0, 2]

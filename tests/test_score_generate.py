@@ -108,7 +108,7 @@ def test_pipeline_embedded_default(tmp_path):
     assert accuracy["after_tuna_p"] >= 0.8 and accuracy["after_tuna_c"] is not None
     stages = summary["stages"]
     assert stages["score"]["status"] == "skipped"
-    assert all(stages[s]["status"] == "done" for s in ("train_p", "generate", "rank", "train_c"))
+    assert all(stages[s]["status"] == "done" for s in ("sft", "train_p", "generate", "rank", "train_c"))
     for name in ("generated.jsonl", "ranked.jsonl"):
         Path(root / name).read_text()  # JSON lines
     examples, report = load_ranked(str(root / "ranked.jsonl"))  # Tuna_c data as tuna train reads it
@@ -117,7 +117,13 @@ def test_pipeline_embedded_default(tmp_path):
     assert set(evaluations) == {"start", "tuna_p", "tuna_c"}
     assert evaluations["tuna_c"]["pair_accuracy"] > evaluations["start"]["pair_accuracy"]
     assert all(evaluations[name]["rouge_l"] is not None for name in evaluations)
-    assert "| pair_accuracy |" in (root / "eval" / "comparison.md").read_text()
+    assert all(evaluations[name]["exact_match"] is not None for name in evaluations)
+    assert "| exact_match |" in (root / "eval" / "comparison.md").read_text()
+    assert (root / "eval" / "comparison.png").stat().st_size > 1000
+    # evaluation instructions never occur in a training stage
+    trained = {r["instruction"] for name in ("sft.jsonl", "data_p.jsonl", "instructions.jsonl")
+               for r in map(json.loads, (root / name).read_text().splitlines())}
+    assert not trained & {json.loads(line)["instruction"] for line in (root / "eval.jsonl").read_text().splitlines()}
 
     # a second run skips every finished stage; with the evaluations removed, it recomputes the same numbers
     import shutil

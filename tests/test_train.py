@@ -203,7 +203,11 @@ def test_embedded_default_learns_to_rank(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "finished"
     assert 0.3 <= summary["initial_eval"]["pair_accuracy"] <= 0.7
-    assert summary["final_eval"]["pair_accuracy"] >= 0.80
+    final = summary["final_eval"]
+    assert final["pair_accuracy"] >= 0.85  # held-out instructions, none of them in training
+    # the controls: another held-out prompt, and a scorer that never sees the prompt, stay near chance
+    assert final["shuffled_pair_accuracy"] <= 0.65 and final["prompt_free_pair_accuracy"] <= 0.65
+    assert summary["initial_eval"]["prompt_free_pair_accuracy"] == final["prompt_free_pair_accuracy"]
     assert "held-out pairwise ranking accuracy: before" in done.stdout
     from transformers import AutoModelForCausalLM
 

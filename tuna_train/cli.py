@@ -16,7 +16,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from .config import TrainConfig, config_fields
+from .config import FIELD_HELP, TrainConfig, config_fields
 from .model import PLACEMENT_DEVICES, PLACEMENT_DTYPES, Placement
 
 
@@ -25,13 +25,14 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for name, field_ in config_fields().items():
         flag = "--" + name.replace("_", "-")
         kind = type(field_.default).__name__ if field_.default is not None else "str"
+        described = FIELD_HELP.get(name, "") + " " if name in FIELD_HELP else ""
         if isinstance(field_.default, bool):
             # "--lora" alone means true; "--lora false" is accepted too
             parser.add_argument(flag, dest=name, nargs="?", const="true", default=None, metavar="BOOL",
-                                help=f"(bool, default {field_.default})")
+                                help=f"{described}(bool, default {field_.default})")
         else:
             parser.add_argument(flag, dest=name, default=None, metavar=kind.upper(),
-                                help=f"({kind}, default {field_.default!r})")
+                                help=f"{described}({kind}, default {field_.default!r})")
 
 
 def _add_placement_flags(parser: argparse.ArgumentParser) -> None:
@@ -317,7 +318,8 @@ def _pipeline(args) -> int:
           f"after Tuna_p {fmt(accuracy['after_tuna_p'])}, after Tuna_c {fmt(accuracy['after_tuna_c'])}")
     for name, metrics in report["eval"].items():
         print(f"  tuna eval, {name}: pairwise accuracy {fmt(metrics['pair_accuracy'])}, Kendall tau "
-              f"{fmt(metrics['kendall_tau'])}, ROUGE-L {fmt(metrics['rouge_l'])}")
+              f"{fmt(metrics['kendall_tau'])}, ROUGE-L {fmt(metrics['rouge_l'])}, "
+              f"exact match {fmt(metrics.get('exact_match'))}")
     return 0
 
 
@@ -329,6 +331,15 @@ def _print_summary(config: TrainConfig, summary: dict) -> None:
           f"in {summary['train_seconds']:.0f} s; output in {config.output_dir}")
     print(f"held-out pairwise ranking accuracy: before {accuracy(summary.get('initial_eval'))}, "
           f"after {accuracy(summary.get('final_eval'))}")
+    final = summary.get("final_eval") or {}
+    if "shuffled_pair_accuracy" in final:  # the controls: instruction following, not the look of the answers
+        print(f"  controls after training: with another held-out prompt {final['shuffled_pair_accuracy']:.3f}, "
+              f"prompt-free scorer {final['prompt_free_pair_accuracy']:.3f}")
+    truncation = summary.get("truncation") or {}
+    if truncation.get("groups_truncated"):
+        print(f"  truncated by max_length {truncation['max_length']}: {truncation['prompts_truncated']} prompts, "
+              f"{truncation['responses_truncated']} responses ({100 * truncation['truncated_fraction']:.1f}% of "
+              "the training groups)")
 
 
 if __name__ == "__main__":

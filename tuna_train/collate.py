@@ -159,6 +159,7 @@ def pack(groups: Sequence[TokenizedGroup], layout: str = "shared", pad_id: int =
         "padded_tokens": len(rows) * length, "tokens_saved": per_candidate_tokens - real_tokens,
         "prompts_truncated": sum(g.prompt_truncated for g in groups),
         "responses_truncated": sum(g.responses_truncated for g in groups),
+        "groups_truncated": sum(bool(g.prompt_truncated or g.responses_truncated) for g in groups),
     }
     flat = torch.tensor([r * length + p for r, p in targets], dtype=torch.long)
     return PackedBatch(input_ids, attention_mask, position_ids, flat, torch.tensor(labels, dtype=torch.long),

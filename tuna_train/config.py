@@ -23,7 +23,8 @@ class TrainConfig:
     skip_bad_records: bool = False
     include_judge_response: bool = False  # contextual records: keep the judge's own response as a candidate
     template: str = "alpaca"  # alpaca | chat | none
-    max_length: int = 512  # tokens per candidate (prompt + response + EOS)
+    max_length: int = 512  # tokens per candidate (prompt + response + EOS); see FIELD_HELP for what is cut
+    truncation_warning: float = 0.05  # warn above this fraction of truncated training groups
     max_candidates: int = 16
     packing: str = "shared"  # shared (prompt once per group) | per_candidate (one row per candidate)
     synthetic_examples: int = 4000
@@ -85,6 +86,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100  # 0 = evaluate before training and at the end only
     eval_groups: int = 256  # at most this many held-out groups per evaluation
+    eval_controls: bool = True  # also evaluate with shuffled prompts and a prompt-free scorer (tuna_train.controls)
     save_every: int = 100
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto (latest checkpoint in output_dir) | never | a checkpoint directory
@@ -130,6 +132,18 @@ class TrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# help text of the flags that need more than their type and default
+FIELD_HELP = {
+    "max_length": "tokens per candidate: prompt (BOS included) + response + EOS. A response longer than what its "
+                  "prompt leaves is cut on the right (its end and EOS are lost); a prompt of max_length tokens or "
+                  "more keeps only its last max_length - 1 tokens (cut on the left: the template's preamble and the "
+                  "start of the instruction are lost) and every response then keeps one token. Counted as "
+                  "prompts_truncated / responses_truncated in the progress bar, metrics.jsonl and summary.json.",
+    "truncation_warning": "warn when more than this fraction of the training groups seen so far had their prompt "
+                          "or a response cut by max_length",
+}
 
 
 def config_fields() -> Dict[str, dataclasses.Field]:

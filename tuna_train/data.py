@@ -31,6 +31,7 @@ each access. Split it with :func:`select_examples` (a view), not a list comprehe
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -158,6 +159,31 @@ def _example(instruction, responses, scores, where, **kwargs) -> RankedExample:
                          scores=[scores[i] for i in order], source=where, **kwargs)
 
 
+# "###Response 0:" ... : how the judge's prompt shows each candidate (the templated "### Response:" has no number)
+_JUDGE_RESPONSE_BLOCK = re.compile(r"###\s*Response\s*(\d+)\s*:")
+_TEMPLATED_END = "### Response:"
+
+
+def contextual_prompt(record: Dict[str, Any], generations: Sequence[str], where: str) -> Tuple[str, bool]:
+    """(training prompt, whether it is already templated) of a raw contextual record.
+
+    The training prompt is ``instruct``, the instruction as the model saw it when it sampled the candidates
+    (templated in the release, ending with "### Response:"; an ``instruct`` that does not end so is templated
+    here, once). ``prompt`` is what the judge was sent (``instruct``, every candidate as "###Response j:",
+    the judge's instructions): never trained on. A training prompt that shows the record's own candidates as
+    "###Response j:" blocks is refused: each candidate would be conditioned on all of them.
+    """
+    instruct = _field(record, "instruct", str, where)
+    for match in _JUDGE_RESPONSE_BLOCK.finditer(instruct):
+        index = int(match.group(1))
+        shown = generations[index].strip() if index < len(generations) else ""
+        if index < len(generations) and (not shown or shown in instruct[match.end():]):
+            raise DataError(f"{where}: field 'instruct' holds the judge's prompt (it shows the record's own "
+                            f"candidate {index} as \"{match.group(0)}\"); 'instruct' must be the templated "
+                            "instruction alone, the judge's prompt belongs in 'prompt'")
+    return instruct, instruct.rstrip().endswith(_TEMPLATED_END)
+
+
 def parse_record(record: Any, data_format: str, where: str, include_judge_response: bool = False) -> RankedExample:
     """One record of ``data_format`` -> RankedExample (best first). Raises DataError."""
     if data_format == "native":
@@ -203,13 +229,13 @@ def parse_record(record: Any, data_format: str, where: str, include_judge_respon
                                    drop=() if include_judge_response else (judge_index,))
         if not by_index:
             raise DataError(f"{where}: field '{name}' ranks no generated response")
-        if "prompt" in record and isinstance(record["prompt"], str):
-            instruction, formatted = record["prompt"], True
-        else:
-            instruction, formatted = _field(record, "instruct", str, where), False
+        instruction, formatted = contextual_prompt(record, generations, where)
         kept = sorted(by_index)
+        meta = {"id": record.get("id")}
+        if isinstance(record.get("prompt"), str):
+            meta["judge_prompt"] = record["prompt"]
         return _example(instruction, [candidates[i] for i in kept], [by_index[i] for i in kept], where,
-                        prompt_is_formatted=formatted, meta={"id": record.get("id")})
+                        prompt_is_formatted=formatted, meta=meta)
     raise DataError(f"unknown data_format {data_format!r}; one of {FORMATS}")
 
 

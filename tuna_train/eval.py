@@ -103,13 +103,24 @@ def references_of(record: Dict[str, Any]) -> List[str]:
     return refs
 
 
+def exact_match(prediction: str, references: Sequence[str]) -> float:
+    """1.0 when the prediction equals a reference (surrounding white space ignored), else 0.0."""
+    return float(prediction.strip() in {reference.strip() for reference in references})
+
+
 def generation_metrics(records: List[Dict[str, Any]], predictions: List[str]) -> Dict[str, Any]:
-    """ROUGE-L per record, mean per task, and the mean over tasks (each task counts once, as the paper)."""
+    """ROUGE-L and exact match per record, mean per task, and the mean over tasks (each task counts once, as
+    the paper does for ROUGE-L)."""
     per_task: Dict[str, List[float]] = {}
+    matches: Dict[str, List[float]] = {}
     for record, prediction in zip(records, predictions):
-        per_task.setdefault(str(record.get("task", "all")), []).append(rouge_l(prediction, references_of(record)))
+        task = str(record.get("task", "all"))
+        per_task.setdefault(task, []).append(rouge_l(prediction, references_of(record)))
+        matches.setdefault(task, []).append(exact_match(prediction, references_of(record)))
     task_means = {task: sum(v) / len(v) for task, v in sorted(per_task.items())}
+    match_means = {task: sum(v) / len(v) for task, v in sorted(matches.items())}
     return {"rouge_l": sum(task_means.values()) / len(task_means) if task_means else None,
+            "exact_match": sum(match_means.values()) / len(match_means) if match_means else None,
             "rouge_l_per_task": task_means, "records": len(records), "tasks": len(task_means)}
 
 
@@ -168,7 +179,7 @@ def compare(report_paths: List[str], png: Optional[str] = None) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        keys = [k for k in ("pair_accuracy", "kendall_tau", "rouge_l") if any(r["metrics"].get(k) is not None for r in reports)]
+        keys = [k for k in ("pair_accuracy", "kendall_tau", "rouge_l", "exact_match") if any(r["metrics"].get(k) is not None for r in reports)]
         figure, axis = plt.subplots(figsize=(2 + 2 * len(keys), 4))
         width = 0.8 / max(1, len(reports))
         for i, report in enumerate(reports):

@@ -17,7 +17,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -38,6 +38,16 @@ from .sharding import (check_launch, check_sharding, clip_grad_norm, gathered_st
 logger = logging.getLogger(__name__)
 
 
+TRUNCATION_KEYS = ("prompts_truncated", "responses_truncated", "groups_truncated", "groups_seen")
+
+
+def truncation_summary(state: Dict) -> Dict[str, float]:
+    """Cumulative truncation counts of the training groups seen, and the truncated share of them."""
+    out = {key: int(state.get(key, 0)) for key in TRUNCATION_KEYS}
+    out["truncated_fraction"] = out["groups_truncated"] / out["groups_seen"] if out["groups_seen"] else 0.0
+    return out
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped and its last checkpoint is intact."""
 
@@ -52,11 +62,15 @@ class Datasets:
 def load_datasets(config: TrainConfig) -> Datasets:
     """Training and held-out examples: the built-in synthetic tasks, or files."""
     skipped = 0
-    if config.data is None:
+    if config.data is None:  # held-out instructions (words) are disjoint from training ones, by construction
         from .synthetic import make_records
 
         examples = examples_from_records(make_records(config.synthetic_examples, config.synthetic_seed),
                                          source="synthetic")
+        if config.eval_data is None:
+            num_eval = int(round(config.synthetic_examples * config.eval_fraction))
+            held_out = make_records(num_eval, config.synthetic_seed + 1, split="heldout") if num_eval else []
+            return Datasets(examples, examples_from_records(held_out, source="synthetic held-out"))
     else:
         examples, report = load_ranked(config.data, config.data_format, config.skip_bad_records,
                                        config.include_judge_response)
@@ -192,6 +206,8 @@ class Trainer:
             self.wrapped, self.optimizer = self.accelerator.prepare(fused, self.optimizer)
         self.log = MetricsLog(self.output_dir, config.tensorboard, enabled=self.is_main)
         self.stop_requested = False
+        self.prompt_free = None
+        self.truncation_warned = False
 
     # ----------------------------------------------------------------- data
     def groups_for(self, step: int, micro: int) -> List[RankedExample]:
@@ -214,10 +230,25 @@ class Trainer:
         """Loss and metrics of a batch; no [N, V] logits anywhere."""
         return (model or self.wrapped)(batch)
 
+    def evaluate_with_controls(self) -> Dict[str, float]:
+        """:meth:`evaluate`, plus the controls (``eval_controls``): the pairwise accuracy with every group
+        under another held-out group's prompt, and that of a scorer that never sees the prompt."""
+        result = self.evaluate()
+        if self.config.eval_controls:
+            from .controls import prompt_free_accuracy, shuffled_prompts
+
+            held_out = self.data.eval[:self.config.eval_groups]
+            shuffled = shuffled_prompts(held_out)
+            result["shuffled_pair_accuracy"] = self.evaluate(shuffled)["pair_accuracy"] if shuffled else float("nan")
+            if self.prompt_free is None:  # the same before and after training: computed once
+                self.prompt_free = prompt_free_accuracy(self.data.train, held_out)["pair_accuracy"]
+            result["prompt_free_pair_accuracy"] = self.prompt_free
+        return result
+
     @torch.no_grad()
-    def evaluate(self) -> Dict[str, float]:
+    def evaluate(self, examples: Optional[Sequence[RankedExample]] = None) -> Dict[str, float]:
         """Held-out pairwise ranking accuracy, best-vs-worst score gap and MLE loss (sharded over processes)."""
-        examples = self.data.eval[:self.config.eval_groups]
+        examples = self.data.eval[:self.config.eval_groups] if examples is None else examples
         totals = dict.fromkeys(COUNT_KEYS, 0.0)
         was_training = self.wrapped.training
         self.wrapped.eval()
@@ -262,6 +293,7 @@ class Trainer:
         config = self.config
         state = {"initial_eval": None, "best_eval": None, "skipped_nonfinite": 0, "tokens": 0, "targets": 0,
                  "tokens_saved": 0}
+        state.update(dict.fromkeys(TRUNCATION_KEYS, 0))
         start_step = 0
         checkpoint = find_checkpoint(self.output_dir, config.resume)
         if checkpoint is not None:
@@ -276,7 +308,7 @@ class Trainer:
             self.log.truncate_after(start_step)
             logger.info("resumed from %s at step %d", checkpoint, start_step)
         if state["initial_eval"] is None and self.data.eval:
-            state["initial_eval"] = self.evaluate()
+            state["initial_eval"] = self.evaluate_with_controls()
             self.log.log(0, "eval", state["initial_eval"])
 
         previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -297,13 +329,15 @@ class Trainer:
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{step_metrics['loss']:.4f}",
-                                         tok_s=f"{window_tokens / max(1e-9, time.perf_counter() - window_start):.0f}")
+                                         tok_s=f"{window_tokens / max(1e-9, time.perf_counter() - window_start):.0f}",
+                                         cut=f"{state['prompts_truncated']}p/{state['responses_truncated']}r")
                 if final_step % config.log_every == 0 or final_step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
                     step_metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
                     self.log.log(final_step, "train", step_metrics)
                     window_tokens, window_start = 0, time.perf_counter()
-                if config.eval_every and final_step % config.eval_every == 0 and final_step != self.total_steps:
+                if (config.eval_every and final_step % config.eval_every == 0 and final_step != self.total_steps
+                        and self.data.eval):  # eval_fraction 0 and no eval_data: nothing held out
                     self._eval_and_track(final_step, state)
                 if final_step % config.save_every == 0 or self.stop_requested:
                     self._save(final_step, state)
@@ -331,6 +365,7 @@ class Trainer:
             summary["final_eval"] = final_eval
         summary.update({k: state[k] for k in ("initial_eval", "best_eval", "skipped_nonfinite", "tokens", "targets",
                                               "tokens_saved")})
+        summary["truncation"] = dict(truncation_summary(state), max_length=config.max_length)
         if self.is_main:
             write_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=1))
         self.log.close()
@@ -340,7 +375,7 @@ class Trainer:
         return summary
 
     def _eval_and_track(self, step: int, state: Dict) -> Dict[str, float]:
-        result = self.evaluate()
+        result = self.evaluate_with_controls()
         self.log.log(step, "eval", result)
         best = state.get("best_eval")
         if best is None or (result["pair_accuracy"] or 0) > (best.get("pair_accuracy") or 0):
@@ -379,6 +414,8 @@ class Trainer:
             state["tokens"] += batch.stats["tokens"] * self.world_size
             state["targets"] += batch.stats["targets"] * self.world_size
             state["tokens_saved"] += batch.stats["tokens_saved"] * self.world_size
+            for key in TRUNCATION_KEYS:  # counted in collate.pack; training groups seen so far
+                state[key] += batch.stats[key if key != "groups_seen" else "groups"] * self.world_size
         if self.world_size > 1:  # log the mean over processes: the same numbers as one process would give
             keys = sorted(sums)
             vector = self.accelerator.reduce(torch.tensor([sums[k] for k in keys], device=self.accelerator.device),
@@ -395,8 +432,20 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._warn_truncation(state)
         return dict(sums, lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm, tokens_in_step=tokens,
-                    skipped_nonfinite=state["skipped_nonfinite"])
+                    skipped_nonfinite=state["skipped_nonfinite"], **truncation_summary(state))
+
+    def _warn_truncation(self, state: Dict) -> None:
+        """One warning per run when the share of truncated training groups passes ``truncation_warning``."""
+        summary = truncation_summary(state)
+        if self.truncation_warned or summary["truncated_fraction"] <= self.config.truncation_warning:
+            return
+        self.truncation_warned = True
+        logger.warning("max_length %d cut %.1f%% of the training groups so far (%d prompts cut on the left, %d "
+                       "responses cut on the right, in %d groups): raise --max-length or shorten the data",
+                       self.config.max_length, 100 * summary["truncated_fraction"], state["prompts_truncated"],
+                       state["responses_truncated"], state["groups_seen"])
 
     def _save_final_model(self) -> None:
         """The model (or adapter) whole in ``final/``, loadable with ``from_pretrained``; a sharded model is

@@ -135,8 +135,9 @@ class LocalJudge:
 
 
 class RuleJudge:
-    """The built-in tasks' judge: ranks by edit distance to the correct answer, drops duplicates, and
-    writes its answer in the same form as a model judge would, so it goes through the same parser."""
+    """The built-in tasks' judge: reads the task back from the instruction, ranks by edit distance to its
+    correct answer, drops duplicates, and writes its answer in the same form as a model judge would, so it
+    goes through the same parser."""
 
     name = "rule"
     identity = {"name": "rule"}
@@ -149,7 +150,7 @@ class RuleJudge:
             if response.strip() not in seen:
                 seen.add(response.strip())
                 kept.append(index)
-        grades = {i: grade(record["task"], record["input"], record["length"], record["responses"][i]) for i in kept}
+        grades = {i: grade(record["instruction"], record["responses"][i]) for i in kept}  # the task's own answer
         order = sorted(kept, key=lambda i: (-grades[i], i))
         scores = "\n".join(f"Response {i}: [{max(0, 15 + int(grades[i]))}]" for i in kept)
         return f"closed-ended\n{scores}\nrank: [{', '.join(map(str, order))}]"

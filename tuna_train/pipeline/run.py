@@ -1,11 +1,14 @@
 """``tuna pipeline``: the whole method as stages in one run directory.
 
-    [score] -> train_p (Tuna_p) -> generate (with Tuna_p) -> rank (judge) -> train_c (Tuna_c from Tuna_p)
+    [sft] -> [score] -> train_p (Tuna_p) -> generate (with Tuna_p) -> rank (judge) -> train_c (Tuna_c from Tuna_p)
 
 ``manifest.json`` records each stage's status, output and counts. A stage whose output is complete is
 skipped; a partial one resumes (training from its last checkpoint, generation and ranking from their
-progress files). With no configuration it runs on the built-in synthetic tasks, a tiny Llama and the
-rule-based judge, and reports the held-out pairwise ranking accuracy before, after Tuna_p and after Tuna_c.
+progress files). With no configuration it runs on the built-in tasks: a tiny Llama instruction-tuned first
+(``sft``: MLE on the tasks' reference answers, as the paper starts from an Alpaca-tuned model), Tuna_p on the
+tasks' ranked candidates, Tuna_c on its own samples ranked by the rule judge (the task's correctness), and
+reports for the start model, Tuna_p and Tuna_c, on held-out instructions: ROUGE-L and exact match of greedy
+answers and pairwise ranking accuracy.
 """
 
 from __future__ import annotations
@@ -46,9 +49,16 @@ class PipelineConfig:
     contextual_examples: int = 800
     eval_examples: int = 400
     seed: int = 42
-    train_p: Dict[str, Any] = field(default_factory=dict)  # TrainConfig fields for Tuna_p
+    model: Optional[str] = None  # the start model (instruction-tuned); None = a tiny Llama tuned by the sft stage
+    sft_examples: int = 3000  # built-in tasks for the supervised stage that makes the start model (0 = none)
+    sft: Dict[str, Any] = field(default_factory=lambda: {"num_epochs": 1.0, "learning_rate": 3e-3,
+                                                         "warmup_steps": 10, "eval_controls": False})
+    # TrainConfig fields for Tuna_p and Tuna_c. The built-in default puts the MLE term on the best candidate
+    # only (an option of the method): its wrong candidates are other tasks' answers, not a teacher's samples
+    train_p: Dict[str, Any] = field(default_factory=lambda: {"num_epochs": 1.0, "mle_on": "best"})
     train_c: Dict[str, Any] = field(default_factory=lambda: {"learning_rate": 3e-4, "num_epochs": 2.0,
-                                                             "warmup_steps": 5, "batch_groups": 16})
+                                                             "warmup_steps": 5, "batch_groups": 16,
+                                                             "mle_on": "best"})
 
 
 def load_pipeline_config(path: Optional[str]) -> PipelineConfig:
@@ -84,7 +94,7 @@ def _accuracy(result: Optional[Dict]) -> Optional[float]:
 
 def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
     from ..config import load_config
-    from ..synthetic import make_records
+    from ..synthetic import make_records, make_task_records
     from ..trainer import Trainer
 
     root = Path(config.output_dir)
@@ -97,17 +107,15 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
         data_p = str(root / "data_p.jsonl")
         if not Path(data_p).exists():
             write_jsonl(Path(data_p), make_records(config.synthetic_examples, seed=config.seed))
-    if eval_path is None:
+    if eval_path is None:  # held-out instructions: none of them occurs in any training stage
         eval_path = str(root / "eval.jsonl")
         if not Path(eval_path).exists():
-            write_jsonl(Path(eval_path), make_records(config.eval_examples, seed=config.seed + 1))
+            write_jsonl(Path(eval_path), make_records(config.eval_examples, seed=config.seed + 1, split="heldout"))
     if instructions is None:
         instructions = str(root / "instructions.jsonl")
         if not Path(instructions).exists():
-            records = make_records(config.contextual_examples, seed=config.seed + 2)
             # the same instruction drawn twice is sampled and judged once (records are keyed by content)
-            write_jsonl(Path(instructions), [{k: v for k, v in r.items() if k not in ("responses", "scores")}
-                                             for r in records])
+            write_jsonl(Path(instructions), make_task_records(config.contextual_examples, seed=config.seed + 2))
 
     if config.teacher is not None:
         scored = root / "scored.jsonl"
@@ -134,7 +142,16 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
                         outputs=[str(summary_path), str(out / "final")], steps=summary["steps"])
         return summary
 
-    summary_p = train("train_p", dict(config.train_p, data=data_p, eval_data=eval_path))
+    start_model = config.model
+    if start_model is None and config.sft_examples > 0:  # the paper starts from an instruction-tuned model
+        sft_data = root / "sft.jsonl"
+        if not sft_data.exists():  # the reference answers as one-candidate groups: the loss is the MLE term alone
+            write_jsonl(sft_data, [dict(r, responses=r["references"], scores=[0.0])
+                                   for r in make_task_records(config.sft_examples, seed=config.seed + 3)])
+        train("sft", dict(config.sft, data=str(sft_data), eval_data=eval_path))
+        start_model = str(root / "sft" / "final")
+    model_p = {} if start_model is None else {"model": start_model}
+    summary_p = train("train_p", dict(config.train_p, data=data_p, eval_data=eval_path, **model_p))
     tuna_p = str(root / "train_p" / "final")
 
     generated = root / "generated.jsonl"
@@ -157,7 +174,8 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
         manifest.record("rank", "done", outputs=[str(ranked)], **stats)
 
     summary_c = train("train_c", dict(config.train_c, model=tuna_p, data=str(ranked), eval_data=eval_path))
-    evaluations = evaluate_stages(config, root, manifest, eval_path, tuna_p, str(root / "train_c" / "final"))
+    evaluations = evaluate_stages(config, root, manifest, eval_path, start_model, tuna_p,
+                                  str(root / "train_c" / "final"))
     report = {
         "pair_accuracy": {"before": _accuracy(summary_p.get("initial_eval")),
                           "after_tuna_p": _accuracy(summary_p.get("final_eval")),
@@ -169,14 +187,14 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
     return report
 
 
-def evaluate_stages(config: PipelineConfig, root: Path, manifest: Manifest, eval_path: str, tuna_p: str,
-                    tuna_c: str) -> Dict[str, Dict[str, Any]]:
-    """`tuna eval ranking` and `tuna eval generation` for the starting model, Tuna_p and Tuna_c."""
+def evaluate_stages(config: PipelineConfig, root: Path, manifest: Manifest, eval_path: str,
+                    start_model: Optional[str], tuna_p: str, tuna_c: str) -> Dict[str, Dict[str, Any]]:
+    """`tuna eval ranking` and `tuna eval generation` (ROUGE-L, exact match) for the starting model, Tuna_p and
+    Tuna_c, on held-out instructions; ``eval/comparison.md`` and ``eval/comparison.png`` side by side."""
     from .. import eval as evaluation
     from ..config import load_config
     from ..data import load_ranked
     from ..model import load_model, load_tokenizer
-    from ..synthetic import answer
     from ..trainer import build_model
 
     tasks_path = config.generation_tasks
@@ -184,8 +202,7 @@ def evaluate_stages(config: PipelineConfig, root: Path, manifest: Manifest, eval
         tasks_path = str(root / "generation_tasks.jsonl")
         if not Path(tasks_path).exists():
             write_jsonl(Path(tasks_path), [
-                {"id": i, "instruction": r["instruction"], "input": r["input"], "task": r["task"],
-                 "references": [answer(r["task"], r["input"], r["length"])]}
+                {"id": i, "instruction": r["instruction"], "task": r["task"], "references": r["references"]}
                 for i, r in enumerate(read_jsonl(eval_path))])
     examples, _ = load_ranked(eval_path)
     tasks = read_jsonl(tasks_path)
@@ -196,11 +213,11 @@ def evaluate_stages(config: PipelineConfig, root: Path, manifest: Manifest, eval
             ranking = json.loads((out / "ranking" / "report.json").read_text())
             generation = json.loads((out / "generation" / "report.json").read_text())
         else:
-            if name == "start":
+            if name == "start" and start_model is None:
                 settings = dict(dict(template=config.template, seed=config.seed, progress=False), **config.train_p)
                 model, tokenizer = build_model(load_config(None, dict(settings, output_dir=str(root / "train_p"))))
             else:
-                path = tuna_p if name == "tuna_p" else tuna_c
+                path = {"start": start_model, "tuna_p": tuna_p, "tuna_c": tuna_c}[name]
                 model, tokenizer = load_model(path), load_tokenizer(path)
             ranking = evaluation.write_report(out / "ranking", "ranking", name, evaluation.evaluate_ranking(
                 model, tokenizer, examples, template=config.template))
@@ -213,7 +230,9 @@ def evaluate_stages(config: PipelineConfig, root: Path, manifest: Manifest, eval
                                                               str(out / "generation" / "report.json")])
         results[name] = {"pair_accuracy": ranking["metrics"]["pair_accuracy"],
                          "kendall_tau": ranking["metrics"]["kendall_tau"],
-                         "rouge_l": generation["metrics"]["rouge_l"]}
-    reports = [{"kind": "eval", "name": name, "metrics": metrics} for name, metrics in results.items()]
-    write_atomic(root / "eval" / "comparison.md", evaluation.markdown(reports))
+                         "rouge_l": generation["metrics"]["rouge_l"],
+                         "exact_match": generation["metrics"].get("exact_match")}
+        evaluation.write_report(out, "eval", name, results[name])
+    table = evaluation.compare([str(root / "eval" / name) for name in results], png=str(root / "eval" / "comparison.png"))
+    write_atomic(root / "eval" / "comparison.md", table)
     return results

@@ -15,9 +15,10 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
-from ..collate import pack, tokenize_group
-from ..data import RankedExample
 from tuna_hf.model import TargetHiddenStates, lm_head_spec
+
+from ..collate import pack, tokenize_group
+from ..data import RankedExample, contextual_prompt
 from .http import JsonClient
 
 
@@ -26,6 +27,9 @@ def as_example(record: Dict[str, Any]) -> RankedExample:
     responses = record.get("responses") or record.get("output") or record.get("generation")
     if not responses:
         raise ValueError(f"record {record.get('id', '?')}: no 'responses' to score")
+    if "instruct" in record and "generation" in record:  # a raw contextual record: `prompt` is the judge's
+        prompt, formatted = contextual_prompt(record, list(responses), f"record {record.get('id', '?')}")
+        return RankedExample(prompt, list(responses), [0.0] * len(responses), prompt_is_formatted=formatted)
     if "prompt" in record:
         return RankedExample(record["prompt"], list(responses), [0.0] * len(responses), prompt_is_formatted=True)
     return RankedExample(record["instruction"], list(responses), [0.0] * len(responses), input=record.get("input"))
