@@ -44,6 +44,13 @@ RESULT_NEUTRAL_FIELDS = frozenset({
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "config.json", "tensorboard", "final")
 
 
+RESUME_HELP = ("Runs: one run per --output-dir at a time (a lock; a second run fails at once). A directory with a "
+               "checkpoint is resumed (--resume auto) only with the same data, model, loss and optimizer "
+               "settings: a change is refused, naming each field, unless --overwrite (delete the earlier "
+               "run's checkpoints, metrics and results and start afresh) or --resume-with-new-settings "
+               "(continue from its checkpoint with the new settings).")
+
+
 class RunDirectoryError(ValueError):
     """The output directory is busy, or holds a run that this configuration must not continue."""
 
