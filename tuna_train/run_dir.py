@@ -67,8 +67,9 @@ class RunLock:
             self._handle.seek(0)
             holder = self._handle.read().strip() or "unknown"
             self._handle.close()
-            raise RunDirectoryError(f"output directory {Path(directory)} is in use by another run (pid {holder}, "
-                                    f"lock {self.path}); wait for it to finish or choose another --output-dir") from None
+            raise RunDirectoryError(
+                f"output directory {Path(directory)} is in use by another run (pid {holder}, lock {self.path}); "
+                "wait for it to finish or choose another --output-dir") from None
         self._handle.seek(0)
         self._handle.truncate()
         self._handle.write(str(os.getpid()))
