@@ -159,3 +159,39 @@ def test_requests_go_through_the_configured_proxy(monkeypatch):
         with pytest.raises(RequestFailed):
             client.post("/chat/completions", {"messages": [{"content": "Instruction:\nok1"}]})
         assert proxy.requests["ok1"] == 1
+
+
+@pytest.mark.slow
+def test_killed_run_against_a_faulty_server_resumes_without_judging_twice(tmp_path):
+    """Acceptance: `tuna rank` on a server mixing every fault, killed and rerun: every record ranked or listed
+    as failed, none lost, and no record finished before the kill is asked again."""
+    import signal
+    import subprocess
+    import sys
+
+    names = [f"rec{i}" for i in range(20)] + FAULTS
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records(names)))
+    out, cache = tmp_path / "ranked.jsonl", tmp_path / "ranked.jsonl.cache.jsonl"
+    with FakeOpenAI(delay=0.05) as server:
+        command = [sys.executable, "-m", "tuna_train.cli", "rank", "--judge", "openai:m", "--base-url",
+                   server.base_url, "--data", str(data), "--out", str(out), "--concurrency", "2", "--timeout", "2",
+                   "--max-retries", "2", "--max-backoff", "0.05", "--parse-attempts", "2", "--api-key-env", "NO_KEY"]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while not (cache.exists() and len(cache.read_text().splitlines()) >= 8):
+            assert process.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        at_kill = dict(server.requests)
+        finished = {json.loads(line)["id"] for line in cache.read_text().splitlines() if line.endswith("}")}
+        assert 8 <= len(finished) < len(names) and not out.exists()
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        final = dict(server.requests)
+    assert all(final[name] == at_kill[name] for name in finished)  # none judged twice
+    ranked, failed = read_lines(out), read_lines(tmp_path / "ranked.jsonl.failures.jsonl")
+    assert sorted(r["id"] for r in ranked + failed) == sorted(names)  # none lost
+    assert {f["id"] for f in failed} == {"rint", "rbytes", "rstatus", "rgarbage"}
+    assert all(f["judge_failure"] for f in failed)

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 from .config import FIELD_HELP, TrainConfig, config_fields
 from .model import PLACEMENT_DEVICES, PLACEMENT_DTYPES, Placement
+from .run_dir import RESUME_HELP
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Every field of TrainConfig is a flag; a YAML file (--config) sets "
                                             "the same fields. Flags override the file.")
     train.add_argument("--config", dest="config_file", default=None, help="YAML file of TrainConfig fields")
+    train.epilog = RESUME_HELP
     _add_config_flags(train)
 
     score = commands.add_parser("score", help="probabilistic ranking: score responses by a teacher's log-likelihoods")

@@ -44,6 +44,13 @@ RESULT_NEUTRAL_FIELDS = frozenset({
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "config.json", "tensorboard", "final")
 
 
+RESUME_HELP = ("Runs: one run per --output-dir at a time (a lock; a second run fails at once). A directory with a "
+               "checkpoint is resumed (--resume auto) only with the same data, model, loss and optimizer "
+               "settings: a change is refused, naming each field, unless --overwrite (delete the earlier "
+               "run's checkpoints, metrics and results and start afresh) or --resume-with-new-settings "
+               "(continue from its checkpoint with the new settings).")
+
+
 class RunDirectoryError(ValueError):
     """The output directory is busy, or holds a run that this configuration must not continue."""
 
@@ -60,8 +67,9 @@ class RunLock:
             self._handle.seek(0)
             holder = self._handle.read().strip() or "unknown"
             self._handle.close()
-            raise RunDirectoryError(f"output directory {Path(directory)} is in use by another run (pid {holder}, "
-                                    f"lock {self.path}); wait for it to finish or choose another --output-dir") from None
+            raise RunDirectoryError(
+                f"output directory {Path(directory)} is in use by another run (pid {holder}, lock {self.path}); "
+                "wait for it to finish or choose another --output-dir") from None
         self._handle.seek(0)
         self._handle.truncate()
         self._handle.write(str(os.getpid()))

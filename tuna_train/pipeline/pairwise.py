@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional
 
 from ..templates import alpaca_prompt
 from .http import RequestFailed
+from .judge import JudgeAnswerError
 from .store import JsonlStore, record_key
 
 PAIRWISE_SYSTEM = ("Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
@@ -46,6 +47,8 @@ def _ask(judge, messages, parse_attempts: int) -> Dict[str, Any]:
             answer = judge.chat(messages)
         except RequestFailed as error:
             return {"status": "failed", "reason": str(error), "answers": answers}
+        except JudgeAnswerError:  # content that is not text: asked again, like an answer without a verdict
+            continue
         answers.append(answer)
         verdict = parse_verdict(answer)
         if verdict:
