@@ -20,7 +20,7 @@ def run_steps(output_dir, steps, **overrides):
     """(per-step losses, the first step's gradients, parameters before and after) of ``steps`` optimizer steps
     of the real training step."""
     trainer = Trainer(load_config(None, dict(TINY, output_dir=str(output_dir), max_steps=steps, **overrides)))
-    state = {"tokens": 0, "targets": 0, "tokens_saved": 0, "skipped_nonfinite": 0}
+    state = trainer.fresh_state()
     params = dict(trainer.model.named_parameters())
     initial = {name: p.detach().clone() for name, p in params.items()}
     first_grads = {}

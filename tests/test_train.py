@@ -168,7 +168,7 @@ def test_training_never_materialises_logits(tmp_path):
     trainer.wrapped = FusedCausalLM(trainer.model, trainer.loss_fn)
     trainer.optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=1e-3)
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: 1.0)
-    state = {"tokens": 0, "targets": 0, "tokens_saved": 0, "skipped_nonfinite": 0}
+    state = trainer.fresh_state()
     batch = trainer.make_batch(trainer.groups_for(0, 0))
     num_targets = batch.labels.shape[0]
 

@@ -289,11 +289,17 @@ class Trainer:
             finite = self.accelerator.reduce(finite, reduction="sum")
         return bool(finite.item() == self.world_size)
 
-    def run(self) -> Dict:
-        config = self.config
+    @staticmethod
+    def fresh_state() -> Dict:
+        """The run state a new run starts from (saved in every checkpoint's state.json)."""
         state = {"initial_eval": None, "best_eval": None, "skipped_nonfinite": 0, "tokens": 0, "targets": 0,
                  "tokens_saved": 0}
         state.update(dict.fromkeys(TRUNCATION_KEYS, 0))
+        return state
+
+    def run(self) -> Dict:
+        config = self.config
+        state = self.fresh_state()
         start_step = 0
         checkpoint = find_checkpoint(self.output_dir, config.resume)
         if checkpoint is not None:
