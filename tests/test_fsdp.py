@@ -34,20 +34,23 @@ def run_two_processes(output_dir, **overrides):
 
 
 @pytest.mark.slow
-def test_fsdp_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("adapters", [False, True], ids=["full", "lora"])
+def test_fsdp_two_processes_match_one_process(tmp_path, tiny_model_dir, adapters):
+    options = dict(model=str(tiny_model_dir), lora=True, lora_dropout=0.0) if adapters else {}
     one = tmp_path / "one"
     done = subprocess.run([sys.executable, "-m", "tuna_train.cli", "train",
-                           *flags(**dict(RUN, output_dir=str(one), grad_accum=2))], capture_output=True, text=True)
+                           *flags(**dict(RUN, output_dir=str(one), grad_accum=2, **options))],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = run_two_processes(tmp_path / "fsdp", grad_accum=1, sharding="fsdp")
+    summary = run_two_processes(tmp_path / "fsdp", grad_accum=1, sharding="fsdp", **options)
     assert summary["world_size"] == 2 and summary["sharding"] == "fsdp"
     assert summary["local_param_fraction"] == pytest.approx(0.5, abs=0.05)  # each rank holds about half
 
     for (step_a, loss_a), (step_b, loss_b) in zip(train_losses(one), train_losses(tmp_path / "fsdp"), strict=True):
         assert step_a == step_b and loss_b == pytest.approx(loss_a, rel=1e-5), step_a
-    single, sharded = load_file(str(one / "final" / "model.safetensors")), \
-        load_file(str(tmp_path / "fsdp" / "final" / "model.safetensors"))
-    assert single.keys() == sharded.keys()
+    weights = "adapter_model.safetensors" if adapters else "model.safetensors"
+    single, sharded = load_file(str(one / "final" / weights)), load_file(str(tmp_path / "fsdp" / "final" / weights))
+    assert single.keys() == sharded.keys() and (not adapters or all("lora_" in name for name in single))
     for name, expected in single.items():
         assert torch.allclose(sharded[name], expected, rtol=1e-5, atol=1e-6), name
     initial = json.loads((one / "summary.json").read_text())["initial_eval"]
