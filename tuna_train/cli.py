@@ -16,24 +16,52 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from .config import FIELD_HELP, TrainConfig, config_fields
+from .config import TrainConfig, config_fields
+from .templates import TEMPLATES
 from .model import PLACEMENT_DEVICES, PLACEMENT_DTYPES, Placement
 from .run_dir import RESUME_HELP
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, named after it; values are converted (and checked) by load_config."""
+    """One flag per TrainConfig field, named after it, with the field's help text and choices; values are
+    converted (and checked) by load_config."""
     for name, field_ in config_fields().items():
         flag = "--" + name.replace("_", "-")
         kind = type(field_.default).__name__ if field_.default is not None else "str"
-        described = FIELD_HELP.get(name, "") + " " if name in FIELD_HELP else ""
+        described = field_.metadata["help"]
         if isinstance(field_.default, bool):
             # "--lora" alone means true; "--lora false" is accepted too
             parser.add_argument(flag, dest=name, nargs="?", const="true", default=None, metavar="BOOL",
-                                help=f"{described}(bool, default {field_.default})")
+                                help=f"{described} (default: {str(field_.default).lower()})")
         else:
-            parser.add_argument(flag, dest=name, default=None, metavar=kind.upper(),
-                                help=f"{described}({kind}, default {field_.default!r})")
+            choices = field_.metadata["choices"]
+            parser.add_argument(flag, dest=name, default=None, metavar=kind.upper() if choices is None else None,
+                                choices=choices, help=f"{described} (default: {field_.default})")
+
+
+def _add_text_flags(parser: argparse.ArgumentParser, max_length: bool = True) -> None:
+    """How records become prompts (and how long a candidate may be), as in training."""
+    parser.add_argument("--template", default="alpaca", choices=TEMPLATES,
+                        help="prompt template: Alpaca (as the paper), the tokenizer's chat template, or none "
+                             "(default: alpaca)")
+    if max_length:
+        parser.add_argument("--max-length", type=int, default=512,
+                            help="tokens per candidate (prompt + response + EOS), cut as in training (default: 512)")
+
+
+def _add_endpoint_flags(parser: argparse.ArgumentParser, judge: bool = True) -> None:
+    """An OpenAI-compatible endpoint: where, the key's variable, and (for judges) deadlines and concurrency."""
+    parser.add_argument("--base-url", default=None, help="the endpoint's base URL (e.g. http://localhost:8000/v1)")
+    parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                        help="environment variable holding the API key (never written anywhere)")
+    if not judge:
+        return
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default: 4)")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="deadline in seconds for one whole HTTP attempt (connect, send, receive the full "
+                             "answer), not per socket read (default: 60)")
+    parser.add_argument("--max-retries", type=int, default=5,
+                        help="retries of a request after 429, 5xx, a time-out or a malformed answer (default: 5)")
 
 
 def _add_placement_flags(parser: argparse.ArgumentParser) -> None:
@@ -68,44 +96,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser("score", help="probabilistic ranking: score responses by a teacher's log-likelihoods")
     score.add_argument("--teacher", required=True, help="local model directory, or openai:MODEL with --base-url")
-    score.add_argument("--data", required=True)
-    score.add_argument("--out", required=True)
-    score.add_argument("--alpha", type=float, default=1.0, help="score = sum / tokens ** alpha (1: the mean)")
-    score.add_argument("--template", default="alpaca")
-    score.add_argument("--max-length", type=int, default=512)
-    score.add_argument("--token-budget", type=int, default=16384, help="tokens per scoring batch")
-    score.add_argument("--base-url", default=None)
-    score.add_argument("--api-key-env", default="OPENAI_API_KEY")
+    score.add_argument("--data", required=True, help="JSON lines of instructions with their responses")
+    score.add_argument("--out", required=True, help="JSON lines written: each record with its scores and ranking")
+    score.add_argument("--alpha", type=float, default=1.0, help="score = sum / tokens ** alpha (default: 1, the mean)")
+    _add_text_flags(score)
+    score.add_argument("--token-budget", type=int, default=16384, help="tokens per scoring batch (default: 16384)")
+    _add_endpoint_flags(score, judge=False)
     _add_placement_flags(score)
 
     generate = commands.add_parser("generate", help="sample K diverse responses per instruction")
-    generate.add_argument("--model", required=True)
-    generate.add_argument("--data", required=True)
-    generate.add_argument("--out", required=True)
-    generate.add_argument("-k", type=int, default=4)
-    generate.add_argument("--template", default="alpaca")
-    generate.add_argument("--max-new-tokens", type=int, default=512)
-    generate.add_argument("--temperature", type=float, default=1.0)
-    generate.add_argument("--top-p", type=float, default=1.0)
-    generate.add_argument("--rouge-threshold", type=float, default=0.8)
-    generate.add_argument("--temperature-step", type=float, default=0.1)
-    generate.add_argument("--max-tries", type=int, default=3)
-    generate.add_argument("--batch-size", type=int, default=8)
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--model", required=True, help="local model (or LoRA adapter) directory that samples")
+    generate.add_argument("--data", required=True, help="JSON lines of instructions")
+    generate.add_argument("--out", required=True, help="JSON lines written, one record per instruction (resumable)")
+    generate.add_argument("-k", type=int, default=4, help="responses per instruction (default: 4)")
+    _add_text_flags(generate, max_length=False)
+    generate.add_argument("--max-new-tokens", type=int, default=512, help="tokens per response (default: 512)")
+    generate.add_argument("--temperature", type=float, default=1.0, help="first sampling temperature (default: 1)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1)")
+    generate.add_argument("--rouge-threshold", type=float, default=0.8,
+                          help="resample when two responses have ROUGE-L F at or above this (default: 0.8)")
+    generate.add_argument("--temperature-step", type=float, default=0.1,
+                          help="temperature added at each resampling (default: 0.1)")
+    generate.add_argument("--max-tries", type=int, default=3,
+                          help="samplings per instruction at most; the most diverse set is kept (default: 3)")
+    generate.add_argument("--batch-size", type=int, default=8, help="instructions sampled together (default: 8)")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     _add_placement_flags(generate)
 
     rank = commands.add_parser("rank", help="contextual ranking of responses by a judge")
     rank.add_argument("--judge", required=True, help="openai:MODEL | local:PATH | rule")
-    rank.add_argument("--base-url", default=None)
-    rank.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    rank.add_argument("--data", required=True)
-    rank.add_argument("--out", required=True)
-    rank.add_argument("--concurrency", type=int, default=4)
-    rank.add_argument("--timeout", type=float, default=60.0,
-                      help="deadline in seconds for one whole HTTP attempt (connect, send, receive the full "
-                           "answer), not per socket read (default: 60)")
-    rank.add_argument("--max-retries", type=int, default=5,
-                      help="retries of a request after 429, 5xx, a time-out or a malformed answer (default: 5)")
+    rank.add_argument("--data", required=True, help="JSON lines of instructions with their responses")
+    rank.add_argument("--out", required=True, help="JSON lines of ranked records (failures in OUT.failures.jsonl)")
+    _add_endpoint_flags(rank)
     rank.add_argument("--max-backoff", type=float, default=30.0,
                       help="longest wait in seconds between retries, also when the server's Retry-After asks "
                            "for more (default: 30). One request ends within (max-retries + 1) x timeout + "
@@ -116,24 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_placement_flags(rank)  # for a local:PATH judge
 
     evaluate = commands.add_parser("eval", help="ranking accuracy, ROUGE-L on instruction tasks; --compare reports")
-    evaluate.add_argument("kind", nargs="?", choices=["ranking", "generation", "judge"])
+    evaluate.add_argument("kind", nargs="?", choices=["ranking", "generation", "judge"],
+                          help="ranking: pairwise accuracy and Kendall tau of held-out ranked records; generation: "
+                               "ROUGE-L of greedy answers; judge: win rate against a baseline's answers")
     evaluate.add_argument("--model", help="local model directory")
     evaluate.add_argument("--adapter", default=None, help="a LoRA adapter directory to load on the model")
     evaluate.add_argument("--data", help="ranked records (ranking) or tasks with references (generation)")
     evaluate.add_argument("--out", default="runs/eval", help="directory for report.json, report.md")
     evaluate.add_argument("--name", default=None, help="the column name of this run in comparisons")
-    evaluate.add_argument("--alpha", type=float, default=1.0)
-    evaluate.add_argument("--template", default="alpaca")
-    evaluate.add_argument("--max-length", type=int, default=512)
-    evaluate.add_argument("--max-new-tokens", type=int, default=128)
-    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--alpha", type=float, default=1.0,
+                          help="ranking: score = sum / tokens ** alpha (default: 1, as in training)")
+    _add_text_flags(evaluate)
+    evaluate.add_argument("--max-new-tokens", type=int, default=128,
+                          help="generation, judge: tokens per greedy answer (default: 128)")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="records run together (default: 16)")
     evaluate.add_argument("--baseline-answers", default=None, help="judge: JSONL of the baseline's answers")
     evaluate.add_argument("--judge", default=None, help="judge: openai:MODEL | local:PATH")
-    evaluate.add_argument("--base-url", default=None)
-    evaluate.add_argument("--api-key-env", default="OPENAI_API_KEY")
-    evaluate.add_argument("--concurrency", type=int, default=4)
-    evaluate.add_argument("--timeout", type=float, default=60.0)
-    evaluate.add_argument("--max-retries", type=int, default=5)
+    _add_endpoint_flags(evaluate)
     evaluate.add_argument("--compare", nargs="+", metavar="RUN", help="print these reports side by side")
     evaluate.add_argument("--png", default=None, help="with --compare: also write a bar chart here")
     _add_placement_flags(evaluate)

@@ -6,110 +6,140 @@ fields one to one (``--lora-r 8`` sets ``lora_r``). ``configs/`` holds the paper
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
+from tuna_kernels import IMPLS, LOSSES
+
+from .collate import LAYOUTS
+from .data import FORMATS
+from .model import ADAPTER_MODES, DTYPES
 from .sharding import SHARDINGS
+from .templates import TEMPLATES
+
+
+def option(default: Any, help: str, choices: Optional[Sequence[Any]] = None) -> Any:
+    """A TrainConfig field with its help text and allowed values (the CLI and validate() read them)."""
+    return field(default=default, metadata={"help": help, "choices": None if choices is None else tuple(choices)})
+
+
+OPTIMIZERS = ("adamw", "paged_adamw_8bit")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+TRAIN_IMPLS = tuple(impl for impl in IMPLS if impl != "reference")  # the reference is for tests
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 @dataclass
 class TrainConfig:
     # data
-    data: Optional[str] = None  # JSON / JSON lines / Parquet file; None = the built-in synthetic tasks
-    data_format: str = "auto"  # auto | native | tuna_formatted | tuna_probabilistic | tuna_contextual
-    eval_data: Optional[str] = None  # held-out file; None = eval_fraction of the training data
-    eval_fraction: float = 0.1
-    skip_bad_records: bool = False
-    include_judge_response: bool = False  # contextual records: keep the judge's own response as a candidate
-    template: str = "alpaca"  # alpaca | chat | none
-    max_length: int = 512  # tokens per candidate (prompt + response + EOS); see FIELD_HELP for what is cut
-    truncation_warning: float = 0.05  # warn above this fraction of truncated training groups
-    max_candidates: int = 16
-    packing: str = "shared"  # shared (prompt once per group) | per_candidate (one row per candidate)
-    synthetic_examples: int = 4000
-    synthetic_seed: int = 1234
+    data: Optional[str] = option(None, "training records: a JSON lines, JSON, Parquet or CSV file, a saved dataset "
+                                       "directory, or a hub name; none = the built-in tasks")
+    data_format: str = option("auto", "record format; auto detects it from the first record", FORMATS)
+    eval_data: Optional[str] = option(None, "held-out records; none = eval_fraction of the training data")
+    eval_fraction: float = option(0.1, "fraction of the training data held out when eval_data is not given "
+                                       "(0: nothing held out, nothing evaluated)")
+    skip_bad_records: bool = option(False, "skip and count malformed records instead of stopping at the first")
+    include_judge_response: bool = option(False, "contextual records: keep the judge's own response as a candidate")
+    template: str = option("alpaca", "prompt template: the Alpaca template (as the paper), the tokenizer's chat "
+                                     "template, or the instruction as it is", TEMPLATES)
+    max_length: int = option(512, "tokens per candidate: prompt (BOS included) + response + EOS. A response longer "
+                                  "than what its prompt leaves is cut on the right (its end and EOS are lost); a "
+                                  "prompt of max_length tokens or more keeps only its last max_length - 1 tokens "
+                                  "(cut on the left) and every response then keeps one token. Counted as "
+                                  "prompts_truncated / responses_truncated in the progress bar, metrics.jsonl and "
+                                  "summary.json")
+    truncation_warning: float = option(0.05, "warn when more than this fraction of the training groups seen so far "
+                                             "had their prompt or a response cut by max_length")
+    max_candidates: int = option(16, "candidates kept per group (best first)")
+    packing: str = option("shared", "shared: the prompt once per group, then every response (4D mask); "
+                                    "per_candidate: one row per candidate", LAYOUTS)
+    synthetic_examples: int = option(4000, "built-in tasks: number of groups (when data is not given)")
+    synthetic_seed: int = option(1234, "built-in tasks: the seed that draws them")
 
     # model
-    model: Optional[str] = None  # local Hugging Face model or LoRA adapter directory; None = a tiny Llama
-    adapter: str = "attach"  # model is a LoRA adapter: attach (with lora: continue training it) | merge (into the base)
-    tokenizer: Optional[str] = None  # defaults to the model directory
-    torch_dtype: str = "float32"  # weights of a non-quantised model: float32 | bfloat16 | float16
-    load_in_4bit: bool = False  # QLoRA: bitsandbytes NF4 base weights
-    bnb_compute_dtype: str = "bfloat16"
-    bnb_double_quant: bool = True
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: str = "all-linear"
-    gradient_checkpointing: bool = False
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
-    trust_remote_code: bool = False
-    tiny_hidden_size: int = 128
-    tiny_layers: int = 2
-    tiny_heads: int = 4
+    model: Optional[str] = option(None, "a local Hugging Face model directory, or a LoRA adapter directory (loaded "
+                                        "on its base); none = a tiny Llama built from a config")
+    adapter: str = option("attach", "when model is a LoRA adapter: attach it (with lora: continue training it) or "
+                                    "merge it into the base first", ADAPTER_MODES)
+    tokenizer: Optional[str] = option(None, "tokenizer directory; none = the model's (or the adapter's base's)")
+    torch_dtype: str = option("float32", "weights of a model that is not quantised", tuple(DTYPES))
+    load_in_4bit: bool = option(False, "QLoRA: the base model's weights in 4-bit NF4 (bitsandbytes); needs lora")
+    bnb_compute_dtype: str = option("bfloat16", "load_in_4bit: the dtype 4-bit layers compute in", tuple(DTYPES))
+    bnb_double_quant: bool = option(True, "load_in_4bit: quantise the quantisation constants too")
+    lora: bool = option(False, "train LoRA adapters (peft) instead of every weight")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA scaling numerator (scale = lora_alpha / lora_r)")
+    lora_dropout: float = option(0.05, "dropout on the LoRA input")
+    lora_target_modules: str = option("all-linear", "modules that get adapters: all-linear, or names separated by "
+                                                    "commas (q_proj,v_proj)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward (less memory, more time)")
+    attn_implementation: str = option("sdpa", "attention implementation; flash_attention_2 needs "
+                                              "packing per_candidate", ATTN_IMPLEMENTATIONS)
+    trust_remote_code: bool = option(False, "allow a model directory's own Python code")
+    tiny_hidden_size: int = option(128, "the built-in tiny Llama: hidden size")
+    tiny_layers: int = option(2, "the built-in tiny Llama: layers")
+    tiny_heads: int = option(4, "the built-in tiny Llama: attention heads")
 
     # loss (tuna_kernels.TunaLoss)
-    loss: str = "tuna_margin"  # tuna_margin | listmle | rrhf | pairwise_logistic
-    margin: float = 0.1
-    alpha: float = 1.0
-    mle_weight: float = 1.0
-    mle_on: str = "all"  # all | best
-    skip_ties: bool = False
-    beta: float = 0.1
-    gamma: float = 0.0
-    impl: str = "auto"  # auto | triton | chunked
-    kernel_autotune: bool = False  # Triton: time the candidate kernel configs once per shape (or TUNA_AUTOTUNE=1)
+    loss: str = option("tuna_margin", "ranking loss on the candidates' scores (tuna_margin: the paper's)",
+                       tuple(LOSSES))
+    margin: float = option(0.1, "tuna_margin: margin per rank gap")
+    alpha: float = option(1.0, "score = sum of token log-probs / tokens ** alpha (1: the mean)")
+    mle_weight: float = option(1.0, "weight of the token cross-entropy term")
+    mle_on: str = option("all", "the cross-entropy term covers every candidate's tokens, or the best one's",
+                         ("all", "best"))
+    skip_ties: bool = option(False, "drop pairs tied in the ranking's own scores")
+    beta: float = option(0.1, "pairwise_logistic: inverse temperature")
+    gamma: float = option(0.0, "pairwise_logistic: target reward margin")
+    impl: str = option("auto", "fused kernels: triton on CUDA, chunked torch elsewhere (auto)", TRAIN_IMPLS)
+    kernel_autotune: bool = option(False, "Triton: time the candidate kernel configurations once per shape "
+                                          "(or TUNA_AUTOTUNE=1)")
 
     # optimisation
-    optimizer: str = "adamw"  # adamw | paged_adamw_8bit
-    learning_rate: float = 3e-3
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    lr_schedule: str = "cosine"  # cosine | linear | constant
-    warmup_steps: int = 20
-    max_grad_norm: float = 1.0
-    batch_groups: int = 16  # instructions (groups of candidates) per micro-batch and process
-    grad_accum: int = 1
-    num_epochs: float = 2.0
-    max_steps: int = 0  # > 0 overrides num_epochs
-    mixed_precision: str = "no"  # no | bf16 | fp16
-    seed: int = 42
-    cpu: bool = False  # force CPU even when a GPU is present
-    sharding: str = "none"  # none (one process, or DDP) | fsdp (FSDP2 full shard) | deepspeed_zero3 (accelerate launch)
-    fsdp_cpu_offload: bool = False  # fsdp: keep shards and their gradients in CPU memory between uses (GPU runs)
+    optimizer: str = option("adamw", "optimizer (paged_adamw_8bit: bitsandbytes, for QLoRA)", OPTIMIZERS)
+    learning_rate: float = option(3e-3, "peak learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    lr_schedule: str = option("cosine", "learning-rate schedule after the warm-up", LR_SCHEDULES)
+    warmup_steps: int = option(20, "linear warm-up steps")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
+    batch_groups: int = option(16, "instructions (groups of candidates) per micro-batch and process")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    num_epochs: float = option(2.0, "passes over the training data")
+    max_steps: int = option(0, "optimizer steps; > 0 overrides num_epochs")
+    mixed_precision: str = option("no", "autocast dtype of the forward (the fused loss follows it)",
+                                  MIXED_PRECISIONS)
+    seed: int = option(42, "seed of the data order, the split and the initialisation")
+    cpu: bool = option(False, "run on the CPU even when a GPU is present")
+    sharding: str = option("none", "none (one process, or DDP over several) | fsdp (FSDP2 full shard) | "
+                                   "deepspeed_zero3 (needs a DeepSpeed launch)", SHARDINGS)
+    fsdp_cpu_offload: bool = option(False, "fsdp: keep shards and their gradients in CPU memory between uses (GPU)")
 
     # run
-    output_dir: str = "runs/tuna"
-    log_every: int = 10
-    eval_every: int = 100  # 0 = evaluate before training and at the end only
-    eval_groups: int = 256  # at most this many held-out groups per evaluation
-    eval_controls: bool = True  # also evaluate with shuffled prompts and a prompt-free scorer (tuna_train.controls)
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    resume: str = "auto"  # auto (latest checkpoint in output_dir) | never | a checkpoint directory
-    overwrite: bool = False  # delete an earlier run's checkpoints, metrics and results in output_dir; start afresh
-    resume_with_new_settings: bool = False  # resume although data/model/loss/optimizer settings changed
-    skip_nonfinite: bool = False
-    tensorboard: bool = True
-    progress: bool = True
+    output_dir: str = option("runs/tuna", "where config.json, metrics.jsonl, summary.json, checkpoints/ and final/ go")
+    log_every: int = option(10, "log training metrics every this many steps")
+    eval_every: int = option(100, "evaluate every this many steps (0: before training and at the end only)")
+    eval_groups: int = option(256, "at most this many held-out groups per evaluation")
+    eval_controls: bool = option(True, "also evaluate with shuffled prompts and a prompt-free scorer")
+    save_every: int = option(100, "write a checkpoint every this many steps")
+    keep_checkpoints: int = option(2, "checkpoints kept (the newest)")
+    resume: str = option("auto", "auto (the latest checkpoint in output_dir) | never | a checkpoint directory")
+    overwrite: bool = option(False, "delete an earlier run's checkpoints, metrics and results in output_dir and "
+                                    "start afresh")
+    resume_with_new_settings: bool = option(False, "resume although data, model, loss or optimizer settings changed")
+    skip_nonfinite: bool = option(False, "skip (and count) steps whose loss is NaN or infinite instead of stopping")
+    tensorboard: bool = option(True, "write TensorBoard events")
+    progress: bool = option(True, "show a progress bar")
 
     def validate(self) -> "TrainConfig":
-        choices = {
-            "data_format": ("auto", "native", "tuna_formatted", "tuna_probabilistic", "tuna_contextual"),
-            "template": ("alpaca", "chat", "none"), "packing": ("shared", "per_candidate"),
-            "torch_dtype": ("float32", "bfloat16", "float16"), "bnb_compute_dtype": ("float32", "bfloat16", "float16"),
-            "attn_implementation": ("sdpa", "eager", "flash_attention_2"), "adapter": ("attach", "merge"),
-            "loss": ("tuna_margin", "listmle", "rrhf", "pairwise_logistic"), "mle_on": ("all", "best"),
-            "impl": ("auto", "triton", "chunked"), "optimizer": ("adamw", "paged_adamw_8bit"),
-            "lr_schedule": ("cosine", "linear", "constant"), "mixed_precision": ("no", "bf16", "fp16"),
-            "sharding": SHARDINGS,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"config field '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
+        for field_ in dataclasses.fields(self):
+            allowed = field_.metadata.get("choices")
+            if allowed is not None and getattr(self, field_.name) not in allowed:
+                raise ValueError(f"config field '{field_.name}' must be one of {allowed}, "
+                                 f"got {getattr(self, field_.name)!r}")
         positive = ("max_length", "max_candidates", "batch_groups", "grad_accum", "log_every", "save_every",
                     "keep_checkpoints", "eval_groups", "lora_r", "synthetic_examples")
         for name in positive:
@@ -132,18 +162,6 @@ class TrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-# help text of the flags that need more than their type and default
-FIELD_HELP = {
-    "max_length": "tokens per candidate: prompt (BOS included) + response + EOS. A response longer than what its "
-                  "prompt leaves is cut on the right (its end and EOS are lost); a prompt of max_length tokens or "
-                  "more keeps only its last max_length - 1 tokens (cut on the left: the template's preamble and the "
-                  "start of the instruction are lost) and every response then keeps one token. Counted as "
-                  "prompts_truncated / responses_truncated in the progress bar, metrics.jsonl and summary.json.",
-    "truncation_warning": "warn when more than this fraction of the training groups seen so far had their prompt "
-                          "or a response cut by max_length",
-}
 
 
 def config_fields() -> Dict[str, dataclasses.Field]:
