@@ -133,7 +133,7 @@ def greedy_generations(model, tokenizer, records: List[Dict[str, Any]], progress
     store = JsonlStore(progress)
     keys = [record_key(r) for r in records]
     model.eval()
-    for indices, prompts in pending_batches(records, keys, store, tokenizer, template, batch_size):
+    for indices, prompts in pending_batches(records, keys, store, tokenizer, template, batch_size, desc="eval"):
         texts = decode_batch(model, tokenizer, prompts, 1, None, 1.0, max_new_tokens)
         for i, generated in zip(indices, texts):
             store.put(keys[i], {"prediction": generated[0]})

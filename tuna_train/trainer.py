@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from tuna_hf.model import FusedCausalLM
+from tuna_hf.model import FusedCausalLM, base_model
 from tuna_kernels import TunaLoss
 
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, write_atomic
@@ -313,7 +313,12 @@ class Trainer:
             state.update(saved)
             self.log.truncate_after(start_step)
             logger.info("resumed from %s at step %d", checkpoint, start_step)
+        if self.is_main:
+            logger.info("%s", self.describe(start_step))
         if state["initial_eval"] is None and self.data.eval:
+            if self.is_main:
+                logger.info("evaluating %d held-out groups before training",
+                            min(len(self.data.eval), config.eval_groups))
             state["initial_eval"] = self.evaluate_with_controls()
             self.log.log(0, "eval", state["initial_eval"])
 
@@ -379,6 +384,20 @@ class Trainer:
         if self.run_lock is not None:
             self.run_lock.release()
         return summary
+
+    def describe(self, start_step: int = 0) -> str:
+        """What this run is, printed before it starts: model, parameters, data, steps, batch, precision."""
+        params = list(self.model.parameters())
+        total = sum(p.numel() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        config = self.config
+        return (f"tuna train: {type(base_model(self.model)).__name__} with {total / 1e6:.2f}M parameters "
+                f"({trainable / 1e6:.2f}M trainable{', LoRA' if config.lora else ''}"
+                f"{', 4-bit base' if config.load_in_4bit else ''}) on {self.accelerator.device} x {self.world_size}"
+                f"{f', sharding {config.sharding}' if config.sharding != 'none' else ''}, mixed precision "
+                f"{config.mixed_precision}; {len(self.data.train)} training groups, {len(self.data.eval)} held out; "
+                f"{self.total_steps} steps ({self.steps_per_epoch} per epoch) of {self.global_groups} groups"
+                f"{f', resuming at step {start_step}' if start_step else ''}; output in {self.output_dir}")
 
     def _eval_and_track(self, step: int, state: Dict) -> Dict[str, float]:
         result = self.evaluate_with_controls()

@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from ..progress import progress_bar
 from .score import as_example
 from .store import JsonlStore, record_key, write_jsonl
 
@@ -55,12 +56,16 @@ def decode_batch(model, tokenizer, prompts: List[str], k: int, temperature: Opti
 
 
 def pending_batches(records: List[Dict[str, Any]], keys: List[str], store: JsonlStore, tokenizer, template: str,
-                    batch_size: int) -> Iterator[Tuple[List[int], List[str]]]:
-    """(record indices, templated prompts) of the records not yet in ``store``, ``batch_size`` at a time."""
+                    batch_size: int, desc: str = "generate") -> Iterator[Tuple[List[int], List[str]]]:
+    """(record indices, templated prompts) of the records not yet in ``store``, ``batch_size`` at a time (with a
+    progress bar named ``desc``)."""
     todo = [i for i, key in enumerate(keys) if key not in store]
-    for start in range(0, len(todo), batch_size):
-        indices = todo[start:start + batch_size]
-        yield indices, [as_example(dict(records[i], responses=[""])).prompt_text(template, tokenizer) for i in indices]
+    with progress_bar(len(todo), desc) as bar:
+        for start in range(0, len(todo), batch_size):
+            indices = todo[start:start + batch_size]
+            yield indices, [as_example(dict(records[i], responses=[""])).prompt_text(template, tokenizer)
+                            for i in indices]
+            bar.update(len(indices))
 
 
 def generate_records(model, tokenizer, records: List[Dict[str, Any]], out: Path, k: int = 4,

@@ -25,6 +25,7 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..progress import progress_bar
 from .http import RequestFailed
 from .judge import RankingParseError, judge_messages, parse_ranking
 from .store import JsonlStore, write_jsonl
@@ -111,9 +112,11 @@ def rank_records(records: List[Dict[str, Any]], judge, out: Path, concurrency: i
     keys = [None if problem else judgement_key(judge, r) for r, problem in zip(records, problems)]
     pending = {key: r for key, r in zip(keys, records)
                if key is not None and (key not in cache or (retry_failed and cache.entries[key]["status"] != "ok"))}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool, \
+            progress_bar(len(pending), "rank") as bar:
         futures = {pool.submit(rank_one, judge, record, parse_attempts): key for key, record in pending.items()}
         for future in concurrent.futures.as_completed(futures):
+            bar.update(1)
             key = futures[future]
             try:
                 entry = future.result()

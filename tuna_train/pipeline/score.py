@@ -15,10 +15,11 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
-from tuna_hf.model import TargetHiddenStates, lm_head_spec
+from tuna_hf.model import fused_batch_forward
 
 from ..collate import pack, tokenize_group
 from ..data import RankedExample, contextual_prompt
+from ..progress import progress_bar
 from .http import JsonClient
 
 
@@ -51,30 +52,29 @@ def group_logprobs(model, tokenizer, examples: List[RankedExample], template: st
     """Per group, each response's summed log-likelihood and its token count (EOS included), by the fused
     ``sequence_logprobs``; batches hold as many groups as fit ``token_budget`` tokens (prompt shared)."""
     device = next(model.parameters()).device
-    body = TargetHiddenStates(model).eval()
-    head = lm_head_spec(model)
+    model.eval()
     groups = [tokenize_group(example, tokenizer, template, max_length) for example in examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: List[Tuple[List[float], List[int]]] = []
-    start = 0
-    while start < len(groups):
-        end, tokens = start, 0
-        while end < len(groups):
-            size = len(groups[end].prompt_ids) + sum(map(len, groups[end].response_ids))
-            if end > start and tokens + size > token_budget:
-                break
-            tokens, end = tokens + size, end + 1
-        batch = pack(groups[start:end], "shared", pad_id).to(device)
-        hidden = body(batch.input_ids, batch.attention_mask, batch.position_ids, batch.target_positions)
-        sums, counts = head.sequence_logprobs(hidden, batch.labels, batch.layout.seq_index, batch.layout.num_seqs,
-                                              impl=impl)
-        sums, counts = sums.double().cpu().tolist(), counts.cpu().tolist()
-        seq = 0
-        for group in groups[start:end]:
-            k = len(group.response_ids)
-            out.append((sums[seq:seq + k], counts[seq:seq + k]))
-            seq += k
-        start = end
+    with progress_bar(len(groups), "score", unit="group") as bar:
+        start = 0
+        while start < len(groups):
+            end, tokens = start, 0
+            while end < len(groups):
+                size = len(groups[end].prompt_ids) + sum(map(len, groups[end].response_ids))
+                if end > start and tokens + size > token_budget:
+                    break
+                tokens, end = tokens + size, end + 1
+            batch = pack(groups[start:end], "shared", pad_id).to(device)
+            sums, counts = fused_batch_forward(model, batch, scores_only=True, impl=impl)
+            sums, counts = sums.double().cpu().tolist(), counts.cpu().tolist()
+            seq = 0
+            for group in groups[start:end]:
+                k = len(group.response_ids)
+                out.append((sums[seq:seq + k], counts[seq:seq + k]))
+                seq += k
+            bar.update(end - start)
+            start = end
     return out
 
 

@@ -1,0 +1,28 @@
+"""The long commands show progress (count, rate, ETA) on a terminal; TUNA_PROGRESS=1 forces it in a pipe."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tuna_train.synthetic import make_records
+
+
+@pytest.mark.slow
+def test_score_generate_and_rank_show_progress(tmp_path, tiny_model_dir):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_records(3, seed=1)))
+    env = dict(os.environ, TUNA_PROGRESS="1")
+    commands = {
+        "score": ["--teacher", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "scored.jsonl")],
+        "generate": ["--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "gen.jsonl"),
+                     "-k", "2", "--max-new-tokens", "4"],
+        "rank": ["--judge", "rule", "--data", str(data), "--out", str(tmp_path / "ranked.jsonl")],
+    }
+    for command, args in commands.items():
+        done = subprocess.run([sys.executable, "-m", "tuna_train.cli", command, *args], capture_output=True,
+                              text=True, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"{command}: 100%" in done.stderr and "/s]" in done.stderr, (command, done.stderr[-500:])
