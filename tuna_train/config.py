@@ -131,7 +131,9 @@ class TrainConfig:
                                     "start afresh")
     resume_with_new_settings: bool = option(False, "resume although data, model, loss or optimizer settings changed")
     skip_nonfinite: bool = option(False, "skip (and count) steps whose loss is NaN or infinite instead of stopping")
-    tensorboard: bool = option(True, "write TensorBoard events")
+    tensorboard: bool = option(True, "write TensorBoard events (output_dir/tensorboard)")
+    trackers: str = option("", "more experiment trackers through accelerate, separated by commas (wandb, mlflow, "
+                               "comet_ml, aim, clearml, dvclive; each needs its package)")
     progress: bool = option(True, "show a progress bar")
 
     def validate(self) -> "TrainConfig":

@@ -47,19 +47,13 @@ def summarise(totals: Dict[str, float]) -> Dict[str, float]:
 
 
 class MetricsLog:
-    """Appends one JSON object per record to ``metrics.jsonl`` (and scalars to TensorBoard if asked)."""
+    """Appends one JSON object per record to ``metrics.jsonl`` and sends the scalars to the accelerator's
+    experiment trackers (TensorBoard, W&B, MLflow, ... as configured), if any."""
 
-    def __init__(self, output_dir: Path, tensorboard: bool = True, enabled: bool = True) -> None:
+    def __init__(self, output_dir: Path, accelerator=None, enabled: bool = True) -> None:
         self.path = output_dir / "metrics.jsonl"
         self.enabled = enabled
-        self.writer = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(output_dir / "tensorboard"))
-            except ImportError:
-                self.writer = None
+        self.accelerator = accelerator
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (written by a run that died after its last checkpoint)."""
@@ -84,12 +78,11 @@ class MetricsLog:
         record.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()})
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
-                    self.writer.add_scalar(f"{split}/{key}", value, step)
-            self.writer.flush()
+        if self.accelerator is not None:
+            self.accelerator.log({f"{split}/{key}": value for key, value in values.items()
+                                  if isinstance(value, (int, float)) and not (isinstance(value, float) and
+                                                                             math.isnan(value))}, step=step)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.accelerator is not None:
+            self.accelerator.end_training()

@@ -36,7 +36,7 @@ LOCK_NAME = "run.lock"
 
 # fields that change how a run is watched or where it is written, not what it trains or reports
 RESULT_NEUTRAL_FIELDS = frozenset({
-    "output_dir", "resume", "overwrite", "resume_with_new_settings", "progress", "tensorboard", "log_every",
+    "output_dir", "resume", "overwrite", "resume_with_new_settings", "progress", "tensorboard", "trackers", "log_every",
     "eval_every", "save_every", "keep_checkpoints", "kernel_autotune",
 })
 

@@ -161,8 +161,11 @@ class Trainer:
 
         self.config = config.validate()
         check_sharding(config)
+        trackers = (["tensorboard"] if config.tensorboard else []) + \
+            [name.strip() for name in config.trackers.split(",") if name.strip()]
         self.accelerator = Accelerator(cpu=config.cpu or not torch.cuda.is_available(),
-                                       mixed_precision=config.mixed_precision)
+                                       mixed_precision=config.mixed_precision, log_with=trackers or None,
+                                       project_dir=str(Path(config.output_dir) / "tensorboard"))
         check_launch(config, self.accelerator.distributed_type.value)
         set_seed(config.seed)
         self.output_dir = Path(config.output_dir)
@@ -204,7 +207,10 @@ class Trainer:
             self.wrapped = fused
         else:
             self.wrapped, self.optimizer = self.accelerator.prepare(fused, self.optimizer)
-        self.log = MetricsLog(self.output_dir, config.tensorboard, enabled=self.is_main)
+        if trackers:  # the run's settings go with its metrics (scalars only: trackers take no None)
+            self.accelerator.init_trackers("tuna", config={key: value for key, value in config.to_dict().items()
+                                                           if isinstance(value, (bool, int, float, str))})
+        self.log = MetricsLog(self.output_dir, self.accelerator if trackers else None, enabled=self.is_main)
         self.stop_requested = False
         self.prompt_free = None
         self.truncation_warned = False
