@@ -58,9 +58,11 @@ def _kernel_specs():
     return {
         "lse_forward": (lse_forward_kernel, flags),
         "backward_atomic": (logprob_backward_atomic_kernel,
-                            {**flags, "NEED_GRAD_HIDDEN": True, "NEED_GRAD_WEIGHT": True, "NEED_GRAD_BIAS": False}),
-        "grad_hidden": (grad_hidden_kernel, flags),
-        "grad_weight": (grad_weight_kernel, {**flags, "NEED_GRAD_WEIGHT": True, "NEED_GRAD_BIAS": False}),
+                            {**flags, "NEED_GRAD_HIDDEN": True, "NEED_GRAD_WEIGHT": True, "NEED_GRAD_BIAS": False,
+                             "FILTER": False}),
+        "grad_hidden": (grad_hidden_kernel, {**flags, "FILTER": False}),
+        "grad_weight": (grad_weight_kernel, {**flags, "NEED_GRAD_WEIGHT": True, "NEED_GRAD_BIAS": False,
+                                             "FILTER": False}),
     }
 
 
@@ -136,6 +138,36 @@ def compile_and_inspect(fn, signature: Dict[str, str], constexprs: Dict[str, obj
         shared_bytes=field("SHARED") + int(compiled.metadata.shared),
         mma_instructions=len(re.findall(mma_pattern, sass)),
     )
+
+
+def triton_ir(kernel: str, dtype: str = "fp16", arch: int = 86) -> str:
+    """The kernel's Triton IR before lowering (names kept), as a launch with runtime strides sees it."""
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+
+    fn, flags = _kernel_specs()[kernel]
+    constexprs = dict(flags, BLOCK_N=16, BLOCK_V=32, BLOCK_D=32, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+    signature, attrs = _signature(fn, dtype, constexprs)
+    target = GPUTarget("cuda", arch, 32)
+    backend = CUDABackend(target)
+    options = backend.parse_options({"num_warps": 1})
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return str(source.make_ir(target, options, backend.get_codegen_implementation(options),
+                              backend.get_module_map(), context))
+
+
+def narrow_stride_uses(kernel: str):
+    """(number of uses, the 32-bit ones) of the hidden-dimension strides in the kernel's IR: each use
+    must widen the stride to i64 first, as cols * stride_wd passes 2^31 for a transposed [V, D] weight."""
+    uses = [line.strip() for line in triton_ir(kernel).splitlines()
+            if re.search(r"%stride_(hd|wd)\b", line) and not re.search(r"tt\.func|tt\.call", line)]
+    narrow = [line for line in uses if not re.match(r"%\S+ = arith\.extsi %stride_(hd|wd) : i32 to i64", line)]
+    return len(uses), narrow
 
 
 def compile_row(kernel: str, arch: int, dtype: str, config, default: bool = True) -> ReportRow:

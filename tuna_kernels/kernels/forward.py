@@ -46,6 +46,6 @@ def lse_forward_kernel(
         running_max = new_max
         target += tl.sum(tl.where(offs_v[None, :] == labels[:, None], z, 0.0), axis=1)
 
-    tl.store(partial_lse_ptr + pid_split * num_tokens + offs_n, running_max + tl.log(running_sum), mask=mask_n)
+    tl.store(partial_lse_ptr + pid_split.to(tl.int64) * num_tokens + offs_n, running_max + tl.log(running_sum), mask=mask_n)
     holds_target = mask_n & (labels >= vocab_start) & (labels < vocab_end)
     tl.store(target_logit_ptr + offs_n, target, mask=holds_target)

@@ -37,10 +37,16 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's own matmul setting (TF32 off by default); fp16/bf16 use tensor cores.
-    if dtype == torch.float32 and not (torch.backends.cuda.matmul.allow_tf32 and os.environ.get("TRITON_INTERPRET") != "1"):
+    """``input_precision`` of ``tl.dot``: fp16/bf16 run on tensor cores; fp32 follows torch's own fp32
+    matmul setting (``torch.backends.cuda.matmul.allow_tf32`` or ``torch.set_float32_matmul_precision``
+    "high"/"medium" -> TF32; the default "highest" -> IEEE), as ``nn.Linear`` does. The interpreter
+    always runs IEEE (it has no TF32)."""
+    if dtype != torch.float32:
+        return "tf32"
+    if os.environ.get("TRITON_INTERPRET") == "1":
         return "ieee"
-    return "tf32"
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() in ("high", "medium")
+    return "tf32" if tf32 else "ieee"
 
 
 def _common_args(hidden, weight, bias, logit_scale, softcap):
@@ -57,6 +63,12 @@ def _common_args(hidden, weight, bias, logit_scale, softcap):
 def _tiles(config):
     return dict(BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
                 num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _unit_stride(vector: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The kernels read labels [n] and bias [V] with stride 1: a strided view (a column of a [N, 2]
+    tensor) is copied, which costs O(n) or O(V) against the O(n * V * D) of the kernels."""
+    return None if vector is None else vector.contiguous()
 
 
 def _zero(*outputs) -> None:
@@ -87,6 +99,7 @@ class TritonBackend:
         """lse [n], target_logit [n] (fp32) for hidden [n, D] whose rows all have a target."""
         num_tokens, hidden_dim = hidden.shape
         vocab_size = weight.shape[0]
+        labels, bias = _unit_stride(labels), _unit_stride(bias)
         lse = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
         target_logit = torch.zeros_like(lse)
         if num_tokens == 0:
@@ -118,6 +131,7 @@ class TritonBackend:
         num_tokens, hidden_dim = hidden.shape
         vocab_size = weight.shape[0]
         device = hidden.device
+        labels, bias = _unit_stride(labels), _unit_stride(bias)
         # Every kernel accumulates into its outputs, so each run (a tuning trial or the real one) zeroes them.
         grad_hidden = torch.empty(num_tokens, hidden_dim, dtype=torch.float32, device=device) if need_hidden else None
         grad_weight = torch.empty(vocab_size, hidden_dim, dtype=torch.float32, device=device) if need_weight else None
@@ -128,10 +142,11 @@ class TritonBackend:
         lse = lse.contiguous()
         grad_token = grad_token.float().contiguous()
         filter_eps = 0.0 if self.grad_filter_eps is None else float(self.grad_filter_eps)
+        use_filter = self.grad_filter_eps is not None
         args = (hidden, weight, hidden if bias is None else bias, labels, lse, grad_token)
         sizes = dict(num_tokens=num_tokens, vocab_size=vocab_size, hidden_dim=hidden_dim)
         common = _common_args(hidden, weight, bias, logit_scale, softcap)
-        flags = (bias is not None, softcap is not None, need_hidden, need_weight, need_bias, filter_eps > 0)
+        flags = (bias is not None, softcap is not None, need_hidden, need_weight, need_bias, use_filter)
         unused = lse  # a valid pointer for outputs the kernel does not write
         if not self.deterministic:
             def run_atomic(config: KernelConfig) -> None:
@@ -140,7 +155,7 @@ class TritonBackend:
                 logprob_backward_atomic_kernel[grid](
                     *args, unused if grad_hidden is None else grad_hidden,
                     unused if grad_weight is None else grad_weight, unused if grad_bias is None else grad_bias,
-                    **sizes, filter_eps=filter_eps, **common,
+                    **sizes, filter_eps=filter_eps, FILTER=use_filter, **common,
                     NEED_GRAD_HIDDEN=need_hidden, NEED_GRAD_WEIGHT=need_weight, NEED_GRAD_BIAS=need_bias,
                     **_tiles(config),
                 )
@@ -151,7 +166,7 @@ class TritonBackend:
             def run_hidden(config: KernelConfig) -> None:
                 _zero(grad_hidden)
                 grad_hidden_kernel[(triton.cdiv(num_tokens, config.block_n),)](
-                    *args, grad_hidden, **sizes, filter_eps=filter_eps, **common, **_tiles(config),
+                    *args, grad_hidden, **sizes, filter_eps=filter_eps, FILTER=use_filter, **common, **_tiles(config),
                 )
 
             run_hidden(self._config("grad_hidden", hidden, weight, flags, run_hidden))
@@ -160,7 +175,7 @@ class TritonBackend:
                 _zero(grad_weight, grad_bias)
                 grad_weight_kernel[(triton.cdiv(vocab_size, config.block_v),)](
                     *args, unused if grad_weight is None else grad_weight, unused if grad_bias is None else grad_bias,
-                    **sizes, filter_eps=filter_eps, **common,
+                    **sizes, filter_eps=filter_eps, FILTER=use_filter, **common,
                     NEED_GRAD_WEIGHT=need_weight, NEED_GRAD_BIAS=need_bias, **_tiles(config),
                 )
 
