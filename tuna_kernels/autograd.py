@@ -32,6 +32,12 @@ class FusedTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_token_lp):
+        # the backend's matmuls run in the dtypes they are given, whatever autocast the caller has on
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return FusedTokenLogprobs._backward(ctx, grad_token_lp)
+
+    @staticmethod
+    def _backward(ctx, grad_token_lp):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         backend, logit_scale, softcap, ignore_index = ctx.options
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[1:4]
