@@ -56,32 +56,52 @@ def _target_in_tile(labels_chunk: torch.Tensor, vocab_start: int, vocab_width: i
     return local.clamp(0, vocab_width - 1), inside
 
 
-def _forward_lse(hidden, weight, bias, labels, logit_scale, softcap, chunk_tokens, chunk_vocab):
-    """Per-token (log-sum-exp, target logit), both [n] in the compute dtype, for target rows only."""
+def _forward_lse(hidden, weight, bias, labels, logit_scale, softcap, chunk_tokens, chunk_vocab, with_expected):
+    """Per-token (log-sum-exp, target logit), both [n] in the compute dtype, for target rows only, and with
+    ``with_expected`` the expected output embedding E [n, D] = sum_v p_v * c_v * W_v (c = dz/dz_raw).
+
+    Online over vocabulary chunks: running max m, sum s = sum exp(z - m) and E (unnormalised) are rescaled
+    by exp(m_old - m_new) when the max grows; E is divided by s at the end.
+    """
     compute_dtype = accumulate_dtype(hidden.dtype)
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
-    lse = torch.empty(num_tokens, dtype=compute_dtype, device=hidden.device)
+    device = hidden.device
+    lse = torch.empty(num_tokens, dtype=compute_dtype, device=device)
     target_logit = torch.empty_like(lse)
+    expected = torch.empty(num_tokens, hidden.shape[1], dtype=compute_dtype, device=device) if with_expected else None
     for t0 in range(0, num_tokens, chunk_tokens):
         t1 = min(t0 + chunk_tokens, num_tokens)
         labels_chunk = labels[t0:t1]
-        running_lse = torch.full((t1 - t0,), float("-inf"), dtype=compute_dtype, device=hidden.device)
-        running_target = torch.zeros_like(running_lse)
+        hidden_chunk = hidden[t0:t1].to(compute_dtype)
+        running_max = torch.full((t1 - t0,), float("-inf"), dtype=compute_dtype, device=device)
+        running_sum = torch.zeros_like(running_max)
+        running_target = torch.zeros_like(running_max)
+        if expected is not None:
+            expected[t0:t1] = 0
         for v0 in range(0, vocab_size, chunk_vocab):
             v1 = min(v0 + chunk_vocab, vocab_size)
-            logits, _ = _logit_tile(
-                hidden[t0:t1], weight[v0:v1], None if bias is None else bias[v0:v1],
+            weight_chunk = weight[v0:v1].to(compute_dtype)
+            logits, tanh = _logit_tile(
+                hidden_chunk, weight_chunk, None if bias is None else bias[v0:v1],
                 logit_scale, softcap, compute_dtype,
             )
             local, inside = _target_in_tile(labels_chunk, v0, v1 - v0)
             picked = logits.gather(1, local[:, None]).squeeze(1)
             running_target = torch.where(inside, picked, running_target)
-            tile_max = logits.amax(dim=1)
-            tile_sum = logits.sub_(tile_max[:, None]).exp_().sum(dim=1)
-            running_lse = torch.logaddexp(running_lse, tile_max + tile_sum.log())
-        lse[t0:t1] = running_lse
+            new_max = torch.maximum(running_max, logits.amax(dim=1))
+            rescale = (running_max - new_max).exp_()
+            probs = logits.sub_(new_max[:, None]).exp_()  # in place: the logits are not needed any more
+            running_sum.mul_(rescale).add_(probs.sum(dim=1))
+            running_max = new_max
+            if expected is not None:
+                if tanh is not None:
+                    probs.mul_(1.0 - tanh * tanh)
+                expected[t0:t1].mul_(rescale[:, None]).addmm_(probs, weight_chunk)
+        lse[t0:t1] = running_max + running_sum.log()
         target_logit[t0:t1] = running_target
-    return lse, target_logit
+        if expected is not None:
+            expected[t0:t1].div_(running_sum[:, None])
+    return lse, target_logit, expected
 
 
 def _backward_tiles(hidden, weight, bias, labels, lse, grad_token, logit_scale, softcap,
@@ -137,8 +157,9 @@ class ChunkedBackend:
                 f"chunk_tokens and chunk_vocab must be >= 1, got {self.chunk_tokens} and {self.chunk_vocab}"
             )
 
-    def forward(self, hidden, weight, bias, labels, logit_scale, softcap):
-        return _forward_lse(hidden, weight, bias, labels, logit_scale, softcap, self.chunk_tokens, self.chunk_vocab)
+    def forward(self, hidden, weight, bias, labels, logit_scale, softcap, with_expected=False):
+        return _forward_lse(hidden, weight, bias, labels, logit_scale, softcap, self.chunk_tokens, self.chunk_vocab,
+                            with_expected)
 
     def backward(self, hidden, weight, bias, labels, lse, grad_token, logit_scale, softcap,
                  need_hidden, need_weight, need_bias):

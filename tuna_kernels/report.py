@@ -56,7 +56,7 @@ def _kernel_specs():
 
     flags = {"HAS_BIAS": False, "HAS_SOFTCAP": False}
     return {
-        "lse_forward": (lse_forward_kernel, flags),
+        "lse_forward": (lse_forward_kernel, {**flags, "WITH_EXPECTED": False}),
         "backward_atomic": (logprob_backward_atomic_kernel,
                             {**flags, "NEED_GRAD_HIDDEN": True, "NEED_GRAD_WEIGHT": True, "NEED_GRAD_BIAS": False,
                              "FILTER": False}),

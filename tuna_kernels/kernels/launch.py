@@ -95,35 +95,45 @@ class TritonBackend:
         key = (kernel, arch, str(hidden.dtype), token_bucket(hidden.shape[0]), weight.shape[0], hidden.shape[1]) + flags
         return TUNER.choose(key, candidate_configs(kernel, arch), trial)
 
-    def forward(self, hidden, weight, bias, labels, logit_scale, softcap):
-        """lse [n], target_logit [n] (fp32) for hidden [n, D] whose rows all have a target."""
+    def forward(self, hidden, weight, bias, labels, logit_scale, softcap, with_expected=False):
+        """lse [n], target_logit [n] (fp32) for hidden [n, D] whose rows all have a target, and with
+        ``with_expected`` the expected output embedding [n, D] fp32 (frozen lm_head, see autograd.py)."""
         num_tokens, hidden_dim = hidden.shape
         vocab_size = weight.shape[0]
         labels, bias = _unit_stride(labels), _unit_stride(bias)
         lse = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
         target_logit = torch.zeros_like(lse)
+        expected = torch.zeros(num_tokens, hidden_dim, dtype=torch.float32, device=hidden.device) if with_expected else None
         if num_tokens == 0:
-            return lse, target_logit
+            return lse, target_logit, expected
         wanted = max(2, _PROGRAMS_PER_SM * _num_sms(hidden.device))
         bias_arg = hidden if bias is None else bias
         common = _common_args(hidden, weight, bias, logit_scale, softcap)
 
         def run(config: KernelConfig) -> None:
-            # Overwrites lse and every target_logit (each label lies in exactly one split): trials leave no trace.
+            # Overwrites lse, every target_logit (each label lies in exactly one split) and expected:
+            # trials leave no trace.
             token_tiles = triton.cdiv(num_tokens, config.block_n)
             vocab_tiles = triton.cdiv(vocab_size, config.block_v)
             num_splits = max(1, min(vocab_tiles, triton.cdiv(wanted, token_tiles)))
             vocab_per_split = triton.cdiv(vocab_tiles, num_splits) * config.block_v
             num_splits = triton.cdiv(vocab_size, vocab_per_split)
             partial_lse = torch.empty(num_splits, num_tokens, dtype=torch.float32, device=hidden.device)
+            partial_expected = (torch.zeros(num_splits, num_tokens, hidden_dim, dtype=torch.float32,
+                                            device=hidden.device) if with_expected else lse)
             lse_forward_kernel[(token_tiles, num_splits)](
-                hidden, weight, bias_arg, labels, partial_lse, target_logit,
-                num_tokens, vocab_size, hidden_dim, vocab_per_split, **common, **_tiles(config),
+                hidden, weight, bias_arg, labels, partial_lse, target_logit, partial_expected,
+                num_tokens, vocab_size, hidden_dim, vocab_per_split, **common, WITH_EXPECTED=with_expected,
+                **_tiles(config),
             )
             torch.logsumexp(partial_lse, dim=0, out=lse)
+            if with_expected:
+                split_weights = (partial_lse - lse).exp_()  # [num_splits, n]: each split's share of the mass
+                expected.copy_(torch.einsum("sn,snd->nd", split_weights, partial_expected))
 
-        run(self._config("lse_forward", hidden, weight, (bias is not None, softcap is not None), run))
-        return lse, target_logit
+        flags = (bias is not None, softcap is not None, with_expected)
+        run(self._config("lse_forward", hidden, weight, flags, run))
+        return lse, target_logit, expected
 
     def backward(self, hidden, weight, bias, labels, lse, grad_token, logit_scale, softcap,
                  need_hidden, need_weight, need_bias):
