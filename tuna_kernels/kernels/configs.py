@@ -47,6 +47,18 @@ _HOPPER = {
     "grad_hidden": KernelConfig(64, 128, 64, 8, 2),
     "grad_weight": KernelConfig(64, 128, 64, 8, 2),
 }
+# fp32 inputs with torch's default matmul precision run tl.dot as IEEE FMAs in registers, not tensor cores:
+# the 16-bit tiles spill there (224 to 7152 bytes in the report), so fp32 has smaller tiles of its own,
+# one table for every architecture (all four compile spill-free; see the report).
+_FP32 = {
+    "lse_forward": KernelConfig(64, 64, 32, 4, 2),
+    "backward_atomic": KernelConfig(32, 32, 32, 4, 2),
+    "grad_hidden": KernelConfig(32, 64, 32, 4, 2),
+    "grad_weight": KernelConfig(32, 64, 32, 4, 2),
+}
+# Resident blocks per SM each kernel's configurations must reach on every architecture and dtype (the
+# report computes them from registers, shared memory and threads; its test asserts these minima).
+MIN_BLOCKS_PER_SM = {"lse_forward": 1, "backward_atomic": 1, "grad_hidden": 1, "grad_weight": 1}
 # Under TRITON_INTERPRET=1 tiles are small so that test shapes span several tiles in every direction.
 INTERPRETER = KernelConfig(16, 32, 32, 1, 1)
 
@@ -74,29 +86,40 @@ _INTERPRETER_ALTERNATIVE = KernelConfig(32, 16, 16, 1, 1)
 _override: Optional[KernelConfig] = None
 
 
-def default_config(kernel: str, arch: int) -> KernelConfig:
-    """The configuration ``kernel`` launches with on compute capability ``arch`` (e.g. 86)."""
+def default_config(kernel: str, arch: int, dtype: str = "bf16") -> KernelConfig:
+    """The configuration ``kernel`` launches with on compute capability ``arch`` (e.g. 86) for inputs of
+    ``dtype`` ("bf16", "fp16" or "fp32")."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; known: {KERNELS}")
+    if dtype == "fp32":
+        return _FP32[kernel]
     table = _HOPPER if arch >= 90 else _AMPERE
     return table[kernel]
 
 
-def candidate_configs(kernel: str, arch: Optional[int]) -> Tuple[KernelConfig, ...]:
-    """The configurations autotuning times for ``kernel`` on ``arch`` (None: the interpreter), default first."""
+def candidate_configs(kernel: str, arch: Optional[int], dtype: str = "bf16") -> Tuple[KernelConfig, ...]:
+    """The configurations autotuning times for ``kernel`` on ``arch`` (None: the interpreter), default first.
+    fp32 has its default only."""
     if arch is None:
         return (INTERPRETER, _INTERPRETER_ALTERNATIVE)
+    if dtype == "fp32":
+        return (default_config(kernel, arch, dtype),)
     alternatives = (_HOPPER_ALTERNATIVES if arch >= 90 else _AMPERE_ALTERNATIVES)[kernel]
-    return (default_config(kernel, arch),) + alternatives
+    return (default_config(kernel, arch, dtype),) + alternatives
 
 
-def launch_config(kernel: str, capability: Optional[Tuple[int, int]]) -> KernelConfig:
+def dtype_name(dtype) -> str:
+    """"bf16" / "fp16" / "fp32" for a torch dtype (the keys of the tables)."""
+    return {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(dtype), "fp32")
+
+
+def launch_config(kernel: str, capability: Optional[Tuple[int, int]], dtype: str = "bf16") -> KernelConfig:
     """The configuration for a launch: an override if set, the interpreter's, or the architecture's."""
     if _override is not None:
         return _override
     if capability is None or os.environ.get("TRITON_INTERPRET") == "1":
         return INTERPRETER
-    return default_config(kernel, capability[0] * 10 + capability[1])
+    return default_config(kernel, capability[0] * 10 + capability[1], dtype)
 
 
 def config_overridden() -> bool:

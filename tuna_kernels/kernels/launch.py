@@ -17,7 +17,7 @@ from .backward_atomic import logprob_backward_atomic_kernel
 from .backward_hidden import grad_hidden_kernel
 from .backward_weight import grad_weight_kernel
 from .autotune import TUNER, token_bucket
-from .configs import KernelConfig, candidate_configs, config_overridden, launch_config
+from .configs import KernelConfig, candidate_configs, config_overridden, dtype_name, launch_config
 from .forward import lse_forward_kernel
 
 # Forward programs wanted per streaming multiprocessor: enough to hide latency when N is small.
@@ -90,10 +90,10 @@ class TritonBackend:
         """The launch configuration: the architecture's default, or the tuned choice among candidates."""
         capability = _capability(hidden.device)
         if not self.autotune or config_overridden():
-            return launch_config(kernel, capability)
+            return launch_config(kernel, capability, dtype_name(hidden.dtype))
         arch = None if capability is None else capability[0] * 10 + capability[1]
         key = (kernel, arch, str(hidden.dtype), token_bucket(hidden.shape[0]), weight.shape[0], hidden.shape[1]) + flags
-        return TUNER.choose(key, candidate_configs(kernel, arch), trial)
+        return TUNER.choose(key, candidate_configs(kernel, arch, dtype_name(hidden.dtype)), trial)
 
     def forward(self, hidden, weight, bias, labels, logit_scale, softcap, with_expected=False):
         """lse [n], target_logit [n] (fp32) for hidden [n, D] whose rows all have a target, and with
