@@ -76,3 +76,17 @@ def test_resident_blocks_follow_each_limit():
     assert resident_blocks(80, registers=32, shared_bytes=0, num_warps=8) == 8  # 2048 threads
     assert resident_blocks(86, registers=16, shared_bytes=0, num_warps=1) == 16  # block limit
     assert resident_blocks(86, registers=255, shared_bytes=120 * 1024, num_warps=4) == 0  # does not fit
+
+
+def test_roofline_forward_estimate_by_hand():
+    """The model's forward on A100 at N=8192, V=256000, D=2304 with 64 x 128 tiles is L2-bound: its L2
+    operand traffic over the L2 bandwidth, computed here by hand."""
+    from tuna_kernels.kernels.configs import default_config
+    from tuna_kernels.roofline import GPUS, estimate
+
+    a100 = GPUS[0]
+    tile = default_config("lse_forward", 80, "bf16")
+    n, v, d = 8192, 256000, 2304
+    flop_time = 2 * n * v * d / 312e12
+    l2_time = ((n / tile.block_n) * v * d * 2 + (v / tile.block_v) * n * d * 2) / 5.5e12
+    assert estimate(a100, n, v, d)["ours forward"] == pytest.approx(max(flop_time, l2_time), rel=1e-9)

@@ -1,6 +1,7 @@
 """Static GPU report: compile every kernel ahead of time for sm_80/86/89/90, no GPU needed.
 
     python -m tuna_kernels.report [--json] [--dtype bf16 --dtype fp16] [--arch 86] [--defaults-only]
+    python -m tuna_kernels.report --roofline     # estimated times from a roofline model (tuna_kernels/roofline.py)
 
 For each kernel, dtype, configuration (the default, then the candidates autotuning may choose) and
 architecture it prints the registers per thread, spill bytes
@@ -74,7 +75,7 @@ class ReportRow:
     mma_instructions: int
     default: bool = True
     blocks_per_sm: int = 0
-    fenced_atomics: int = 0  # MEMBAR instructions in the SASS (an acq_rel atomic compiles to one each)
+    fenced_atomics: int = 0  # GPU-scope MEMBARs in the SASS (an acq_rel atomic compiles to one each)
     atomics: int = 0  # RED / ATOM instructions
 
     @property
@@ -180,7 +181,9 @@ def compile_and_inspect(fn, signature: Dict[str, str], constexprs: Dict[str, obj
         spill_instructions=len(re.findall(r"\b(?:STL|LDL)(?:\.\w+)*\b", sass)),
         shared_bytes=field("SHARED") + int(compiled.metadata.shared),
         mma_instructions=len(re.findall(mma_pattern, sass)),
-        fenced_atomics=len(re.findall(r"\bMEMBAR\b", sass)),
+        # an acq_rel atomic is fenced at GPU scope (MEMBAR.ALL.GPU); sm_90's MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC
+        # order shared memory for the wgmma pipeline, inside the block, and are not counted
+        fenced_atomics=len(re.findall(r"\bMEMBAR\.\S*(?:GPU|SYS)\b", sass)),
         atomics=len(re.findall(r"\b(?:RED|REDG|ATOM|ATOMG)\b", sass)),
     )
 
@@ -271,7 +274,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--kernel", action="append", help="kernel name, repeatable (default: all)")
     parser.add_argument("--defaults-only", action="store_true",
                         help="only each kernel's default configuration, not the autotuning candidates")
+    parser.add_argument("--roofline", action="store_true",
+                        help="print the roofline model's time estimates (a model, not a measurement) and exit")
     args = parser.parse_args(argv)
+    if args.roofline:
+        from .roofline import roofline_table
+
+        print("Roofline MODEL, not a measurement (see tuna_kernels/roofline.py for its assumptions):")
+        print(roofline_table())
+        return 0
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the report compiles real GPU code")
     rows = build_report(args.arch or sorted(SHARED_LIMIT), args.dtype or ["bf16", "fp16", "fp32"], args.kernel,

@@ -53,7 +53,7 @@ _HOPPER = {
 _FP32 = {
     "lse_forward": KernelConfig(64, 64, 32, 4, 2),
     "backward_atomic": KernelConfig(32, 32, 32, 4, 2),
-    "grad_hidden": KernelConfig(32, 64, 32, 4, 2),
+    "grad_hidden": KernelConfig(32, 32, 32, 4, 2),
     "grad_weight": KernelConfig(32, 64, 32, 4, 2),
 }
 # Resident blocks per SM each kernel's configurations must reach on every architecture and dtype (the
