@@ -1,7 +1,9 @@
 """Pure-PyTorch fused log-likelihood: token x vocabulary chunks, any device, no [N, V] tensor.
 
-Forward walks each token chunk across the vocabulary in chunks, keeping an online log-sum-exp and the
-target logit in fp32; it saves only the per-token log-sum-exp ([N]). Backward recomputes every logit tile
+Forward walks each token chunk across the vocabulary in chunks, keeping an online log-sum-exp (running
+max and sum) and the target logit in fp32; it saves only the per-token log-sum-exp ([N]). For a frozen
+lm_head it also accumulates the expected output embedding E [N, D] (see autograd.py) and no backward
+recompute follows. Backward recomputes every logit tile
 and forms, with g the upstream gradient of each token's log-probability::
 
     dz        = g * (onehot(y) - softmax(z))          # [chunk_tokens, chunk_vocab]
