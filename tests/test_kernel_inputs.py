@@ -8,8 +8,11 @@ import sys
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from conftest import rel_err
+from tuna_kernels.kernels.common import grouped_tile
 from tuna_kernels.kernels.configs import KERNELS
 from test_logprobs import TOLERANCE, logprobs_and_grads, make_problem
 
@@ -113,3 +116,25 @@ def test_hidden_dimension_offsets_are_64_bit():
     for kernel, (uses, narrow) in found.items():
         assert uses > 0, f"{kernel}: the IR names no stride argument, the check would prove nothing"
         assert not narrow, f"{kernel}: 32-bit use of a hidden-dimension stride:\n" + "\n".join(narrow)
+
+
+@triton.jit
+def order_kernel(out_ptr, num_n, num_v, GROUP_V: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_n, pid_v = grouped_tile(pid, num_n, num_v, GROUP_V)
+    tl.store(out_ptr + 2 * pid, pid_n)
+    tl.store(out_ptr + 2 * pid + 1, pid_v)
+
+
+@pytest.mark.parametrize("num_token_tiles,num_vocab_tiles,group", [(5, 19, 8), (3, 8, 8), (1, 3, 8), (4, 7, 2)])
+def test_grouped_program_order_covers_every_tile_once(num_token_tiles, num_vocab_tiles, group):
+    """The atomic backward's grouped order (interpreter): a bijection from program ids onto (token tile,
+    vocabulary tile), with consecutive programs walking `group` vocabulary tiles of one token tile."""
+    programs = num_token_tiles * num_vocab_tiles
+    out = torch.full((programs, 2), -1, dtype=torch.int32)
+    order_kernel[(programs,)](out, num_token_tiles, num_vocab_tiles, GROUP_V=group)
+    pairs = [tuple(row) for row in out.tolist()]
+    assert sorted(pairs) == [(n, v) for n in range(num_token_tiles) for v in range(num_vocab_tiles)]
+    expected = [(n, v0 + v) for v0 in range(0, num_vocab_tiles, group) for n in range(num_token_tiles)
+                for v in range(min(group, num_vocab_tiles - v0))]
+    assert pairs == expected

@@ -95,13 +95,14 @@ def _kernel_specs():
     from .kernels.backward_hidden import grad_hidden_kernel
     from .kernels.backward_weight import grad_weight_kernel
     from .kernels.forward import lse_forward_kernel
+    from .kernels.launch import GROUP_V
 
     flags = {"HAS_BIAS": False, "HAS_SOFTCAP": False}
     return {
         "lse_forward": (lse_forward_kernel, {**flags, "WITH_EXPECTED": False}),
         "backward_atomic": (logprob_backward_atomic_kernel,
                             {**flags, "NEED_GRAD_HIDDEN": True, "NEED_GRAD_WEIGHT": True, "NEED_GRAD_BIAS": False,
-                             "FILTER": False}),
+                             "FILTER": False, "GROUP_V": GROUP_V}),
         "grad_hidden": (grad_hidden_kernel, {**flags, "FILTER": False}),
         "grad_weight": (grad_weight_kernel, {**flags, "NEED_GRAD_WEIGHT": True, "NEED_GRAD_BIAS": False,
                                              "FILTER": False}),

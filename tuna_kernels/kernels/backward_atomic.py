@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .common import dot_operand, recompute_grad_tile, tile_needed
+from .common import dot_operand, grouped_tile, recompute_grad_tile, tile_needed
 
 
 @triton.jit
@@ -15,11 +15,11 @@ def logprob_backward_atomic_kernel(
     logit_scale, softcap, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     NEED_GRAD_HIDDEN: tl.constexpr, NEED_GRAD_WEIGHT: tl.constexpr, NEED_GRAD_BIAS: tl.constexpr,
-    FILTER: tl.constexpr,
+    FILTER: tl.constexpr, GROUP_V: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Grid (token tiles, vocabulary tiles).
+    """Grid (token tiles * vocabulary tiles,), in grouped order (:func:`common.grouped_tile`).
 
     Recomputes the tile's logits, forms dz = g * (onehot - p) and adds, with fp32 atomics,
     grad_hidden[n] += scale * dz @ W[v] (fp32 [N, D]), grad_weight[v] += scale * dz.T @ H[n]
@@ -28,8 +28,7 @@ def logprob_backward_atomic_kernel(
     The atomics are relaxed: the adds need no ordering against other memory (nothing reads the sums
     before the kernel ends), so each compiles to a plain reduction (RED), not a fenced ATOMG.
     """
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(num_tokens, BLOCK_N), tl.cdiv(vocab_size, BLOCK_V), GROUP_V)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < num_tokens

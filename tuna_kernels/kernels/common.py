@@ -15,6 +15,21 @@ def tanh(x):
 
 
 @triton.jit
+def grouped_tile(pid, num_token_tiles, num_vocab_tiles, GROUP_V: tl.constexpr):
+    """(token tile, vocabulary tile) of program ``pid`` in grouped order: consecutive programs walk GROUP_V
+    vocabulary tiles of one token tile, then the next token tile. Programs running at the same time then
+    cover a GROUP_V x (programs / GROUP_V) block of tiles: each weight tile and each hidden tile is re-used
+    from L2 by several of them, and their grad_weight / grad_hidden atomics spread over GROUP_V vocabulary
+    tiles and several token tiles instead of piling onto one row of tiles."""
+    programs_per_group = GROUP_V * num_token_tiles
+    group = pid // programs_per_group
+    first_v = group * GROUP_V
+    group_width = tl.minimum(num_vocab_tiles - first_v, GROUP_V)
+    within = pid % programs_per_group
+    return within // group_width, first_v + within % group_width
+
+
+@triton.jit
 def logit_tile(
     hidden_ptr, weight_ptr, bias_ptr,
     offs_n, offs_v, num_tokens, vocab_size, hidden_dim,

@@ -20,6 +20,8 @@ from .autotune import TUNER, token_bucket
 from .configs import KernelConfig, candidate_configs, config_overridden, dtype_name, launch_config
 from .forward import lse_forward_kernel
 
+# Vocabulary tiles per group in the atomic backward's grouped program order (common.grouped_tile).
+GROUP_V = 8
 # Forward programs wanted per streaming multiprocessor: enough to hide latency when N is small.
 _PROGRAMS_PER_SM = 4
 
@@ -161,12 +163,13 @@ class TritonBackend:
         if not self.deterministic:
             def run_atomic(config: KernelConfig) -> None:
                 _zero(grad_hidden, grad_weight, grad_bias)
-                grid = (triton.cdiv(num_tokens, config.block_n), triton.cdiv(vocab_size, config.block_v))
+                grid = (triton.cdiv(num_tokens, config.block_n) * triton.cdiv(vocab_size, config.block_v),)
                 logprob_backward_atomic_kernel[grid](
                     *args, unused if grad_hidden is None else grad_hidden,
                     unused if grad_weight is None else grad_weight, unused if grad_bias is None else grad_bias,
                     **sizes, filter_eps=filter_eps, FILTER=use_filter, **common,
                     NEED_GRAD_HIDDEN=need_hidden, NEED_GRAD_WEIGHT=need_weight, NEED_GRAD_BIAS=need_bias,
+                    GROUP_V=GROUP_V,
                     **_tiles(config),
                 )
 
