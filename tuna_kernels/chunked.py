@@ -110,22 +110,26 @@ def _backward_tiles(hidden, weight, bias, labels, lse, grad_token, logit_scale, 
                     chunk_tokens, chunk_vocab, need_hidden, need_weight, need_bias):
     """Gradients for the given rows (all with non-zero upstream gradient), accumulated in fp32.
 
-    hidden: [n, D], labels/lse/grad_token: [n]. Returns grad_hidden [n, D], grad_weight [V, D],
-    grad_bias [V] (each None when not needed), in the compute dtype.
+    hidden: [n, D], labels/lse/grad_token: [n]. Returns grad_hidden [n, D] and grad_bias [V] in the compute
+    dtype, and grad_weight [V, D] in the weight's dtype (each None when not needed). The vocabulary is the
+    outer loop: each vocabulary chunk's weight gradient is complete after one sweep over the tokens, so it
+    is accumulated in an fp32 [chunk_vocab, D] buffer and written once into its slice of grad_weight. For a
+    bf16 / fp16 head this avoids a full fp32 [V, D] buffer next to the copy in the parameter's dtype.
     """
     compute_dtype = lse.dtype
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     device = hidden.device
     grad_hidden = torch.zeros(num_tokens, hidden.shape[1], dtype=compute_dtype, device=device) if need_hidden else None
-    grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=device) if need_weight else None
+    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=device) if need_weight else None
     grad_bias = torch.zeros(vocab_size, dtype=compute_dtype, device=device) if need_bias else None
-    for t0 in range(0, num_tokens, chunk_tokens):
-        t1 = min(t0 + chunk_tokens, num_tokens)
-        hidden_chunk = hidden[t0:t1].to(compute_dtype)
-        g_chunk = grad_token[t0:t1].to(compute_dtype)
-        for v0 in range(0, vocab_size, chunk_vocab):
-            v1 = min(v0 + chunk_vocab, vocab_size)
-            weight_chunk = weight[v0:v1].to(compute_dtype)
+    for v0 in range(0, vocab_size, chunk_vocab):
+        v1 = min(v0 + chunk_vocab, vocab_size)
+        weight_chunk = weight[v0:v1].to(compute_dtype)
+        grad_weight_chunk = torch.zeros_like(weight_chunk) if need_weight else None
+        for t0 in range(0, num_tokens, chunk_tokens):
+            t1 = min(t0 + chunk_tokens, num_tokens)
+            hidden_chunk = hidden[t0:t1].to(compute_dtype)
+            g_chunk = grad_token[t0:t1].to(compute_dtype)
             logits, tanh = _logit_tile(
                 hidden_chunk, weight_chunk, None if bias is None else bias[v0:v1],
                 logit_scale, softcap, compute_dtype,
@@ -139,10 +143,12 @@ def _backward_tiles(hidden, weight, bias, labels, lse, grad_token, logit_scale, 
                 grad_logits.mul_(1.0 - tanh * tanh)
             if grad_hidden is not None:
                 grad_hidden[t0:t1].addmm_(grad_logits, weight_chunk, alpha=logit_scale)
-            if grad_weight is not None:
-                grad_weight[v0:v1].addmm_(grad_logits.T, hidden_chunk, alpha=logit_scale)
+            if grad_weight_chunk is not None:
+                grad_weight_chunk.addmm_(grad_logits.T, hidden_chunk, alpha=logit_scale)
             if grad_bias is not None:
                 grad_bias[v0:v1] += grad_logits.sum(dim=0)
+        if grad_weight is not None:
+            grad_weight[v0:v1] = grad_weight_chunk
     return grad_hidden, grad_weight, grad_bias
 
 
