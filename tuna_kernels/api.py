@@ -149,8 +149,10 @@ def token_logprobs(
         impl: ``"auto"``, ``"triton"``, ``"chunked"`` or ``"reference"``.
         chunk_tokens, chunk_vocab: tile sizes of the chunked implementation (defaults 1024 x 4096).
         deterministic: Triton backward without float atomics (bit-reproducible, one more recompute).
-        grad_filter_eps: Triton backward skips tiles whose largest |dL/dlogit| is below this value
-            (Cut Cross-Entropy's gradient filtering); ``None`` (default) computes every tile.
+        grad_filter_eps: Triton backward skips tiles whose largest |onehot - p| is at most this value and
+            that hold no NaN (Cut Cross-Entropy's gradient filtering; independent of the loss scale);
+            ``"auto"`` uses the input dtype's unit roundoff (bf16 2^-8, fp16 2^-11, fp32 2^-24);
+            ``None`` (default) computes every tile.
         autotune: Triton kernels time their candidate configurations once per shape bucket and keep the
             fastest; ``None`` (default) reads the ``TUNA_AUTOTUNE`` environment variable ("1" = on).
 

@@ -23,8 +23,8 @@ def logprob_backward_atomic_kernel(
 
     Recomputes the tile's logits, forms dz = g * (onehot - p) and adds, with fp32 atomics,
     grad_hidden[n] += scale * dz @ W[v] (fp32 [N, D]), grad_weight[v] += scale * dz.T @ H[n]
-    (fp32 [V, D]) and grad_bias[v] += sum_n dz. With FILTER, tiles whose largest |dz| is not above
-    filter_eps (and hold no NaN) skip both products; the bias sum is never filtered.
+    (fp32 [V, D]) and grad_bias[v] += sum_n dz. With FILTER, tiles whose largest |onehot - p| is not
+    above filter_eps (and hold no NaN) skip both products; the bias sum is never filtered.
     The atomics are relaxed: the adds need no ordering against other memory (nothing reads the sums
     before the kernel ends), so each compiles to a plain reduction (RED), not a fenced ATOMG.
     """
@@ -40,7 +40,7 @@ def logprob_backward_atomic_kernel(
     )
     if NEED_GRAD_BIAS:
         tl.atomic_add(grad_bias_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
-    if tile_needed(dz, filter_eps, FILTER):
+    if tile_needed(dz, grad_token, filter_eps, FILTER):
         dz_dot, dz_scale = dot_operand(dz, grad_token, hidden_ptr.dtype.element_ty)
         out_scale = dz_scale * logit_scale
         offs_d = tl.arange(0, BLOCK_D)

@@ -36,7 +36,7 @@ def grad_hidden_kernel(
             HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION,
         )
         dz = grad_logit_tile(z, lse, grad_token, labels, mask_n, offs_v, vocab_size, softcap, HAS_SOFTCAP)
-        if tile_needed(dz, filter_eps, FILTER):
+        if tile_needed(dz, grad_token, filter_eps, FILTER):
             dz_dot, dz_scale = dot_operand(dz, grad_token, hidden_ptr.dtype.element_ty)
             out_scale = dz_scale * logit_scale
             for d0 in range(0, hidden_dim, BLOCK_D):

@@ -37,7 +37,7 @@ def grad_weight_kernel(
         if NEED_GRAD_BIAS:
             bias_sum += tl.sum(dz, axis=0)
         if NEED_GRAD_WEIGHT:
-            if tile_needed(dz, filter_eps, FILTER):
+            if tile_needed(dz, grad_token, filter_eps, FILTER):
                 dz_dot, dz_scale = dot_operand(dz, grad_token, hidden_ptr.dtype.element_ty)
                 dz_dot = tl.trans(dz_dot)
                 out_scale = dz_scale * logit_scale

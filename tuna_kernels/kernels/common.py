@@ -90,13 +90,18 @@ def _max_keep_nan(a, b):
 
 
 @triton.jit
-def tile_needed(dz, filter_eps, FILTER: tl.constexpr):
-    """Whether a gradient tile must enter the products: always without filtering; with filtering
-    (Cut Cross-Entropy's), when its largest |dz| is above ``filter_eps`` or it holds a NaN (a NaN must
-    reach the gradients, not be filtered to 0; ``tl.max`` alone would drop it)."""
+def tile_needed(dz, grad_token, filter_eps, FILTER: tl.constexpr):
+    """Whether a gradient tile must enter the products: always without filtering; with filtering (Cut
+    Cross-Entropy's definition), when the largest |onehot - p| of the tile (|dz| / |g| per row, which
+    also carries the softcap derivative) is above ``filter_eps``, or the tile holds a NaN (a NaN must reach
+    the gradients, not be filtered to 0; ``tl.max`` alone would drop it). The threshold does not depend
+    on the upstream gradient's scale."""
     if FILTER:
-        largest = tl.reduce(tl.abs(dz), None, _max_keep_nan)
-        needed = (largest > filter_eps) | (largest != largest)
+        g = tl.abs(grad_token)[:, None]
+        ratio = tl.where(g > 0, tl.abs(dz) / g, tl.where(g == g, 0.0, g))  # 0 for rows without gradient
+        largest = tl.reduce(tl.abs(dz) + ratio, None, _max_keep_nan)  # NaN of dz or g survives
+        largest_ratio = tl.max(ratio)
+        needed = (largest_ratio > filter_eps) | (largest != largest)
     else:
         needed = True
     return needed

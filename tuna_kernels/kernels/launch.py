@@ -67,6 +67,20 @@ def _tiles(config):
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+# Gradient filtering's "auto" threshold per input dtype: the unit roundoff, below which |onehot - p| times
+# any upstream gradient is lost when the product's result is rounded to the parameter's dtype anyway.
+FILTER_EPS = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
+
+
+def filter_threshold(grad_filter_eps, dtype: torch.dtype) -> float:
+    """The threshold on |onehot - p| for ``grad_filter_eps`` (None: filtering off, 0 returned but unused)."""
+    if grad_filter_eps is None:
+        return 0.0
+    if grad_filter_eps == "auto":
+        return FILTER_EPS[dtype]
+    return float(grad_filter_eps)
+
+
 def _unit_stride(vector: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The kernels read labels [n] and bias [V] with stride 1: a strided view (a column of a [N, 2]
     tensor) is copied, which costs O(n) or O(V) against the O(n * V * D) of the kernels."""
@@ -153,7 +167,7 @@ class TritonBackend:
             return grad_hidden, grad_weight, grad_bias
         lse = lse.contiguous()
         grad_token = grad_token.float().contiguous()
-        filter_eps = 0.0 if self.grad_filter_eps is None else float(self.grad_filter_eps)
+        filter_eps = filter_threshold(self.grad_filter_eps, hidden.dtype)
         use_filter = self.grad_filter_eps is not None
         args = (hidden, weight, hidden if bias is None else bias, labels, lse, grad_token)
         sizes = dict(num_tokens=num_tokens, vocab_size=vocab_size, hidden_dim=hidden_dim)
