@@ -153,25 +153,40 @@ def test_only_needed_gradients_are_computed():
 
 
 def test_gradient_filter_skips_exactly_the_small_tiles():
-    """With grad_filter_eps, a tile whose largest |dz| is <= eps contributes nothing to the matmul
-    gradients; every other tile is exact. Checked against float64 dz with those tiles zeroed."""
+    """With grad_filter_eps, a tile whose largest |onehot - p| is <= eps contributes nothing to the matmul
+    gradients, whatever the upstream gradient's scale (Cut Cross-Entropy's definition); every other tile is
+    exact. Checked against float64 dz with those tiles zeroed."""
     from tuna_kernels.kernels.configs import INTERPRETER
 
     hidden, weight, _, labels, grad_token = make_problem(48, 64, 320, False, 0.0, torch.float32, seed=4)
-    grad_token[16:32] *= 1e-4  # a token tile of tiny upstream gradients: all its tiles are filtered
+    hidden[:, 0] = 4.0
+    weight[64:128, 0] = -4.0  # two vocabulary tiles of tiny probabilities (about e^-16 / 320)
+    labels[(labels >= 64) & (labels < 128)] = 0
+    grad_token[16:32] *= 1e-4  # tiny upstream gradients: their tiles are not filtered for that
     eps = 2.0 ** -10
     logits = hidden.double() @ weight.double().T
     probs = torch.softmax(logits, dim=-1)
-    dz = grad_token.double()[:, None] * (torch.nn.functional.one_hot(labels, 320).double() - probs)
-    tiles = dz.reshape(48 // INTERPRETER.block_n, INTERPRETER.block_n, 320 // INTERPRETER.block_v, INTERPRETER.block_v)
-    kept = tiles.abs().amax(dim=(1, 3), keepdim=True) > eps
+    residual = torch.nn.functional.one_hot(labels, 320).double() - probs
+    dz = grad_token.double()[:, None] * residual
+    shape = (48 // INTERPRETER.block_n, INTERPRETER.block_n, 320 // INTERPRETER.block_v, INTERPRETER.block_v)
+    kept = residual.reshape(shape).abs().amax(dim=(1, 3), keepdim=True) > eps
     assert 0 < int(kept.sum()) < kept.numel(), "the case must filter some tiles and keep others"
-    dz_kept = (tiles * kept).reshape(48, 320)
+    assert bool(kept[1, :, 4:].all()), "tiny upstream gradients alone must not filter a tile"
+    dz_kept = (dz.reshape(shape) * kept).reshape(48, 320)
     for deterministic in (False, True):
         _, grad_hidden, grad_weight = logprobs_and_grads(
             "triton", hidden, weight, None, labels, grad_token, grad_filter_eps=eps, deterministic=deterministic)
         assert rel_err(grad_hidden, dz_kept @ weight.double()) <= 1e-5
         assert rel_err(grad_weight, dz_kept.T @ hidden.double()) <= 1e-5
+
+
+def test_gradient_filter_auto_threshold_per_dtype():
+    from tuna_kernels.kernels.launch import filter_threshold
+
+    assert filter_threshold("auto", torch.bfloat16) == 2.0 ** -8
+    assert filter_threshold("auto", torch.float16) == 2.0 ** -11
+    assert filter_threshold("auto", torch.float32) == 2.0 ** -24
+    assert filter_threshold(1e-3, torch.float32) == 1e-3
 
 
 @pytest.mark.parametrize("deterministic", [False, True])

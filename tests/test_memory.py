@@ -2,7 +2,9 @@
 
 import torch
 
-from tuna_kernels import sequence_logprobs
+from conftest import rel_err
+
+from tuna_kernels import sequence_logprobs, token_logprobs
 from tuna_kernels.memory import AllocationTracker
 
 N, V, D = 2048, 32000, 64
@@ -43,3 +45,22 @@ def test_chunked_never_materialises_logits():
     assert chunked.peak_bytes <= reference.peak_bytes / 4, (chunked.peak_bytes, reference.peak_bytes)
     for got, want in zip(runs["chunked"][1:], runs["reference"][1:]):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_bf16_weight_gradient_has_no_full_fp32_buffer():
+    """A bf16 head: grad_weight is written in bf16 vocabulary slice by vocabulary slice (fp32 accumulation
+    per [chunk_vocab, D] slice), so no fp32 [V, D] tensor exists; the gradient still matches float64."""
+    vocab, dim, tokens = 8000, 64, 256
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(tokens, dim, generator=generator).bfloat16()
+    weight = (torch.randn(vocab, dim, generator=generator) / 8).bfloat16()
+    labels = torch.randint(0, vocab, (tokens,), generator=generator)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with AllocationTracker(record_shapes=True) as tracker:
+        token_lp = token_logprobs(h, w, labels, impl="chunked", chunk_tokens=128, chunk_vocab=1000)
+        token_lp.sum().backward()
+    assert w.grad.dtype == torch.bfloat16
+    assert tracker.largest_bytes < vocab * dim * 4, (tracker.largest_bytes, tracker.largest_shape)
+    w64 = weight.double().requires_grad_()
+    token_logprobs(hidden.double(), w64, labels, impl="reference").sum().backward()
+    assert rel_err(w.grad, w64.grad) <= 2e-2

@@ -167,3 +167,22 @@ def test_tuna_loss_memory_bound():
     assert largest["reference"] >= logits_bytes
     assert largest["chunked"] <= logits_bytes / 8
     assert peaks["chunked"] <= peaks["reference"] / 4
+
+
+def test_mle_on_best_without_rank_zero_uses_the_best_present_candidate():
+    """A valid layout with no rank-0 sequence (each group lost its best candidate, e.g. to truncation) used to
+    give 0/0 = NaN; each group's best present candidate (here rank 1) now carries the MLE term."""
+    hidden, weight, labels, _ = ragged_batch(group_sizes=(2, 3))
+    sizes = torch.bincount(ragged_batch(group_sizes=(2, 3))[3].seq_index)
+    seq_index = torch.repeat_interleave(torch.arange(5), sizes)
+    layout = GroupLayout(seq_index, seq_group=torch.tensor([0, 0, 1, 1, 1]),
+                         seq_rank=torch.tensor([1, 2, 1, 2, 3]), num_groups=2, num_candidates=4)
+    for impl in ("chunked", "triton"):
+        loss, metrics = TunaLoss(impl=impl, mle_on="best", mle_weight=1.0)(hidden, weight, labels, layout)
+        assert torch.isfinite(loss) and torch.isfinite(metrics["mle_loss"])
+        token_lp = torch.log_softmax(hidden.double() @ weight.double().T, dim=-1)
+        is_target = labels != -100
+        picked = token_lp.gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
+        best_tokens = is_target & ((seq_index == 0) | (seq_index == 2))  # rank 1 of each group
+        want = -picked[best_tokens].sum() / best_tokens.sum()
+        assert rel_err(metrics["mle_loss"], want) <= 1e-5

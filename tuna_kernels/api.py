@@ -86,6 +86,27 @@ def _check_inputs(
         )
 
 
+def _follow_autocast(hidden, weight, bias):
+    """The dtype policy, applied once at the entry: under autocast for the input's device, hidden, weight
+    and bias are cast to the autocast dtype, as ``nn.Linear`` casts its input and parameters (the cast is
+    differentiable: fp32 leaves get fp32 gradients). float64 tensors are left alone, as autocast does.
+    Accumulation stays fp32 and outputs are fp32 whatever the input dtype.
+    Returns (hidden, weight, bias, device type whose autocast must be off inside, or None)."""
+    if not isinstance(hidden, torch.Tensor):
+        return hidden, weight, bias, None
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias, None
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(tensor):
+        if isinstance(tensor, torch.Tensor) and tensor.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            return tensor.to(dtype)
+        return tensor
+
+    return cast(hidden), cast(weight), cast(bias), device_type
+
+
 def _resolve_impl(impl: str, device: torch.device) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -119,7 +140,8 @@ def token_logprobs(
 
     Args:
         hidden: [N, D] final hidden states of the positions that predict ``labels`` (already shifted).
-        weight: [V, D] lm_head weight (same dtype as ``hidden``).
+        weight: [V, D] lm_head weight (same dtype as ``hidden``; under autocast any float dtypes: both
+            are cast to the autocast dtype first, as ``nn.Linear`` does).
         labels: [N] int64/int32 target ids; ``ignore_index`` marks positions with no target.
         bias: optional [V] lm_head bias.
         logit_scale: multiplies the logits before bias and softcap (Cohere-style ``logit_scale``).
@@ -127,8 +149,10 @@ def token_logprobs(
         impl: ``"auto"``, ``"triton"``, ``"chunked"`` or ``"reference"``.
         chunk_tokens, chunk_vocab: tile sizes of the chunked implementation (defaults 1024 x 4096).
         deterministic: Triton backward without float atomics (bit-reproducible, one more recompute).
-        grad_filter_eps: Triton backward skips tiles whose largest |dL/dlogit| is below this value
-            (Cut Cross-Entropy's gradient filtering); ``None`` (default) computes every tile.
+        grad_filter_eps: Triton backward skips tiles whose largest |onehot - p| is at most this value and
+            that hold no NaN (Cut Cross-Entropy's gradient filtering; independent of the loss scale);
+            ``"auto"`` uses the input dtype's unit roundoff (bf16 2^-8, fp16 2^-11, fp32 2^-24);
+            ``None`` (default) computes every tile.
         autotune: Triton kernels time their candidate configurations once per shape bucket and keep the
             fastest; ``None`` (default) reads the ``TUNA_AUTOTUNE`` environment variable ("1" = on).
 
@@ -136,8 +160,21 @@ def token_logprobs(
         [N] float32 (float64 for float64 inputs) log p(labels[t]), 0 at ignored positions.
         Differentiable with respect to ``hidden``, ``weight`` and ``bias`` for any upstream gradient.
     """
+    hidden, weight, bias, autocast_device = _follow_autocast(hidden, weight, bias)
     _check_inputs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index)
     impl = _resolve_impl(impl, hidden.device)
+    if autocast_device is not None:
+        # the inputs are in the autocast dtype now; inside, every matmul keeps the dtypes it is given
+        with torch.autocast(autocast_device, enabled=False):
+            return _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl,
+                             chunk_tokens, chunk_vocab, deterministic, grad_filter_eps, autotune)
+    return _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl,
+                     chunk_tokens, chunk_vocab, deterministic, grad_filter_eps, autotune)
+
+
+def _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl,
+              chunk_tokens, chunk_vocab, deterministic, grad_filter_eps, autotune):
+    """The one dispatch between implementations (inputs already checked)."""
     logit_scale = float(logit_scale)
     softcap = None if softcap is None else float(softcap)
     if impl == "reference":

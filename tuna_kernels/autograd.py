@@ -4,11 +4,20 @@ It owns what both backends share: only rows with a target do vocabulary work in 
 with a target and a non-zero upstream gradient in backward; it saves hidden, weight, bias, labels and
 the per-token log-sum-exp ([N]) and nothing of size N x V. A backend supplies two functions:
 
-- ``forward(hidden [n, D], weight [V, D], bias [V] | None, labels [n], logit_scale, softcap)``
-  -> ``(lse [n], target_logit [n])`` in fp32 (float64 for float64 inputs);
+- ``forward(hidden [n, D], weight [V, D], bias [V] | None, labels [n], logit_scale, softcap, with_expected)``
+  -> ``(lse [n], target_logit [n], expected [n, D] | None)`` in fp32 (float64 for float64 inputs);
 - ``backward(hidden, weight, bias, labels, lse, grad_token [n], logit_scale, softcap,
   need_hidden, need_weight, need_bias)`` -> ``(grad_hidden [n, D], grad_weight [V, D], grad_bias [V])``
   accumulated in fp32, each None when not needed.
+
+Frozen lm_head (LoRA, QLoRA: only ``hidden`` needs a gradient): the gradient of token n is linear in its
+upstream gradient g_n,
+
+    dL/dh_n = g_n * logit_scale * (c_ny * W[y_n] - E_n),   E_n = sum_v p_nv * c_nv * W_v,
+
+with c = dz/dz_raw = 1 - (z / softcap)^2 under softcap (1 without). The forward accumulates E_n in its
+online log-sum-exp loop (``with_expected``), so the backward is O(N * D) and recomputes no logit:
+two passes over N * V * D in all (against three: forward, recompute, grad_hidden).
 """
 
 from __future__ import annotations
@@ -18,6 +27,15 @@ import torch
 from .rows import active_rows, scatter_rows
 
 
+def frozen_head_grad_hidden(weight, labels, target_logit, expected, grad_token, logit_scale, softcap):
+    """grad_hidden [n, D] fp32 of target rows from the forward's expected embedding ``expected`` [n, D]."""
+    target_embedding = weight[labels].to(expected.dtype)  # [n, D]
+    if softcap is not None:
+        ratio = target_logit / softcap
+        target_embedding = target_embedding * (1.0 - ratio * ratio)[:, None]
+    return (target_embedding - expected) * (grad_token * logit_scale)[:, None]
+
+
 class FusedTokenLogprobs(torch.autograd.Function):
     """[N] token log-probs = target_logit - lse, from hidden [N, D], weight [V, D], bias [V] | None."""
 
@@ -25,13 +43,41 @@ class FusedTokenLogprobs(torch.autograd.Function):
     def forward(ctx, backend, hidden, weight, bias, labels, logit_scale, softcap, ignore_index):
         num_tokens = hidden.shape[0]
         rows = active_rows(labels != ignore_index)
-        lse, target_logit = backend.forward(hidden[rows], weight, bias, labels[rows], logit_scale, softcap)
-        ctx.save_for_backward(hidden, weight, bias, labels, scatter_rows(lse, rows, num_tokens))
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[1:4]
+        frozen_head = need_hidden and not need_weight and not (need_bias and bias is not None)
+        lse, target_logit, expected = backend.forward(hidden[rows], weight, bias, labels[rows], logit_scale, softcap,
+                                                      frozen_head)
+        lse_all = scatter_rows(lse, rows, num_tokens)
+        if frozen_head:
+            ctx.save_for_backward(weight, labels, scatter_rows(target_logit, rows, num_tokens),
+                                  scatter_rows(expected, rows, num_tokens))
+        else:
+            ctx.save_for_backward(hidden, weight, bias, labels, lse_all)
+        ctx.frozen_head = frozen_head
+        ctx.hidden_dtype = hidden.dtype
         ctx.options = (backend, logit_scale, softcap, ignore_index)
         return scatter_rows(target_logit - lse, rows, num_tokens)
 
     @staticmethod
     def backward(ctx, grad_token_lp):
+        # the backend's matmuls run in the dtypes they are given, whatever autocast the caller has on
+        with torch.autocast(grad_token_lp.device.type, enabled=False):
+            if ctx.frozen_head:
+                return FusedTokenLogprobs._frozen_head_backward(ctx, grad_token_lp)
+            return FusedTokenLogprobs._backward(ctx, grad_token_lp)
+
+    @staticmethod
+    def _frozen_head_backward(ctx, grad_token_lp):
+        weight, labels, target_logit, expected = ctx.saved_tensors
+        _, logit_scale, softcap, ignore_index = ctx.options
+        rows = active_rows(labels != ignore_index)
+        grad_rows = frozen_head_grad_hidden(weight, labels[rows], target_logit[rows], expected[rows],
+                                            grad_token_lp[rows].to(expected.dtype), logit_scale, softcap)
+        grad_hidden = scatter_rows(grad_rows, rows, labels.shape[0]).to(ctx.hidden_dtype)
+        return None, grad_hidden, None, None, None, None, None, None
+
+    @staticmethod
+    def _backward(ctx, grad_token_lp):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         backend, logit_scale, softcap, ignore_index = ctx.options
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[1:4]

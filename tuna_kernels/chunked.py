@@ -1,7 +1,9 @@
 """Pure-PyTorch fused log-likelihood: token x vocabulary chunks, any device, no [N, V] tensor.
 
-Forward walks each token chunk across the vocabulary in chunks, keeping an online log-sum-exp and the
-target logit in fp32; it saves only the per-token log-sum-exp ([N]). Backward recomputes every logit tile
+Forward walks each token chunk across the vocabulary in chunks, keeping an online log-sum-exp (running
+max and sum) and the target logit in fp32; it saves only the per-token log-sum-exp ([N]). For a frozen
+lm_head it also accumulates the expected output embedding E [N, D] (see autograd.py) and no backward
+recompute follows. Backward recomputes every logit tile
 and forms, with g the upstream gradient of each token's log-probability::
 
     dz        = g * (onehot(y) - softmax(z))          # [chunk_tokens, chunk_vocab]
@@ -56,54 +58,78 @@ def _target_in_tile(labels_chunk: torch.Tensor, vocab_start: int, vocab_width: i
     return local.clamp(0, vocab_width - 1), inside
 
 
-def _forward_lse(hidden, weight, bias, labels, logit_scale, softcap, chunk_tokens, chunk_vocab):
-    """Per-token (log-sum-exp, target logit), both [n] in the compute dtype, for target rows only."""
+def _forward_lse(hidden, weight, bias, labels, logit_scale, softcap, chunk_tokens, chunk_vocab, with_expected):
+    """Per-token (log-sum-exp, target logit), both [n] in the compute dtype, for target rows only, and with
+    ``with_expected`` the expected output embedding E [n, D] = sum_v p_v * c_v * W_v (c = dz/dz_raw).
+
+    Online over vocabulary chunks: running max m, sum s = sum exp(z - m) and E (unnormalised) are rescaled
+    by exp(m_old - m_new) when the max grows; E is divided by s at the end.
+    """
     compute_dtype = accumulate_dtype(hidden.dtype)
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
-    lse = torch.empty(num_tokens, dtype=compute_dtype, device=hidden.device)
+    device = hidden.device
+    lse = torch.empty(num_tokens, dtype=compute_dtype, device=device)
     target_logit = torch.empty_like(lse)
+    expected = torch.empty(num_tokens, hidden.shape[1], dtype=compute_dtype, device=device) if with_expected else None
     for t0 in range(0, num_tokens, chunk_tokens):
         t1 = min(t0 + chunk_tokens, num_tokens)
         labels_chunk = labels[t0:t1]
-        running_lse = torch.full((t1 - t0,), float("-inf"), dtype=compute_dtype, device=hidden.device)
-        running_target = torch.zeros_like(running_lse)
+        hidden_chunk = hidden[t0:t1].to(compute_dtype)
+        running_max = torch.full((t1 - t0,), float("-inf"), dtype=compute_dtype, device=device)
+        running_sum = torch.zeros_like(running_max)
+        running_target = torch.zeros_like(running_max)
+        if expected is not None:
+            expected[t0:t1] = 0
         for v0 in range(0, vocab_size, chunk_vocab):
             v1 = min(v0 + chunk_vocab, vocab_size)
-            logits, _ = _logit_tile(
-                hidden[t0:t1], weight[v0:v1], None if bias is None else bias[v0:v1],
+            weight_chunk = weight[v0:v1].to(compute_dtype)
+            logits, tanh = _logit_tile(
+                hidden_chunk, weight_chunk, None if bias is None else bias[v0:v1],
                 logit_scale, softcap, compute_dtype,
             )
             local, inside = _target_in_tile(labels_chunk, v0, v1 - v0)
             picked = logits.gather(1, local[:, None]).squeeze(1)
             running_target = torch.where(inside, picked, running_target)
-            tile_max = logits.amax(dim=1)
-            tile_sum = logits.sub_(tile_max[:, None]).exp_().sum(dim=1)
-            running_lse = torch.logaddexp(running_lse, tile_max + tile_sum.log())
-        lse[t0:t1] = running_lse
+            new_max = torch.maximum(running_max, logits.amax(dim=1))
+            rescale = (running_max - new_max).exp_()
+            probs = logits.sub_(new_max[:, None]).exp_()  # in place: the logits are not needed any more
+            running_sum.mul_(rescale).add_(probs.sum(dim=1))
+            running_max = new_max
+            if expected is not None:
+                if tanh is not None:
+                    probs.mul_(1.0 - tanh * tanh)
+                expected[t0:t1].mul_(rescale[:, None]).addmm_(probs, weight_chunk)
+        lse[t0:t1] = running_max + running_sum.log()
         target_logit[t0:t1] = running_target
-    return lse, target_logit
+        if expected is not None:
+            expected[t0:t1].div_(running_sum[:, None])
+    return lse, target_logit, expected
 
 
 def _backward_tiles(hidden, weight, bias, labels, lse, grad_token, logit_scale, softcap,
                     chunk_tokens, chunk_vocab, need_hidden, need_weight, need_bias):
     """Gradients for the given rows (all with non-zero upstream gradient), accumulated in fp32.
 
-    hidden: [n, D], labels/lse/grad_token: [n]. Returns grad_hidden [n, D], grad_weight [V, D],
-    grad_bias [V] (each None when not needed), in the compute dtype.
+    hidden: [n, D], labels/lse/grad_token: [n]. Returns grad_hidden [n, D] and grad_bias [V] in the compute
+    dtype, and grad_weight [V, D] in the weight's dtype (each None when not needed). The vocabulary is the
+    outer loop: each vocabulary chunk's weight gradient is complete after one sweep over the tokens, so it
+    is accumulated in an fp32 [chunk_vocab, D] buffer and written once into its slice of grad_weight. For a
+    bf16 / fp16 head this avoids a full fp32 [V, D] buffer next to the copy in the parameter's dtype.
     """
     compute_dtype = lse.dtype
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     device = hidden.device
     grad_hidden = torch.zeros(num_tokens, hidden.shape[1], dtype=compute_dtype, device=device) if need_hidden else None
-    grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=device) if need_weight else None
+    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=device) if need_weight else None
     grad_bias = torch.zeros(vocab_size, dtype=compute_dtype, device=device) if need_bias else None
-    for t0 in range(0, num_tokens, chunk_tokens):
-        t1 = min(t0 + chunk_tokens, num_tokens)
-        hidden_chunk = hidden[t0:t1].to(compute_dtype)
-        g_chunk = grad_token[t0:t1].to(compute_dtype)
-        for v0 in range(0, vocab_size, chunk_vocab):
-            v1 = min(v0 + chunk_vocab, vocab_size)
-            weight_chunk = weight[v0:v1].to(compute_dtype)
+    for v0 in range(0, vocab_size, chunk_vocab):
+        v1 = min(v0 + chunk_vocab, vocab_size)
+        weight_chunk = weight[v0:v1].to(compute_dtype)
+        grad_weight_chunk = torch.zeros_like(weight_chunk) if need_weight else None
+        for t0 in range(0, num_tokens, chunk_tokens):
+            t1 = min(t0 + chunk_tokens, num_tokens)
+            hidden_chunk = hidden[t0:t1].to(compute_dtype)
+            g_chunk = grad_token[t0:t1].to(compute_dtype)
             logits, tanh = _logit_tile(
                 hidden_chunk, weight_chunk, None if bias is None else bias[v0:v1],
                 logit_scale, softcap, compute_dtype,
@@ -117,10 +143,12 @@ def _backward_tiles(hidden, weight, bias, labels, lse, grad_token, logit_scale, 
                 grad_logits.mul_(1.0 - tanh * tanh)
             if grad_hidden is not None:
                 grad_hidden[t0:t1].addmm_(grad_logits, weight_chunk, alpha=logit_scale)
-            if grad_weight is not None:
-                grad_weight[v0:v1].addmm_(grad_logits.T, hidden_chunk, alpha=logit_scale)
+            if grad_weight_chunk is not None:
+                grad_weight_chunk.addmm_(grad_logits.T, hidden_chunk, alpha=logit_scale)
             if grad_bias is not None:
                 grad_bias[v0:v1] += grad_logits.sum(dim=0)
+        if grad_weight is not None:
+            grad_weight[v0:v1] = grad_weight_chunk
     return grad_hidden, grad_weight, grad_bias
 
 
@@ -137,8 +165,9 @@ class ChunkedBackend:
                 f"chunk_tokens and chunk_vocab must be >= 1, got {self.chunk_tokens} and {self.chunk_vocab}"
             )
 
-    def forward(self, hidden, weight, bias, labels, logit_scale, softcap):
-        return _forward_lse(hidden, weight, bias, labels, logit_scale, softcap, self.chunk_tokens, self.chunk_vocab)
+    def forward(self, hidden, weight, bias, labels, logit_scale, softcap, with_expected=False):
+        return _forward_lse(hidden, weight, bias, labels, logit_scale, softcap, self.chunk_tokens, self.chunk_vocab,
+                            with_expected)
 
     def backward(self, hidden, weight, bias, labels, lse, grad_token, logit_scale, softcap,
                  need_hidden, need_weight, need_bias):

@@ -4,7 +4,8 @@
     loss         = ranking_loss(scores, valid) + mle_weight * MLE
 
 MLE is the token-level cross-entropy averaged over the target tokens of all candidates (``mle_on="all"``,
-the reference code's choice) or of the best candidate of each group only (``mle_on="best"``). It reuses
+the reference code's choice) or of the best candidate of each group only (``mle_on="best"``: the lowest
+rank present in the group, which is rank 0 unless the layout lacks it). It reuses
 the sums and counts of the same fused pass: no second computation of log-probabilities.
 """
 
@@ -28,7 +29,8 @@ class TunaLoss(nn.Module):
         margin: the Tuna margin m (per rank gap i the hinge margin is m * i).
         alpha: length normalisation: scores are sums / counts ** alpha (1 = mean token log-prob, 0 = sum).
         mle_weight: lambda, the weight of the MLE term.
-        mle_on: ``"all"`` (every candidate's tokens, the reference code) or ``"best"`` (rank 0 only).
+        mle_on: ``"all"`` (every candidate's tokens, the reference code) or ``"best"`` (the best candidate
+            present in each group: rank 0, or the lowest rank a group has when its rank 0 is missing).
         skip_ties: drop pairs tied in ``layout.target_scores`` (default False, as the reference code).
         beta, gamma: of ``pairwise_logistic``; temperature: of ``listmle``.
         impl: passed to :func:`tuna_kernels.sequence_logprobs`; ignore_index: of the labels.
@@ -99,10 +101,20 @@ class TunaLoss(nn.Module):
         if self.mle_on == "all":
             mle_loss = -sums.sum() / counts.sum()
         else:
-            best = layout.seq_rank == 0
+            best = self.best_sequences(layout)
             mle_loss = -sums[best].sum() / counts[best].sum()
         loss = rank_loss + self.mle_weight * mle_loss
         return loss, self._metrics(scores.detach(), valid, layout, rank_loss, mle_loss)
+
+    @staticmethod
+    def best_sequences(layout: GroupLayout) -> torch.Tensor:
+        """[S] bool: the best candidate present in each group (the lowest rank it has; rank 0 unless the
+        group lost its best candidate, e.g. to truncation). Every group has one, and every sequence has a
+        target token (``layout.validate``), so ``mle_on="best"`` never divides by zero."""
+        lowest = torch.full((layout.num_groups,), layout.num_candidates, dtype=layout.seq_rank.dtype,
+                            device=layout.seq_rank.device)
+        lowest = lowest.scatter_reduce(0, layout.seq_group.long(), layout.seq_rank, reduce="amin")
+        return layout.seq_rank == lowest[layout.seq_group.long()]
 
     @staticmethod
     def _metrics(scores, valid, layout, rank_loss, mle_loss) -> Dict[str, torch.Tensor]:

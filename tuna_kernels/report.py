@@ -1,6 +1,7 @@
 """Static GPU report: compile every kernel ahead of time for sm_80/86/89/90, no GPU needed.
 
     python -m tuna_kernels.report [--json] [--dtype bf16 --dtype fp16] [--arch 86] [--defaults-only]
+    python -m tuna_kernels.report --roofline     # estimated times from a roofline model (tuna_kernels/roofline.py)
 
 For each kernel, dtype, configuration (the default, then the candidates autotuning may choose) and
 architecture it prints the registers per thread, spill bytes
@@ -27,6 +28,38 @@ SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 TRITON_DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 
 
+@dataclass(frozen=True)
+class SMLimits:
+    """What one streaming multiprocessor holds (CUDA programming guide, compute capability table)."""
+
+    registers: int = 65536
+    max_threads: int = 2048
+    max_blocks: int = 32
+    shared_bytes: int = 164 * 1024  # per SM; a block also reserves 1 KB
+    register_granule: int = 256  # registers are allocated per warp in units of 256
+
+
+SM_LIMITS = {
+    80: SMLimits(max_threads=2048, max_blocks=32, shared_bytes=164 * 1024),
+    86: SMLimits(max_threads=1536, max_blocks=16, shared_bytes=100 * 1024),
+    89: SMLimits(max_threads=1536, max_blocks=24, shared_bytes=100 * 1024),
+    90: SMLimits(max_threads=2048, max_blocks=32, shared_bytes=228 * 1024),
+}
+_RESERVED_SHARED_PER_BLOCK = 1024
+
+
+def resident_blocks(arch: int, registers: int, shared_bytes: int, num_warps: int) -> int:
+    """Blocks of a kernel resident on one SM at once: the least of what registers, shared memory, threads
+    and the block limit allow (the occupancy calculator's rules; 0 when one block does not fit)."""
+    limits = SM_LIMITS[arch]
+    granule = limits.register_granule
+    registers_per_warp = -(-max(registers, 1) * 32 // granule) * granule
+    by_registers = (limits.registers // registers_per_warp) // num_warps
+    by_shared = limits.shared_bytes // (shared_bytes + _RESERVED_SHARED_PER_BLOCK)
+    by_threads = limits.max_threads // (32 * num_warps)
+    return max(0, min(by_registers, by_shared, by_threads, limits.max_blocks))
+
+
 @dataclass
 class ReportRow:
     kernel: str
@@ -41,10 +74,19 @@ class ReportRow:
     mma: bool
     mma_instructions: int
     default: bool = True
+    blocks_per_sm: int = 0
+    fenced_atomics: int = 0  # GPU-scope MEMBARs in the SASS (an acq_rel atomic compiles to one each)
+    atomics: int = 0  # RED / ATOM instructions
+
+    @property
+    def mma_expected(self) -> bool:
+        """fp32 runs IEEE FMA by default (torch's "highest" matmul precision): no tensor cores expected."""
+        return self.dtype != "fp32"
 
     @property
     def ok(self) -> bool:
-        return self.spill_bytes == 0 and self.shared_bytes <= self.shared_limit and self.mma
+        return (self.spill_bytes == 0 and self.shared_bytes <= self.shared_limit and self.blocks_per_sm >= 1
+                and (self.mma or not self.mma_expected) and self.fenced_atomics == 0)
 
 
 def _kernel_specs():
@@ -53,14 +95,17 @@ def _kernel_specs():
     from .kernels.backward_hidden import grad_hidden_kernel
     from .kernels.backward_weight import grad_weight_kernel
     from .kernels.forward import lse_forward_kernel
+    from .kernels.launch import GROUP_V
 
     flags = {"HAS_BIAS": False, "HAS_SOFTCAP": False}
     return {
-        "lse_forward": (lse_forward_kernel, flags),
+        "lse_forward": (lse_forward_kernel, {**flags, "WITH_EXPECTED": False}),
         "backward_atomic": (logprob_backward_atomic_kernel,
-                            {**flags, "NEED_GRAD_HIDDEN": True, "NEED_GRAD_WEIGHT": True, "NEED_GRAD_BIAS": False}),
-        "grad_hidden": (grad_hidden_kernel, flags),
-        "grad_weight": (grad_weight_kernel, {**flags, "NEED_GRAD_WEIGHT": True, "NEED_GRAD_BIAS": False}),
+                            {**flags, "NEED_GRAD_HIDDEN": True, "NEED_GRAD_WEIGHT": True, "NEED_GRAD_BIAS": False,
+                             "FILTER": False, "GROUP_V": GROUP_V}),
+        "grad_hidden": (grad_hidden_kernel, {**flags, "FILTER": False}),
+        "grad_weight": (grad_weight_kernel, {**flags, "NEED_GRAD_WEIGHT": True, "NEED_GRAD_BIAS": False,
+                                             "FILTER": False}),
     }
 
 
@@ -104,6 +149,8 @@ class Resources:
     spill_instructions: int
     shared_bytes: int
     mma_instructions: int
+    fenced_atomics: int = 0
+    atomics: int = 0
 
 
 def compile_and_inspect(fn, signature: Dict[str, str], constexprs: Dict[str, object], attrs, arch: int,
@@ -135,7 +182,41 @@ def compile_and_inspect(fn, signature: Dict[str, str], constexprs: Dict[str, obj
         spill_instructions=len(re.findall(r"\b(?:STL|LDL)(?:\.\w+)*\b", sass)),
         shared_bytes=field("SHARED") + int(compiled.metadata.shared),
         mma_instructions=len(re.findall(mma_pattern, sass)),
+        # an acq_rel atomic is fenced at GPU scope (MEMBAR.ALL.GPU); sm_90's MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC
+        # order shared memory for the wgmma pipeline, inside the block, and are not counted
+        fenced_atomics=len(re.findall(r"\bMEMBAR\.\S*(?:GPU|SYS)\b", sass)),
+        atomics=len(re.findall(r"\b(?:RED|REDG|ATOM|ATOMG)\b", sass)),
     )
+
+
+def triton_ir(kernel: str, dtype: str = "fp16", arch: int = 86) -> str:
+    """The kernel's Triton IR before lowering (names kept), as a launch with runtime strides sees it."""
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+
+    fn, flags = _kernel_specs()[kernel]
+    constexprs = dict(flags, BLOCK_N=16, BLOCK_V=32, BLOCK_D=32, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+    signature, attrs = _signature(fn, dtype, constexprs)
+    target = GPUTarget("cuda", arch, 32)
+    backend = CUDABackend(target)
+    options = backend.parse_options({"num_warps": 1})
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return str(source.make_ir(target, options, backend.get_codegen_implementation(options),
+                              backend.get_module_map(), context))
+
+
+def narrow_stride_uses(kernel: str):
+    """(number of uses, the 32-bit ones) of the hidden-dimension strides in the kernel's IR: each use
+    must widen the stride to i64 first, as cols * stride_wd passes 2^31 for a transposed [V, D] weight."""
+    uses = [line.strip() for line in triton_ir(kernel).splitlines()
+            if re.search(r"%stride_(hd|wd)\b", line) and not re.search(r"tt\.func|tt\.call", line)]
+    narrow = [line for line in uses if not re.match(r"%\S+ = arith\.extsi %stride_(hd|wd) : i32 to i64", line)]
+    return len(uses), narrow
 
 
 def compile_row(kernel: str, arch: int, dtype: str, config, default: bool = True) -> ReportRow:
@@ -150,6 +231,8 @@ def compile_row(kernel: str, arch: int, dtype: str, config, default: bool = True
         spill_bytes=found.spill_bytes, spill_instructions=found.spill_instructions,
         shared_bytes=found.shared_bytes, shared_limit=SHARED_LIMIT[arch],
         mma=found.mma_instructions > 0, mma_instructions=found.mma_instructions, default=default,
+        blocks_per_sm=resident_blocks(arch, found.registers, found.shared_bytes, config.num_warps),
+        fenced_atomics=found.fenced_atomics, atomics=found.atomics,
     )
 
 
@@ -162,20 +245,22 @@ def build_report(archs: Sequence[int], dtypes: Sequence[str], kernels: Optional[
     rows = []
     for kernel in kernels or KERNELS:
         for arch in archs:
-            configs = candidate_configs(kernel, arch)
             for dtype in dtypes:
+                configs = candidate_configs(kernel, arch, dtype)
                 for index, config in enumerate(configs[:1] if defaults_only else configs):
                     rows.append(compile_row(kernel, arch, dtype, config, default=index == 0))
     return rows
 
 
 def format_table(rows: Sequence[ReportRow]) -> str:
-    header = ["kernel", "arch", "dtype", "config", "regs", "spill B", "STL/LDL", "shared KB", "limit KB", "MMA", "ok"]
+    header = ["kernel", "arch", "dtype", "config", "regs", "spill B", "STL/LDL", "shared KB", "limit KB", "MMA",
+              "blocks/SM", "atomics (fenced)", "ok"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row.kernel, row.arch, row.dtype, row.config + ("" if row.default else " (tuning)"), str(row.registers), str(row.spill_bytes),
                  str(row.spill_instructions), f"{row.shared_bytes / 1024:.1f}", f"{row.shared_limit / 1024:.0f}",
-                 f"yes ({row.mma_instructions})" if row.mma else "no", "yes" if row.ok else "NO"]
+                 f"yes ({row.mma_instructions})" if row.mma else ("no" if row.mma_expected else "no (IEEE fp32)"),
+                 str(row.blocks_per_sm), f"{row.atomics} ({row.fenced_atomics})", "yes" if row.ok else "NO"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -186,14 +271,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT),
                         help="compute capability, repeatable (default: 80 86 89 90)")
     parser.add_argument("--dtype", action="append", choices=sorted(TRITON_DTYPES),
-                        help="input dtype, repeatable (default: bf16 fp16; fp32 runs IEEE FMA, not tensor cores)")
+                        help="input dtype, repeatable (default: all; fp32 compiles IEEE FMA, torch's default precision)")
     parser.add_argument("--kernel", action="append", help="kernel name, repeatable (default: all)")
     parser.add_argument("--defaults-only", action="store_true",
                         help="only each kernel's default configuration, not the autotuning candidates")
+    parser.add_argument("--roofline", action="store_true",
+                        help="print the roofline model's time estimates (a model, not a measurement) and exit")
     args = parser.parse_args(argv)
+    if args.roofline:
+        from .roofline import roofline_table
+
+        print("Roofline MODEL, not a measurement (see tuna_kernels/roofline.py for its assumptions):")
+        print(roofline_table())
+        return 0
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the report compiles real GPU code")
-    rows = build_report(args.arch or sorted(SHARED_LIMIT), args.dtype or ["bf16", "fp16"], args.kernel,
+    rows = build_report(args.arch or sorted(SHARED_LIMIT), args.dtype or ["bf16", "fp16", "fp32"], args.kernel,
                         args.defaults_only)
     if args.json:
         json.dump([dict(asdict(row), ok=row.ok) for row in rows], sys.stdout, indent=1)

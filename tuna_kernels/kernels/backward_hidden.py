@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .common import grad_logit_tile, logit_tile
+from .common import dot_operand, grad_logit_tile, logit_tile, tile_needed
 
 
 @triton.jit
@@ -12,7 +12,7 @@ def grad_hidden_kernel(
     num_tokens, vocab_size, hidden_dim,
     stride_hn, stride_hd, stride_wv, stride_wd,
     logit_scale, softcap, filter_eps,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -35,14 +35,16 @@ def grad_hidden_kernel(
             stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap,
             HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION,
         )
-        dz = grad_logit_tile(z, lse, grad_token, labels, offs_v, vocab_size, softcap, HAS_SOFTCAP)
-        if tl.max(tl.abs(dz)) > filter_eps:
-            dz_dot = (dz * logit_scale).to(hidden_ptr.dtype.element_ty)
+        dz = grad_logit_tile(z, lse, grad_token, labels, mask_n, offs_v, vocab_size, softcap, HAS_SOFTCAP)
+        if tile_needed(dz, grad_token, filter_eps, FILTER):
+            dz_dot, dz_scale = dot_operand(dz, grad_token, hidden_ptr.dtype.element_ty)
+            out_scale = dz_scale * logit_scale
             for d0 in range(0, hidden_dim, BLOCK_D):
                 cols = d0 + offs_d
+                cols64 = cols.to(tl.int64)
                 mask_nd = mask_n[:, None] & (cols < hidden_dim)[None, :]
-                w = tl.load(weight_ptr + offs_v.to(tl.int64)[:, None] * stride_wv + cols[None, :] * stride_wd,
+                w = tl.load(weight_ptr + offs_v.to(tl.int64)[:, None] * stride_wv + cols64[None, :] * stride_wd,
                             mask=mask_v[:, None] & (cols < hidden_dim)[None, :], other=0.0)
-                partial = tl.load(out_rows + cols[None, :], mask=mask_nd, other=0.0)
-                partial = tl.dot(dz_dot, w, partial, input_precision=DOT_PRECISION)
-                tl.store(out_rows + cols[None, :], partial, mask=mask_nd)
+                partial = tl.load(out_rows + cols64[None, :], mask=mask_nd, other=0.0)
+                partial += tl.dot(dz_dot, w, input_precision=DOT_PRECISION) * out_scale
+                tl.store(out_rows + cols64[None, :], partial, mask=mask_nd)

@@ -15,6 +15,21 @@ def tanh(x):
 
 
 @triton.jit
+def grouped_tile(pid, num_token_tiles, num_vocab_tiles, GROUP_V: tl.constexpr):
+    """(token tile, vocabulary tile) of program ``pid`` in grouped order: consecutive programs walk GROUP_V
+    vocabulary tiles of one token tile, then the next token tile. Programs running at the same time then
+    cover a GROUP_V x (programs / GROUP_V) block of tiles: each weight tile and each hidden tile is re-used
+    from L2 by several of them, and their grad_weight / grad_hidden atomics spread over GROUP_V vocabulary
+    tiles and several token tiles instead of piling onto one row of tiles."""
+    programs_per_group = GROUP_V * num_token_tiles
+    group = pid // programs_per_group
+    first_v = group * GROUP_V
+    group_width = tl.minimum(num_vocab_tiles - first_v, GROUP_V)
+    within = pid % programs_per_group
+    return within // group_width, first_v + within % group_width
+
+
+@triton.jit
 def logit_tile(
     hidden_ptr, weight_ptr, bias_ptr,
     offs_n, offs_v, num_tokens, vocab_size, hidden_dim,
@@ -37,8 +52,11 @@ def logit_tile(
     for d0 in range(0, hidden_dim, BLOCK_D):
         cols = d0 + offs_d
         mask_d = cols < hidden_dim
-        h = tl.load(hidden_rows + cols[None, :] * stride_hd, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        w = tl.load(weight_rows + cols[None, :] * stride_wd, mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+        # column offsets in 64 bits: a transposed weight view (stride_wd = V) passes 2^31 once V * D does
+        h = tl.load(hidden_rows + cols.to(tl.int64)[None, :] * stride_hd, mask=mask_n[:, None] & mask_d[None, :],
+                    other=0.0)
+        w = tl.load(weight_rows + cols.to(tl.int64)[None, :] * stride_wd, mask=mask_v[:, None] & mask_d[None, :],
+                    other=0.0)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
     z = acc * logit_scale
     if HAS_BIAS:
@@ -49,11 +67,13 @@ def logit_tile(
 
 
 @triton.jit
-def grad_logit_tile(z, lse, grad_token, labels, offs_v, vocab_size, softcap, HAS_SOFTCAP: tl.constexpr):
+def grad_logit_tile(z, lse, grad_token, labels, mask_n, offs_v, vocab_size, softcap, HAS_SOFTCAP: tl.constexpr):
     """dL/dz_raw = g * (onehot(y) - exp(z - lse)) (* (1 - tanh^2) with softcap): [BLOCK_N, BLOCK_V] fp32.
 
-    ``z`` is the (softcapped) tile from :func:`logit_tile`; ``lse``, ``grad_token``, ``labels``: [BLOCK_N].
-    The derivative of the logit scale is left to the caller (it is not part of the bias gradient).
+    ``z`` is the (softcapped) tile from :func:`logit_tile`; ``lse``, ``grad_token``, ``labels``, ``mask_n``:
+    [BLOCK_N]. Rows past the tokens (``mask_n`` False) are exactly 0: their z is the bias alone and
+    exp(bias - 0) overflows above 88.7, so they are selected away, never multiplied by a zero gradient
+    (0 * inf = NaN). The derivative of the logit scale is left to the caller (not part of the bias gradient).
     """
     probs = tl.exp(z - lse[:, None])
     onehot = (offs_v[None, :] == labels[:, None]).to(tl.float32)
@@ -61,7 +81,43 @@ def grad_logit_tile(z, lse, grad_token, labels, offs_v, vocab_size, softcap, HAS
     if HAS_SOFTCAP:
         ratio = z / softcap
         dz = dz * tl.where((offs_v < vocab_size)[None, :], 1.0 - ratio * ratio, 0.0)
-    return dz
+    return tl.where(mask_n[:, None], dz, 0.0)
+
+
+@triton.jit
+def _max_keep_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def tile_needed(dz, grad_token, filter_eps, FILTER: tl.constexpr):
+    """Whether a gradient tile must enter the products: always without filtering; with filtering (Cut
+    Cross-Entropy's definition), when the largest |onehot - p| of the tile (|dz| / |g| per row, which
+    also carries the softcap derivative) is above ``filter_eps``, or the tile holds a NaN (a NaN must reach
+    the gradients, not be filtered to 0; ``tl.max`` alone would drop it). The threshold does not depend
+    on the upstream gradient's scale."""
+    if FILTER:
+        g = tl.abs(grad_token)[:, None]
+        ratio = tl.where(g > 0, tl.abs(dz) / g, tl.where(g == g, 0.0, g))  # 0 for rows without gradient
+        largest = tl.reduce(tl.abs(dz) + ratio, None, _max_keep_nan)  # NaN of dz or g survives
+        largest_ratio = tl.max(ratio)
+        needed = (largest_ratio > filter_eps) | (largest != largest)
+    else:
+        needed = True
+    return needed
+
+
+@triton.jit
+def dot_operand(dz, grad_token, dtype):
+    """dz / s in the input dtype for the tensor-core products, and s (fp32 scalar).
+
+    s is the power of two at or below the tile's largest |g|: fp16 has no exponent range for
+    g * (onehot - p) when g is small (a mean over many tokens, no loss scaling), so dz is brought to
+    O(1) before the cast and the product is multiplied by s afterwards (exact: a power of two).
+    """
+    largest = tl.max(tl.abs(grad_token))
+    scale = tl.where(largest > 0, tl.exp2(tl.floor(tl.log2(largest))), 1.0)
+    return (dz * (1.0 / scale)).to(dtype), scale
 
 
 @triton.jit
@@ -75,7 +131,8 @@ def recompute_grad_tile(
     DOT_PRECISION: tl.constexpr,
 ):
     """Backward's first half for one tile: load the tokens' labels, log-sum-exps and upstream gradients,
-    recompute the logits and return dL/dz_raw, [BLOCK_N, BLOCK_V] fp32 (0 for rows past num_tokens)."""
+    recompute the logits and return dL/dz_raw, [BLOCK_N, BLOCK_V] fp32 (0 for rows past num_tokens), and the
+    upstream gradients g, [BLOCK_N] fp32 (for :func:`dot_operand`)."""
     mask_n = offs_n < num_tokens
     labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1)
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
@@ -85,4 +142,4 @@ def recompute_grad_tile(
         stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap,
         HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION,
     )
-    return grad_logit_tile(z, lse, grad_token, labels, offs_v, vocab_size, softcap, HAS_SOFTCAP)
+    return grad_logit_tile(z, lse, grad_token, labels, mask_n, offs_v, vocab_size, softcap, HAS_SOFTCAP), grad_token

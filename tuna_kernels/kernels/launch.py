@@ -17,9 +17,11 @@ from .backward_atomic import logprob_backward_atomic_kernel
 from .backward_hidden import grad_hidden_kernel
 from .backward_weight import grad_weight_kernel
 from .autotune import TUNER, token_bucket
-from .configs import KernelConfig, candidate_configs, config_overridden, launch_config
+from .configs import KernelConfig, candidate_configs, config_overridden, dtype_name, launch_config
 from .forward import lse_forward_kernel
 
+# Vocabulary tiles per group in the atomic backward's grouped program order (common.grouped_tile).
+GROUP_V = 8
 # Forward programs wanted per streaming multiprocessor: enough to hide latency when N is small.
 _PROGRAMS_PER_SM = 4
 
@@ -37,10 +39,16 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's own matmul setting (TF32 off by default); fp16/bf16 use tensor cores.
-    if dtype == torch.float32 and not (torch.backends.cuda.matmul.allow_tf32 and os.environ.get("TRITON_INTERPRET") != "1"):
+    """``input_precision`` of ``tl.dot``: fp16/bf16 run on tensor cores; fp32 follows torch's own fp32
+    matmul setting (``torch.backends.cuda.matmul.allow_tf32`` or ``torch.set_float32_matmul_precision``
+    "high"/"medium" -> TF32; the default "highest" -> IEEE), as ``nn.Linear`` does. The interpreter
+    always runs IEEE (it has no TF32)."""
+    if dtype != torch.float32:
+        return "tf32"
+    if os.environ.get("TRITON_INTERPRET") == "1":
         return "ieee"
-    return "tf32"
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() in ("high", "medium")
+    return "tf32" if tf32 else "ieee"
 
 
 def _common_args(hidden, weight, bias, logit_scale, softcap):
@@ -57,6 +65,26 @@ def _common_args(hidden, weight, bias, logit_scale, softcap):
 def _tiles(config):
     return dict(BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
                 num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+# Gradient filtering's "auto" threshold per input dtype: the unit roundoff, below which |onehot - p| times
+# any upstream gradient is lost when the product's result is rounded to the parameter's dtype anyway.
+FILTER_EPS = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
+
+
+def filter_threshold(grad_filter_eps, dtype: torch.dtype) -> float:
+    """The threshold on |onehot - p| for ``grad_filter_eps`` (None: filtering off, 0 returned but unused)."""
+    if grad_filter_eps is None:
+        return 0.0
+    if grad_filter_eps == "auto":
+        return FILTER_EPS[dtype]
+    return float(grad_filter_eps)
+
+
+def _unit_stride(vector: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The kernels read labels [n] and bias [V] with stride 1: a strided view (a column of a [N, 2]
+    tensor) is copied, which costs O(n) or O(V) against the O(n * V * D) of the kernels."""
+    return None if vector is None else vector.contiguous()
 
 
 def _zero(*outputs) -> None:
@@ -78,39 +106,50 @@ class TritonBackend:
         """The launch configuration: the architecture's default, or the tuned choice among candidates."""
         capability = _capability(hidden.device)
         if not self.autotune or config_overridden():
-            return launch_config(kernel, capability)
+            return launch_config(kernel, capability, dtype_name(hidden.dtype))
         arch = None if capability is None else capability[0] * 10 + capability[1]
         key = (kernel, arch, str(hidden.dtype), token_bucket(hidden.shape[0]), weight.shape[0], hidden.shape[1]) + flags
-        return TUNER.choose(key, candidate_configs(kernel, arch), trial)
+        return TUNER.choose(key, candidate_configs(kernel, arch, dtype_name(hidden.dtype)), trial)
 
-    def forward(self, hidden, weight, bias, labels, logit_scale, softcap):
-        """lse [n], target_logit [n] (fp32) for hidden [n, D] whose rows all have a target."""
+    def forward(self, hidden, weight, bias, labels, logit_scale, softcap, with_expected=False):
+        """lse [n], target_logit [n] (fp32) for hidden [n, D] whose rows all have a target, and with
+        ``with_expected`` the expected output embedding [n, D] fp32 (frozen lm_head, see autograd.py)."""
         num_tokens, hidden_dim = hidden.shape
         vocab_size = weight.shape[0]
+        labels, bias = _unit_stride(labels), _unit_stride(bias)
         lse = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
         target_logit = torch.zeros_like(lse)
+        expected = torch.zeros(num_tokens, hidden_dim, dtype=torch.float32, device=hidden.device) if with_expected else None
         if num_tokens == 0:
-            return lse, target_logit
+            return lse, target_logit, expected
         wanted = max(2, _PROGRAMS_PER_SM * _num_sms(hidden.device))
         bias_arg = hidden if bias is None else bias
         common = _common_args(hidden, weight, bias, logit_scale, softcap)
 
         def run(config: KernelConfig) -> None:
-            # Overwrites lse and every target_logit (each label lies in exactly one split): trials leave no trace.
+            # Overwrites lse, every target_logit (each label lies in exactly one split) and expected:
+            # trials leave no trace.
             token_tiles = triton.cdiv(num_tokens, config.block_n)
             vocab_tiles = triton.cdiv(vocab_size, config.block_v)
             num_splits = max(1, min(vocab_tiles, triton.cdiv(wanted, token_tiles)))
             vocab_per_split = triton.cdiv(vocab_tiles, num_splits) * config.block_v
             num_splits = triton.cdiv(vocab_size, vocab_per_split)
             partial_lse = torch.empty(num_splits, num_tokens, dtype=torch.float32, device=hidden.device)
+            partial_expected = (torch.zeros(num_splits, num_tokens, hidden_dim, dtype=torch.float32,
+                                            device=hidden.device) if with_expected else lse)
             lse_forward_kernel[(token_tiles, num_splits)](
-                hidden, weight, bias_arg, labels, partial_lse, target_logit,
-                num_tokens, vocab_size, hidden_dim, vocab_per_split, **common, **_tiles(config),
+                hidden, weight, bias_arg, labels, partial_lse, target_logit, partial_expected,
+                num_tokens, vocab_size, hidden_dim, vocab_per_split, **common, WITH_EXPECTED=with_expected,
+                **_tiles(config),
             )
             torch.logsumexp(partial_lse, dim=0, out=lse)
+            if with_expected:
+                split_weights = (partial_lse - lse).exp_()  # [num_splits, n]: each split's share of the mass
+                expected.copy_(torch.einsum("sn,snd->nd", split_weights, partial_expected))
 
-        run(self._config("lse_forward", hidden, weight, (bias is not None, softcap is not None), run))
-        return lse, target_logit
+        flags = (bias is not None, softcap is not None, with_expected)
+        run(self._config("lse_forward", hidden, weight, flags, run))
+        return lse, target_logit, expected
 
     def backward(self, hidden, weight, bias, labels, lse, grad_token, logit_scale, softcap,
                  need_hidden, need_weight, need_bias):
@@ -118,6 +157,7 @@ class TritonBackend:
         num_tokens, hidden_dim = hidden.shape
         vocab_size = weight.shape[0]
         device = hidden.device
+        labels, bias = _unit_stride(labels), _unit_stride(bias)
         # Every kernel accumulates into its outputs, so each run (a tuning trial or the real one) zeroes them.
         grad_hidden = torch.empty(num_tokens, hidden_dim, dtype=torch.float32, device=device) if need_hidden else None
         grad_weight = torch.empty(vocab_size, hidden_dim, dtype=torch.float32, device=device) if need_weight else None
@@ -127,21 +167,23 @@ class TritonBackend:
             return grad_hidden, grad_weight, grad_bias
         lse = lse.contiguous()
         grad_token = grad_token.float().contiguous()
-        filter_eps = 0.0 if self.grad_filter_eps is None else float(self.grad_filter_eps)
+        filter_eps = filter_threshold(self.grad_filter_eps, hidden.dtype)
+        use_filter = self.grad_filter_eps is not None
         args = (hidden, weight, hidden if bias is None else bias, labels, lse, grad_token)
         sizes = dict(num_tokens=num_tokens, vocab_size=vocab_size, hidden_dim=hidden_dim)
         common = _common_args(hidden, weight, bias, logit_scale, softcap)
-        flags = (bias is not None, softcap is not None, need_hidden, need_weight, need_bias, filter_eps > 0)
+        flags = (bias is not None, softcap is not None, need_hidden, need_weight, need_bias, use_filter)
         unused = lse  # a valid pointer for outputs the kernel does not write
         if not self.deterministic:
             def run_atomic(config: KernelConfig) -> None:
                 _zero(grad_hidden, grad_weight, grad_bias)
-                grid = (triton.cdiv(num_tokens, config.block_n), triton.cdiv(vocab_size, config.block_v))
+                grid = (triton.cdiv(num_tokens, config.block_n) * triton.cdiv(vocab_size, config.block_v),)
                 logprob_backward_atomic_kernel[grid](
                     *args, unused if grad_hidden is None else grad_hidden,
                     unused if grad_weight is None else grad_weight, unused if grad_bias is None else grad_bias,
-                    **sizes, filter_eps=filter_eps, **common,
+                    **sizes, filter_eps=filter_eps, FILTER=use_filter, **common,
                     NEED_GRAD_HIDDEN=need_hidden, NEED_GRAD_WEIGHT=need_weight, NEED_GRAD_BIAS=need_bias,
+                    GROUP_V=GROUP_V,
                     **_tiles(config),
                 )
 
@@ -151,7 +193,7 @@ class TritonBackend:
             def run_hidden(config: KernelConfig) -> None:
                 _zero(grad_hidden)
                 grad_hidden_kernel[(triton.cdiv(num_tokens, config.block_n),)](
-                    *args, grad_hidden, **sizes, filter_eps=filter_eps, **common, **_tiles(config),
+                    *args, grad_hidden, **sizes, filter_eps=filter_eps, FILTER=use_filter, **common, **_tiles(config),
                 )
 
             run_hidden(self._config("grad_hidden", hidden, weight, flags, run_hidden))
@@ -160,7 +202,7 @@ class TritonBackend:
                 _zero(grad_weight, grad_bias)
                 grad_weight_kernel[(triton.cdiv(vocab_size, config.block_v),)](
                     *args, unused if grad_weight is None else grad_weight, unused if grad_bias is None else grad_bias,
-                    **sizes, filter_eps=filter_eps, **common,
+                    **sizes, filter_eps=filter_eps, FILTER=use_filter, **common,
                     NEED_GRAD_WEIGHT=need_weight, NEED_GRAD_BIAS=need_bias, **_tiles(config),
                 )
 

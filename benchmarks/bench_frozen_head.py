@@ -1,0 +1,96 @@
+"""CPU timing, interleaved in one process: the token cross-entropy part of the task (forward + backward of
+the mean token log-likelihood) with a trainable and with a frozen lm_head (LoRA / QLoRA: only the hidden
+states need a gradient), for the naive materialised path, our chunked path, and torch's own
+``F.linear_cross_entropy`` (``options=None``, its reference path, and ``LinearCrossEntropyOptions()``, its
+chunked path) as a peer.
+
+    python benchmarks/bench_frozen_head.py [--tokens 4096 --vocab 32000 --dim 256 --rounds 3]
+
+Paths run one after the other inside each round, rounds repeat, and the median of each path is reported
+with its ratio to the naive trainable-head time: the machines are shared, so only ratios measured in one
+run are comparable. fp32; wall-clock of forward + backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+
+from tuna_kernels import token_logprobs
+
+
+def _naive(hidden, weight, labels):
+    logits = hidden @ weight.T
+    return -torch.log_softmax(logits, dim=-1).gather(1, labels[:, None]).mean()
+
+
+def _chunked(hidden, weight, labels, **options):
+    return -token_logprobs(hidden, weight, labels, impl="chunked", **options).mean()
+
+
+def _torch_lce(options):
+    def loss(hidden, weight, labels):
+        return F.linear_cross_entropy(hidden, weight, labels, options=options)
+    return loss
+
+
+def paths(chunk_tokens: int, chunk_vocab: int) -> Dict[str, Callable]:
+    found = {
+        "naive": _naive,
+        "chunked (ours)": lambda h, w, y: _chunked(h, w, y, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab),
+    }
+    if hasattr(F, "linear_cross_entropy"):
+        found["torch F.linear_cross_entropy options=None"] = _torch_lce(None)
+        found["torch F.linear_cross_entropy LinearCrossEntropyOptions()"] = _torch_lce(torch.nn.LinearCrossEntropyOptions())
+    return found
+
+
+def time_step(loss_fn, hidden, weight, labels, frozen: bool) -> float:
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_(not frozen)
+    start = time.perf_counter()
+    loss_fn(h, w, labels).backward()
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--chunk-tokens", type=int, default=1024)
+    parser.add_argument("--chunk-vocab", type=int, default=4096)
+    args = parser.parse_args(argv)
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(args.tokens, args.dim, generator=generator)
+    weight = torch.randn(args.vocab, args.dim, generator=generator) / args.dim ** 0.5
+    labels = torch.randint(0, args.vocab, (args.tokens,), generator=generator)
+    cases = [(name, fn, frozen) for frozen in (False, True) for name, fn in paths(args.chunk_tokens, args.chunk_vocab).items()]
+    for name, fn, frozen in cases:  # warm-up (allocator, first-call costs)
+        time_step(fn, hidden[:256], weight, labels[:256], frozen)
+    times = {(name, frozen): [] for name, _, frozen in cases}
+    for _ in range(args.rounds):
+        for name, fn, frozen in cases:
+            times[(name, frozen)].append(time_step(fn, hidden, weight, labels, frozen))
+    base = statistics.median(times[("naive", False)])
+    print(f"N={args.tokens} V={args.vocab} D={args.dim} fp32 CPU, {torch.get_num_threads()} threads, "
+          f"median of {args.rounds} interleaved rounds")
+    print("| path | lm_head | seconds | / naive trainable | / same path trainable | / naive same head |")
+    print("|---|---|---|---|---|---|")
+    for name, _, frozen in cases:
+        median = statistics.median(times[(name, frozen)])
+        trainable = statistics.median(times[(name, False)])
+        naive_same = statistics.median(times[("naive", frozen)])
+        print(f"| {name} | {'frozen' if frozen else 'trainable'} | {median:.3f} | {median / base:.2f} | "
+              f"{median / trainable:.2f} | {median / naive_same:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
