@@ -67,7 +67,7 @@ def test_shared_layout_really_isolates_responses(tokenizer):
         isolated = mean_logprobs(model, shared)
         shared.attention_mask = torch.ones_like(shared.attention_mask).tril()
         leaky = mean_logprobs(model, shared)
-    assert rel_err(leaky, isolated) > 1e-3
+    assert float((leaky - isolated).abs().max()) > 1e-3  # per-candidate: the mean over all is data-dependent
 
 
 def test_target_positions_point_at_the_predicting_token(tokenizer):
