@@ -446,7 +446,8 @@ class Trainer:
             state["targets"] += batch.stats["targets"] * self.world_size
             state["tokens_saved"] += batch.stats["tokens_saved"] * self.world_size
             for key in TRUNCATION_KEYS:  # counted in collate.pack; training groups seen so far
-                state[key] += batch.stats[key if key != "groups_seen" else "groups"] * self.world_size
+                counted = batch.stats[key if key != "groups_seen" else "groups"]
+                state[key] = state.get(key, 0) + counted * self.world_size
         if self.world_size > 1:  # log the mean over processes: the same numbers as one process would give
             keys = sorted(sums)
             vector = self.accelerator.reduce(torch.tensor([sums[k] for k in keys], device=self.accelerator.device),
@@ -475,8 +476,8 @@ class Trainer:
         self.truncation_warned = True
         logger.warning("max_length %d cut %.1f%% of the training groups so far (%d prompts cut on the left, %d "
                        "responses cut on the right, in %d groups): raise --max-length or shorten the data",
-                       self.config.max_length, 100 * summary["truncated_fraction"], state["prompts_truncated"],
-                       state["responses_truncated"], state["groups_seen"])
+                       self.config.max_length, 100 * summary["truncated_fraction"], summary["prompts_truncated"],
+                       summary["responses_truncated"], summary["groups_seen"])
 
     def _save_final_model(self) -> None:
         """The model (or adapter) whole in ``final/``, loadable with ``from_pretrained``; a sharded model is

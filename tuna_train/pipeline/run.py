@@ -51,12 +51,13 @@ class PipelineConfig:
     seed: int = 42
     model: Optional[str] = None  # the start model (instruction-tuned); None = a tiny Llama tuned by the sft stage
     sft_examples: int = 3000  # built-in tasks for the supervised stage that makes the start model (0 = none)
-    sft: Dict[str, Any] = field(default_factory=lambda: {"num_epochs": 1.0, "learning_rate": 3e-3,
+    sft: Dict[str, Any] = field(default_factory=lambda: {"num_epochs": 2.0, "learning_rate": 3e-3,
                                                          "warmup_steps": 10, "eval_controls": False})
+    mix_sft_into_c: bool = True  # Tuna_c's data mixed with as many supervised examples (the paper's regulariser)
     # TrainConfig fields for Tuna_p and Tuna_c. The built-in default puts the MLE term on the best candidate
     # only (an option of the method): its wrong candidates are other tasks' answers, not a teacher's samples
     train_p: Dict[str, Any] = field(default_factory=lambda: {"num_epochs": 1.0, "mle_on": "best"})
-    train_c: Dict[str, Any] = field(default_factory=lambda: {"learning_rate": 3e-4, "num_epochs": 2.0,
+    train_c: Dict[str, Any] = field(default_factory=lambda: {"learning_rate": 1e-4, "num_epochs": 2.0,
                                                              "warmup_steps": 5, "batch_groups": 16,
                                                              "mle_on": "best"})
 
@@ -173,7 +174,14 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
         stats = rank_records(read_jsonl(str(generated)), judge, ranked, config.concurrency)
         manifest.record("rank", "done", outputs=[str(ranked)], **stats)
 
-    summary_c = train("train_c", dict(config.train_c, model=tuna_p, data=str(ranked), eval_data=eval_path))
+    data_c = str(ranked)
+    if start_model is not None and config.model is None and config.mix_sft_into_c:
+        # the paper mixes its Alpaca examples into the ranking data as a regulariser: here, as many of the
+        # supervised stage's examples (one-candidate groups, the MLE term alone) as there are ranked groups
+        ranked_records = read_jsonl(str(ranked))
+        data_c = str(root / "data_c.jsonl")
+        write_jsonl(Path(data_c), ranked_records + read_jsonl(str(root / "sft.jsonl"))[:len(ranked_records)])
+    summary_c = train("train_c", dict(config.train_c, model=tuna_p, data=data_c, eval_data=eval_path))
     evaluations = evaluate_stages(config, root, manifest, eval_path, start_model, tuna_p,
                                   str(root / "train_c" / "final"))
     report = {
