@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from datasets import Dataset
+from torch.utils.data import SequentialSampler
 
 from tuna_train.config import load_config
 from tuna_train.hf_trainer import GroupCollator, TunaTrainer, TunaTrainingArguments
@@ -75,26 +76,36 @@ def test_tuna_trainer_trains_a_peft_model_logs_and_checkpoints(tmp_path):
     assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 6
 
 
+class InGivenOrder(TunaTrainer):
+    """TunaTrainer reading its dataset in order (the test hands it tuna train's batches, step by step)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+
 @pytest.mark.slow
 def test_tuna_trainer_reaches_the_accuracy_of_tuna_train(tmp_path):
-    """The same data split, model, optimiser settings and number of steps; held-out pairwise accuracy measured
-    by the same function for both."""
+    """The same model, groups in the same batches, optimiser settings and steps; held-out pairwise accuracy
+    measured by the same function for both. (With each trainer's own shuffling, the accuracy after 200 steps
+    varies by more than 0.03 from seed to seed, for either trainer: the order is what the test fixes.)"""
     from tuna_train.eval import evaluate_ranking
     from tuna_train.trainer import load_datasets
 
-    settings = dict(synthetic_examples=480, tiny_hidden_size=32, batch_groups=16, num_epochs=2.0, eval_every=0,
+    settings = dict(synthetic_examples=1600, tiny_hidden_size=64, batch_groups=16, num_epochs=2.0, eval_every=0,
                     eval_groups=1, progress=False, tensorboard=False, save_every=10_000, output_dir=str(tmp_path / "ours"))
     config = load_config(None, settings)
     ours = Trainer(config)
     ours.run()
-    data = load_datasets(config)
-    model = build_tiny_llama(vocab_size=384, hidden_size=32, intermediate_size=96, seed=config.seed)
-    args = arguments(tmp_path / "hf", per_device_train_batch_size=16, max_steps=ours.total_steps, eval_strategy="no",
-                     save_strategy="no", learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
-                     lr_scheduler_type="cosine", max_grad_norm=config.max_grad_norm, weight_decay=0.0,
-                     seed=config.seed, logging_steps=50)
-    TunaTrainer(model=model, args=args, train_dataset=data.train, processing_class=synthetic_tokenizer()).train()
-    heldout = data.eval  # 48 groups, 288 ordered pairs
+    batches_in_order = [group for step in range(ours.total_steps) for group in ours.groups_for(step, 0)]
+    model = build_tiny_llama(vocab_size=384, hidden_size=64, intermediate_size=192, seed=config.seed)
+    args = arguments(tmp_path / "hf", per_device_train_batch_size=16, num_train_epochs=1, max_steps=-1,
+                     eval_strategy="no", save_strategy="no", learning_rate=config.learning_rate,
+                     warmup_steps=config.warmup_steps, lr_scheduler_type="cosine", max_grad_norm=config.max_grad_norm,
+                     weight_decay=0.0, seed=config.seed, logging_steps=50)
+    hf = InGivenOrder(model=model, args=args, train_dataset=batches_in_order, processing_class=synthetic_tokenizer())
+    hf.train()
+    assert hf.state.global_step == ours.total_steps
+    heldout = load_datasets(config).eval  # 160 groups, 960 ordered pairs
     tuna_train_accuracy = evaluate_ranking(ours.model.eval(), ours.tokenizer, heldout)["pair_accuracy"]
     hf_accuracy = evaluate_ranking(model.eval(), synthetic_tokenizer(), heldout)["pair_accuracy"]
     assert tuna_train_accuracy >= 0.75, tuna_train_accuracy  # both learnt the task...

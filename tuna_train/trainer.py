@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import set_seed
 
 from tuna_hf.model import FusedCausalLM, base_model
 from tuna_kernels import TunaLoss
@@ -152,17 +155,27 @@ def build_scheduler(config: TrainConfig, optimizer, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def release_single_process_state(mixed_precision: str) -> None:
+    """Lets a second Trainer in the same single process use another mixed precision.
+
+    accelerate keeps one process-wide AcceleratorState and refuses a new Accelerator whose mixed precision
+    differs (a notebook that trains fp32 then bf16, or a test suite). Nothing outlives a Trainer in that state
+    when there is one process, so it is cleared; a distributed launch keeps it (its processes agree on it).
+    """
+    shared = AcceleratorState._shared_state
+    if shared and PartialState().num_processes == 1 and shared.get("_mixed_precision") != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 class Trainer:
     """Runs one training job described by a :class:`TrainConfig`; :meth:`run` returns the summary."""
 
     def __init__(self, config: TrainConfig) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
         self.config = config.validate()
         check_sharding(config)
         trackers = (["tensorboard"] if config.tensorboard else []) + \
             [name.strip() for name in config.trackers.split(",") if name.strip()]
+        release_single_process_state(config.mixed_precision)
         self.accelerator = Accelerator(cpu=config.cpu or not torch.cuda.is_available(),
                                        mixed_precision=config.mixed_precision, log_with=trackers or None,
                                        project_dir=str(Path(config.output_dir) / "tensorboard"))
