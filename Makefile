@@ -34,7 +34,7 @@ test-fast: setup
 
 # Ahead-of-time compile report of every Triton kernel for sm_80/86/89/90 (no GPU needed).
 report: setup
-	$(PY) -m tuna_kernels.report
+	$(PY) -m tuna_kernels.devtools.report
 
 # Speed and memory against the naive path and the peers (installed without their dependencies, which
 # would replace the pinned torch); results in benchmarks/results/. On a GPU: make bench ARGS="--bench-size gpu".

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from tuna_kernels.report import SHARED_LIMIT, compile_and_inspect
+from tuna_kernels.devtools.report import SHARED_LIMIT, compile_and_inspect
 
 # Pointer arguments that a bf16 CCE launch passes, and their element types; None = passed as None.
 _CCE_POINTERS = {
@@ -78,7 +78,7 @@ def _cce_compile_args(kernel, config: Dict[str, int]):
 
 
 def peer_rows(archs=(80, 86, 89, 90)) -> List[dict]:
-    """Rows like tuna_kernels.report's for the peers' kernels; a row with ``error`` where one fails."""
+    """Rows like tuna_kernels.devtools.report's for the peers' kernels; a row with ``error`` where one fails."""
     rows: List[dict] = []
     try:
         from cut_cross_entropy.cce_backward import _cce_backward_kernel

@@ -38,10 +38,10 @@ def machine_info(size: str) -> Dict[str, str]:
 
 
 def static_reports() -> Dict[str, List[dict]]:
-    """Our kernels (python -m tuna_kernels.report --json) and the peers' (bench_peer_kernels)."""
+    """Our kernels (python -m tuna_kernels.devtools.report --json) and the peers' (bench_peer_kernels)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     ours: List[dict]
-    done = subprocess.run([sys.executable, "-m", "tuna_kernels.report", "--json", "--dtype", "bf16", "--defaults-only"],
+    done = subprocess.run([sys.executable, "-m", "tuna_kernels.devtools.report", "--json", "--dtype", "bf16", "--defaults-only"],
                           env=env, capture_output=True, text=True)
     try:
         ours = json.loads(done.stdout)

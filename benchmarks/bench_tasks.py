@@ -16,7 +16,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from tuna_kernels import GroupLayout, TunaLoss, pairwise_logistic_loss, tuna_margin_loss
+from tuna_kernels import GroupLayout, RankingOptions, TunaLoss, pairwise_logistic_loss, tuna_margin_loss
 
 DPO_BETA = 0.1
 
@@ -63,9 +63,9 @@ def make_problem(shape: Shape, dtype: torch.dtype, device: torch.device, seed: i
 def _loss_from_sums(problem: Problem, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     layout = problem.layout
     if problem.shape.task == "dpo":
-        return pairwise_logistic_loss(layout.to_matrix(sums), layout.valid(), DPO_BETA)
+        return pairwise_logistic_loss(layout.to_matrix(sums), layout.valid(), RankingOptions(beta=DPO_BETA))
     scores = layout.to_matrix(sums / counts)
-    return tuna_margin_loss(scores, layout.valid(), 0.1) - sums.sum() / counts.sum()
+    return tuna_margin_loss(scores, layout.valid(), RankingOptions(margin=0.1)) - sums.sum() / counts.sum()
 
 
 def naive(problem: Problem, hidden, weight) -> torch.Tensor:

@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 from tuna_train.cli import build_parser
-from tuna_train.config import config_fields
+from tuna_train.config import choices_of, config_fields
 
 
 def subcommands():
@@ -25,6 +25,6 @@ def test_train_flags_carry_the_config_choices():
     train = {action.dest: action for action in subcommands()["train"]._actions}
     for name, field_ in config_fields().items():
         assert field_.metadata["help"], name
-        assert train[name].choices == field_.metadata["choices"], name
+        assert train[name].choices == choices_of(field_), name
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--packing", "sideways"])

@@ -13,7 +13,8 @@ import time
 import pytest
 from rouge_score import rouge_scorer
 
-from tuna_train.eval import generation_metrics, kendall_tau_b, ranking_metrics
+from tuna_train.evaluation import generation_metrics, kendall_tau_b, ranking_metrics
+from tuna_train.synthetic import make_records
 
 FIXTURE = [
     {"task": "task1", "references": ["the cat sat on the mat"], "prediction": "the cat sat"},
@@ -116,14 +117,13 @@ def test_eval_ranking_cli_matches_naive_scores(tiny_model_dir, tmp_path):
     from test_score_generate import naive_sums
     from tuna_train.cli import main
     from tuna_train.model import load_model, load_tokenizer
-    from tuna_train.synthetic import make_records
 
     records = make_records(6, seed=3)
     data = tmp_path / "ranked.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert main(["eval", "ranking", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "r"),
                  "--alpha", "0.5"]) == 0
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    report = json.loads((tmp_path / "r" / "report-ranking.json").read_text())
 
     model, tokenizer = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
     naive = []
@@ -152,15 +152,22 @@ def test_eval_generation_cli_saves_scores_resumes_and_compares(tiny_model_dir, t
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     for row in generations:
         assert row["rouge_l"] == scorer.score(row["references"][0], row["prediction"])["rougeL"].fmeasure
-    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    report = json.loads((tmp_path / "a" / "report-generation.json").read_text())
     assert report["metrics"] == generation_metrics(generations, [row["prediction"] for row in generations])
 
     assert main(command + ["--out", str(tmp_path / "b"), "--name", "B"]) == 0
-    capsys.readouterr()
     png = tmp_path / "compare.png"
-    assert main(["eval", "--compare", str(tmp_path / "a"), str(tmp_path / "b" / "report.json"), "--png", str(png)]) == 0
+    data = tmp_path / "ranked.jsonl"  # a ranking report in the same --out keeps the generation report
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_records(4, seed=5)))
+    assert main(["eval", "ranking", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "a"),
+                 "--name", "A"]) == 0
+    assert json.loads((tmp_path / "a" / "report-generation.json").read_text()) == report
+    capsys.readouterr()
+    assert main(["eval", "--compare", str(tmp_path / "a"), str(tmp_path / "b" / "report-generation.json"),
+                 "--png", str(png)]) == 0
     table = capsys.readouterr().out
     assert table.splitlines()[0] == "| metric | A | B |" and "| rouge_l[t0] |" in table
+    assert "| pair_accuracy |" in table and table.count("–") >= 1  # B has no ranking report: shown as missing
     assert png.stat().st_size > 1000
 
 
@@ -187,7 +194,7 @@ def test_eval_judge_killed_run_resumes_without_repeated_requests(tiny_model_dir,
         process.send_signal(signal.SIGKILL)
         process.wait()
         finished = {json.loads(line)["key"] for line in cache.read_text().splitlines() if line.endswith("}")}
-        assert 6 <= len(finished) < 40 and not (out / "report.json").exists()
+        assert 6 <= len(finished) < 40 and not (out / "report-judge.json").exists()
         resumed = subprocess.run(command, capture_output=True, text=True)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         counts = dict(server.requests)
@@ -195,7 +202,7 @@ def test_eval_judge_killed_run_resumes_without_repeated_requests(tiny_model_dir,
         both_done = {f"id:{name}|model-first", f"id:{name}|model-second"} <= finished
         assert counts[name] == 2 if both_done else 2 <= counts[name] <= 3
     assert sum(counts.values()) <= 2 * len(names) + 1
-    report = json.loads((out / "report.json").read_text())["metrics"]
+    report = json.loads((out / "report-judge.json").read_text())["metrics"]
     assert report["wins"] + report["ties"] + report["losses"] + report["failed"] == len(names)
     assert len((out / "verdicts.jsonl").read_text().splitlines()) == len(names)
 
@@ -214,7 +221,7 @@ def test_eval_ranking_of_release_contextual_records_scores_instruct(tiny_model_d
     data = tmp_path / "contextual.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert main(["eval", "ranking", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "r")]) == 0
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    report = json.loads((tmp_path / "r" / "report-ranking.json").read_text())
 
     model, tokenizer = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
     naive, targets = [], []

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tuna_hf import apply_fused_losses, causal_lm_loss, tuna_loss
-from tuna_kernels import AllocationTracker
+from tuna_kernels.devtools.memory import AllocationTracker
 from tuna_train.model import add_lora, build_tiny_llama, load_model
 
 from conftest import rel_err

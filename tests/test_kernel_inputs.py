@@ -108,7 +108,7 @@ def test_hidden_dimension_offsets_are_64_bit():
     D >= 8389): every use of the hidden-dimension strides must be a widening to i64 first. Checked in each
     kernel's Triton IR (compiled in a subprocess, outside the interpreter), so no 8 GB tensor is needed."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json; from tuna_kernels.report import narrow_stride_uses; "
+    code = ("import json; from tuna_kernels.devtools.report import narrow_stride_uses; "
             "print(json.dumps({k: narrow_stride_uses(k) for k in %r}))" % (KERNELS,))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import naive_tuna as naive
-from tuna_kernels import (listmle_loss, ordered_pairs, pairwise_accuracy, pairwise_logistic_loss, rrhf_loss,
-                          tuna_margin_loss)
+from tuna_kernels import (LOSSES, RankingOptions, listmle_loss, ordered_pairs, pairwise_accuracy,
+                          pairwise_logistic_loss, rrhf_loss, tuna_margin_loss)
 
 
 def random_batch(seed, num_groups=7, num_candidates=5, with_ties=True):
@@ -39,17 +39,32 @@ def close(got, want):
 def test_losses_match_naive(seed, skip_ties):
     scores, valid, target, ref = random_batch(seed)
     s, v, t, r = as_lists(scores, valid, target, ref)
-    ties = dict(target_scores=target, skip_ties=skip_ties)
-    close(tuna_margin_loss(scores, valid, 0.1, **ties), naive.tuna_margin(s, v, 0.1, t, skip_ties))
-    close(tuna_margin_loss(scores, valid, 0.7, **ties), naive.tuna_margin(s, v, 0.7, t, skip_ties))
-    close(listmle_loss(scores, valid, 1.0, **ties), naive.listmle(s, v, 1.0, t, skip_ties))
-    close(listmle_loss(scores, valid, 0.5, **ties), naive.listmle(s, v, 0.5, t, skip_ties))
-    close(rrhf_loss(scores, valid, **ties), naive.rrhf(s, v, t, skip_ties))
-    close(pairwise_logistic_loss(scores, valid, 0.1, **ties), naive.pairwise_logistic(s, v, 0.1, None, 0.0, t, skip_ties))
-    close(pairwise_logistic_loss(scores, valid, 2.0, gamma=0.5, **ties),
+
+    def options(**values):
+        return RankingOptions(skip_ties=skip_ties, **values)
+
+    close(tuna_margin_loss(scores, valid, options(margin=0.1), target_scores=target),
+          naive.tuna_margin(s, v, 0.1, t, skip_ties))
+    close(tuna_margin_loss(scores, valid, options(margin=0.7), target_scores=target),
+          naive.tuna_margin(s, v, 0.7, t, skip_ties))
+    close(listmle_loss(scores, valid, options(temperature=1.0), target_scores=target),
+          naive.listmle(s, v, 1.0, t, skip_ties))
+    close(listmle_loss(scores, valid, options(temperature=0.5), target_scores=target),
+          naive.listmle(s, v, 0.5, t, skip_ties))
+    close(rrhf_loss(scores, valid, options(), target_scores=target), naive.rrhf(s, v, t, skip_ties))
+    close(pairwise_logistic_loss(scores, valid, options(beta=0.1), target_scores=target),
+          naive.pairwise_logistic(s, v, 0.1, None, 0.0, t, skip_ties))
+    close(pairwise_logistic_loss(scores, valid, options(beta=2.0, gamma=0.5), target_scores=target),
           naive.pairwise_logistic(s, v, 2.0, None, 0.5, t, skip_ties))
-    close(pairwise_logistic_loss(scores, valid, 0.3, ref_scores=ref, **ties),
+    close(pairwise_logistic_loss(scores, valid, options(beta=0.3), target_scores=target, ref_scores=ref),
           naive.pairwise_logistic(s, v, 0.3, r, 0.0, t, skip_ties))
+
+
+def test_every_registered_loss_has_the_one_signature():
+    scores, valid, target, ref = random_batch(0)
+    for name, loss in LOSSES.items():
+        value = loss(scores, valid, RankingOptions(skip_ties=True), target_scores=target, ref_scores=ref)
+        assert value.dim() == 0 and torch.isfinite(value), name
 
 
 def test_single_candidate_groups_give_zero_ranking_loss():
@@ -68,7 +83,7 @@ def test_dpo_special_case_for_two_candidates():
     valid = torch.ones(2, 2, dtype=torch.bool)
     logits = 0.1 * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
     expected = -torch.nn.functional.logsigmoid(logits).mean()
-    close(pairwise_logistic_loss(policy, valid, 0.1, ref_scores=reference), float(expected))
+    close(pairwise_logistic_loss(policy, valid, RankingOptions(beta=0.1), ref_scores=reference), float(expected))
 
 
 def test_tuna_margin_is_margin_ranking_loss_summed_over_gaps():
@@ -77,7 +92,7 @@ def test_tuna_margin_is_margin_ranking_loss_summed_over_gaps():
     valid = torch.ones(5, 4, dtype=torch.bool)
     expected = sum(torch.nn.MarginRankingLoss(0.1 * i)(scores[:, :-i], scores[:, i:], torch.ones_like(scores[:, i:]))
                    for i in range(1, 4))
-    close(tuna_margin_loss(scores, valid, 0.1), float(expected))
+    close(tuna_margin_loss(scores, valid, RankingOptions(margin=0.1)), float(expected))
 
 
 def test_pairwise_accuracy_and_pairs():
@@ -91,4 +106,4 @@ def test_pairwise_accuracy_and_pairs():
 
 def test_skip_ties_needs_target_scores():
     with pytest.raises(ValueError, match="target_scores"):
-        tuna_margin_loss(torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), skip_ties=True)
+        tuna_margin_loss(torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), RankingOptions(skip_ties=True))

@@ -5,7 +5,7 @@ import torch
 from conftest import rel_err
 
 from tuna_kernels import sequence_logprobs, token_logprobs
-from tuna_kernels.memory import AllocationTracker
+from tuna_kernels.devtools.memory import AllocationTracker
 
 N, V, D = 2048, 32000, 64
 LOGITS_BYTES = N * V * 4

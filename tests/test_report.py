@@ -19,7 +19,7 @@ DTYPES = ("bf16", "fp16", "fp32")
 
 def run_report(*flags):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "tuna_kernels.report", "--json", *flags], env=env,
+    done = subprocess.run([sys.executable, "-m", "tuna_kernels.devtools.report", "--json", *flags], env=env,
                           capture_output=True, text=True, timeout=3600)
     assert done.stdout.strip().startswith("["), done.stderr[-3000:]
     return json.loads(done.stdout), done.returncode
@@ -67,7 +67,7 @@ def test_every_autotuning_candidate_no_spills_no_fences_occupancy():
 
 def test_resident_blocks_follow_each_limit():
     """The occupancy rule against hand-computed cases: registers, shared memory, threads, block count."""
-    from tuna_kernels.report import resident_blocks
+    from tuna_kernels.devtools.report import resident_blocks
 
     assert resident_blocks(86, registers=160, shared_bytes=44 * 1024, num_warps=8) == 1  # 160*256 regs/block
     assert resident_blocks(86, registers=128, shared_bytes=20 * 1024, num_warps=4) == 4  # 65536 / (128*128)
@@ -82,7 +82,7 @@ def test_roofline_forward_estimate_by_hand():
     """The model's forward on A100 at N=8192, V=256000, D=2304 with 64 x 128 tiles is L2-bound: its L2
     operand traffic over the L2 bandwidth, computed here by hand."""
     from tuna_kernels.kernels.configs import default_config
-    from tuna_kernels.roofline import GPUS, estimate
+    from tuna_kernels.devtools.roofline import GPUS, estimate
 
     a100 = GPUS[0]
     tile = default_config("lse_forward", 80, "bf16")

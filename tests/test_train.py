@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tuna_kernels import AllocationTracker
+from tuna_kernels.devtools.memory import AllocationTracker
 from tuna_train.config import load_config
 from tuna_train.trainer import NonFiniteLossError, Trainer
 

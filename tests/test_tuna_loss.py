@@ -6,7 +6,7 @@ import torch
 import naive_tuna as naive
 from conftest import rel_err
 from tuna_kernels import GroupLayout, TunaLoss, listmle_loss, pairwise_logistic_loss, rrhf_loss
-from tuna_kernels.memory import AllocationTracker
+from tuna_kernels.devtools.memory import AllocationTracker
 
 
 def ragged_batch(group_sizes=(2, 3, 4), hidden_dim=64, vocab_size=150, seed=0, dtype=torch.float32):

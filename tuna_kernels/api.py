@@ -22,6 +22,10 @@ from typing import Optional, Tuple
 
 import torch
 
+from .autograd import FusedTokenLogprobs
+from .chunked import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNK_VOCAB, ChunkedBackend
+from .reference import reference_token_logprobs
+
 IMPLS = ("auto", "triton", "chunked", "reference")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -178,12 +182,8 @@ def _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, 
     logit_scale = float(logit_scale)
     softcap = None if softcap is None else float(softcap)
     if impl == "reference":
-        from .reference import reference_token_logprobs
-
         return reference_token_logprobs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index)
     if impl == "chunked":
-        from .chunked import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNK_VOCAB, ChunkedBackend
-
         backend = ChunkedBackend(
             DEFAULT_CHUNK_TOKENS if chunk_tokens is None else int(chunk_tokens),
             DEFAULT_CHUNK_VOCAB if chunk_vocab is None else int(chunk_vocab),
@@ -191,13 +191,12 @@ def _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, 
     else:
         if hidden.dtype == torch.float64:
             raise TypeError("impl='triton' supports fp16, bf16 and fp32 inputs, not float64; use impl='chunked'")
-        from .kernels.launch import TritonBackend
+        from .kernels.launch import TritonBackend  # imports triton: an optional dependency off Linux
 
         if autotune is None:
             autotune = os.environ.get("TUNA_AUTOTUNE", "0") == "1"
         backend = TritonBackend(deterministic=bool(deterministic), grad_filter_eps=grad_filter_eps,
                                 autotune=bool(autotune))
-    from .autograd import FusedTokenLogprobs
 
     return FusedTokenLogprobs.apply(backend, hidden, weight, bias, labels, logit_scale, softcap, ignore_index)
 

@@ -1,7 +1,10 @@
-"""Listwise ranking losses on a [G, K] score matrix, candidates ordered best first.
+"""Listwise ranking losses on a [G, K] score matrix, candidates ordered best first, and their registry.
 
-Every loss takes ``scores: [G, K]`` (model scores, e.g. length-normalised log-likelihoods; any value where
-invalid) and ``valid: [G, K]`` bool (which candidates exist), and returns a scalar. A pair (j, l) with
+Every loss has one signature, ``loss(scores, valid, options, *, target_scores=None, ref_scores=None)``:
+``scores: [G, K]`` (model scores, e.g. length-normalised log-likelihoods; any value where invalid),
+``valid: [G, K]`` bool (which candidates exist), ``options`` a :class:`RankingOptions` (each loss reads the
+fields it needs), and returns a scalar. Adding a loss is one such function under ``@register_loss("name")``:
+:class:`tuna_kernels.TunaLoss`, ``tuna train --loss`` and the config's choices read :data:`LOSSES`. A pair (j, l) with
 j < l means "candidate j is ranked above candidate l". Groups may have 1 to K candidates; pairs with a
 missing candidate do not exist, and a batch with no pair gives a ranking loss of 0 (still differentiable).
 
@@ -12,10 +15,51 @@ reference code does: it sorts and applies the hinge regardless of ties.
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class RankingOptions:
+    """The hyper-parameters of the ranking losses, travelling as one object; each loss reads its own.
+
+    margin: ``tuna_margin``'s margin per rank gap; temperature: ``listmle``'s; beta, gamma:
+    ``pairwise_logistic``'s scale and target margin; skip_ties: drop pairs tied in ``target_scores``.
+    """
+
+    margin: float = 0.1
+    temperature: float = 1.0
+    beta: float = 0.1
+    gamma: float = 0.0
+    skip_ties: bool = False
+
+    def __post_init__(self) -> None:
+        if self.margin < 0 or not self.temperature > 0:
+            raise ValueError(f"margin must be >= 0 and temperature > 0, got {self.margin}, {self.temperature}")
+
+
+RankingLoss = Callable[..., torch.Tensor]
+#: name -> ranking loss, filled by :func:`register_loss` (insertion order = the order choices are listed in)
+LOSSES: Dict[str, RankingLoss] = {}
+
+
+def register_loss(name: str) -> Callable[[RankingLoss], RankingLoss]:
+    """Decorator: make ``fn`` selectable as ``TunaLoss(loss=name)`` and ``tuna train --loss name``."""
+    def register(fn: RankingLoss) -> RankingLoss:
+        previous = LOSSES.get(name)
+        redefined = previous is not None and (previous.__module__, previous.__qualname__) == (fn.__module__,
+                                                                                              fn.__qualname__)
+        if previous is not None and previous is not fn and not redefined:  # a re-run cell may redefine its own
+            raise ValueError(f"a ranking loss named {name!r} is registered already ({LOSSES[name].__name__})")
+        LOSSES[name] = fn
+        return fn
+    return register
+
+
+DEFAULT_OPTIONS = RankingOptions()
 
 
 def ordered_pairs(valid: torch.Tensor, target_scores: Optional[torch.Tensor] = None,
@@ -37,18 +81,21 @@ def _check(scores: torch.Tensor, valid: torch.Tensor) -> None:
                          f"and {tuple(valid.shape)} {valid.dtype}")
 
 
-def tuna_margin_loss(scores: torch.Tensor, valid: torch.Tensor, margin: float = 0.1, *,
-                     target_scores: Optional[torch.Tensor] = None, skip_ties: bool = False) -> torch.Tensor:
+@register_loss("tuna_margin")
+def tuna_margin_loss(scores: torch.Tensor, valid: torch.Tensor, options: RankingOptions = DEFAULT_OPTIONS, *,
+                     target_scores: Optional[torch.Tensor] = None,
+                     ref_scores: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Tuna / BRIO margin ranking loss (Li et al. 2023, Tuna, eq. 2; Liu et al. 2022, BRIO).
 
         L = sum_{i=1}^{K-1}  mean_{(g, j): j + i < K, pair exists}  max(0, s[g, j+i] - s[g, j] + margin * i)
 
     For every rank gap i, the hinge is averaged over the pairs i apart that exist in the batch, then the
     gaps are summed: ``MarginRankingLoss(margin * i, reduction="mean")`` summed over i, as in the
-    reference code. A gap with no pair adds 0.
+    reference code. A gap with no pair adds 0. Reads ``options.margin`` (m) and ``options.skip_ties``.
     """
     _check(scores, valid)
-    pairs = ordered_pairs(valid, target_scores, skip_ties)
+    margin = options.margin
+    pairs = ordered_pairs(valid, target_scores, options.skip_ties)
     num_candidates = scores.shape[1]
     positions = torch.arange(num_candidates, device=scores.device)
     gap = positions[None, :] - positions[:, None]  # [K, K]: l - j
@@ -61,22 +108,26 @@ def tuna_margin_loss(scores: torch.Tensor, valid: torch.Tensor, margin: float = 
     return (hinge_per_gap / pairs_per_gap.clamp(min=1)).sum()
 
 
-def listmle_loss(scores: torch.Tensor, valid: torch.Tensor, temperature: float = 1.0, *,
-                 target_scores: Optional[torch.Tensor] = None, skip_ties: bool = False) -> torch.Tensor:
+@register_loss("listmle")
+def listmle_loss(scores: torch.Tensor, valid: torch.Tensor, options: RankingOptions = DEFAULT_OPTIONS, *,
+                 target_scores: Optional[torch.Tensor] = None,
+                 ref_scores: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ListMLE: negative Plackett-Luce log-likelihood of the given order (Xia et al., ICML 2008).
 
         L_g = - sum_{j valid} [ s_j / T - logsumexp_{l >= j, l valid} s_l / T ],   L = mean over groups with >= 2
 
     With ``skip_ties``, a candidate tied with j (and placed after it) is left out of j's denominator,
     so only strict preferences are learned. Groups with a single candidate have no order to learn.
+    Reads ``options.temperature`` (T) and ``options.skip_ties``.
     """
     _check(scores, valid)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = options.temperature
     num_candidates = scores.shape[1]
     positions = torch.arange(num_candidates, device=scores.device)
     competes = (positions[None, :] >= positions[:, None]) & valid[:, None, :] & valid[:, :, None]
-    if skip_ties:
+    if options.skip_ties:
+        if target_scores is None:
+            raise ValueError("skip_ties=True needs target_scores (the ranking's own scores) to find ties")
         pairs = ordered_pairs(valid, target_scores, skip_ties=False)
         tied = pairs & (target_scores[:, :, None] == target_scores[:, None, :])
         competes = competes & ~tied
@@ -90,8 +141,9 @@ def listmle_loss(scores: torch.Tensor, valid: torch.Tensor, temperature: float =
     return torch.where(has_order, per_group, torch.zeros_like(per_group)).sum() / has_order.sum().clamp(min=1)
 
 
-def rrhf_loss(scores: torch.Tensor, valid: torch.Tensor, *,
-              target_scores: Optional[torch.Tensor] = None, skip_ties: bool = False) -> torch.Tensor:
+@register_loss("rrhf")
+def rrhf_loss(scores: torch.Tensor, valid: torch.Tensor, options: RankingOptions = DEFAULT_OPTIONS, *,
+              target_scores: Optional[torch.Tensor] = None, ref_scores: Optional[torch.Tensor] = None) -> torch.Tensor:
     """RRHF ranking loss (Yuan et al. 2023, RRHF, eq. 2): a hinge without margin over all ordered pairs.
 
         L_g = sum_{j < l, pair exists} max(0, s_l - s_j),   L = mean over groups with at least one pair
@@ -100,16 +152,17 @@ def rrhf_loss(scores: torch.Tensor, valid: torch.Tensor, *,
     rewards as ``target_scores`` to match it exactly.
     """
     _check(scores, valid)
-    pairs = ordered_pairs(valid, target_scores, skip_ties)
+    pairs = ordered_pairs(valid, target_scores, options.skip_ties)
     worse_minus_better = scores[:, None, :] - scores[:, :, None]
     hinge = torch.where(pairs, F.relu(worse_minus_better), torch.zeros_like(worse_minus_better))
     has_pair = pairs.flatten(1).any(dim=1)
     return hinge.sum(dim=(1, 2)).sum() / has_pair.sum().clamp(min=1)
 
 
-def pairwise_logistic_loss(scores: torch.Tensor, valid: torch.Tensor, beta: float = 0.1, *,
-                           ref_scores: Optional[torch.Tensor] = None, gamma: float = 0.0,
-                           target_scores: Optional[torch.Tensor] = None, skip_ties: bool = False) -> torch.Tensor:
+@register_loss("pairwise_logistic")
+def pairwise_logistic_loss(scores: torch.Tensor, valid: torch.Tensor, options: RankingOptions = DEFAULT_OPTIONS, *,
+                           target_scores: Optional[torch.Tensor] = None,
+                           ref_scores: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Bradley-Terry logistic loss over all ordered pairs, averaged over the pairs of the batch.
 
         L = mean_{j < l} -log sigmoid( beta * [(s_j - ref_j) - (s_l - ref_l)] - gamma )
@@ -117,29 +170,13 @@ def pairwise_logistic_loss(scores: torch.Tensor, valid: torch.Tensor, beta: floa
     With ``ref_scores`` (a frozen reference model's sequence log-likelihoods, [G, K]) and K = 2 this is
     DPO (Rafailov et al. 2023; use summed log-likelihoods, alpha = 0). Without a reference and with
     length-normalised scores (alpha = 1) and a target margin ``gamma`` it is SimPO (Meng et al. 2024).
-    For K > 2 every ordered pair counts once.
+    For K > 2 every ordered pair counts once. Reads ``options.beta``, ``options.gamma`` and ``skip_ties``.
     """
     _check(scores, valid)
-    pairs = ordered_pairs(valid, target_scores, skip_ties)
+    beta, gamma = options.beta, options.gamma
+    pairs = ordered_pairs(valid, target_scores, options.skip_ties)
     margins = scores if ref_scores is None else scores - ref_scores
     better_minus_worse = margins[:, :, None] - margins[:, None, :]  # [G, j, l] = m_j - m_l
     losses = -F.logsigmoid(beta * better_minus_worse - gamma)
     losses = torch.where(pairs, losses, torch.zeros_like(losses))
     return losses.sum() / pairs.sum().clamp(min=1)
-
-
-def pairwise_accuracy(scores: torch.Tensor, valid: torch.Tensor,
-                      target_scores: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Fraction of ordered pairs (j above l) whose scores agree (s_j > s_l); pairs tied in
-    ``target_scores`` have no right order and are left out. NaN when there is no pair."""
-    pairs = ordered_pairs(valid, target_scores, skip_ties=target_scores is not None)
-    agree = (scores[:, :, None] > scores[:, None, :]) & pairs
-    return agree.sum() / pairs.sum().to(scores.dtype)
-
-
-LOSSES = {
-    "tuna_margin": tuna_margin_loss,
-    "listmle": listmle_loss,
-    "rrhf": rrhf_loss,
-    "pairwise_logistic": pairwise_logistic_loss,
-}

@@ -18,21 +18,24 @@ from torch import nn
 
 from .api import IMPLS, sequence_logprobs
 from .layout import GroupLayout
-from .losses import LOSSES, pairwise_accuracy
+from .losses import LOSSES, RankingOptions
+from .metrics import ranking_counts, ranking_summary
 
 
 class TunaLoss(nn.Module):
     """Fused listwise ranking loss + MLE over groups of ranked candidates.
 
     Args:
-        loss: one of ``tuna_margin`` (default, the paper's), ``listmle``, ``rrhf``, ``pairwise_logistic``.
+        loss: a name in :data:`tuna_kernels.LOSSES`: ``tuna_margin`` (default, the paper's), ``listmle``,
+            ``rrhf``, ``pairwise_logistic``, or one added with :func:`tuna_kernels.register_loss`.
         margin: the Tuna margin m (per rank gap i the hinge margin is m * i).
         alpha: length normalisation: scores are sums / counts ** alpha (1 = mean token log-prob, 0 = sum).
         mle_weight: lambda, the weight of the MLE term.
         mle_on: ``"all"`` (every candidate's tokens, the reference code) or ``"best"`` (the best candidate
             present in each group: rank 0, or the lowest rank a group has when its rank 0 is missing).
         skip_ties: drop pairs tied in ``layout.target_scores`` (default False, as the reference code).
-        beta, gamma: of ``pairwise_logistic``; temperature: of ``listmle``.
+        beta, gamma: of ``pairwise_logistic``; temperature: of ``listmle``. margin, temperature, beta, gamma
+            and skip_ties travel to the loss as one :class:`tuna_kernels.RankingOptions` (``self.options``).
         impl: passed to :func:`tuna_kernels.sequence_logprobs`; ignore_index: of the labels.
         **logprob_options: other options of :func:`tuna_kernels.token_logprobs` (chunk sizes,
             ``deterministic``, ``grad_filter_eps``).
@@ -44,34 +47,27 @@ class TunaLoss(nn.Module):
                  impl: str = "auto", ignore_index: int = -100, **logprob_options) -> None:
         super().__init__()
         if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
+            raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {loss!r}")
         if mle_on not in ("all", "best"):
             raise ValueError(f"mle_on must be 'all' or 'best', got {mle_on!r}")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        if alpha < 0 or mle_weight < 0 or margin < 0:
-            raise ValueError(f"alpha, mle_weight and margin must be >= 0, got {alpha}, {mle_weight}, {margin}")
-        self.loss, self.margin, self.alpha = loss, margin, alpha
-        self.mle_weight, self.mle_on, self.skip_ties = mle_weight, mle_on, skip_ties
-        self.beta, self.gamma, self.temperature = beta, gamma, temperature
+        if alpha < 0 or mle_weight < 0:
+            raise ValueError(f"alpha and mle_weight must be >= 0, got {alpha}, {mle_weight}")
+        self.options = RankingOptions(margin=margin, temperature=temperature, beta=beta, gamma=gamma,
+                                      skip_ties=skip_ties)
+        self.loss, self.alpha, self.mle_weight, self.mle_on = loss, alpha, mle_weight, mle_on
         self.impl, self.ignore_index, self.logprob_options = impl, ignore_index, logprob_options
 
     def extra_repr(self) -> str:
-        return (f"loss={self.loss!r}, margin={self.margin}, alpha={self.alpha}, mle_weight={self.mle_weight}, "
-                f"mle_on={self.mle_on!r}, impl={self.impl!r}")
+        return (f"loss={self.loss!r}, alpha={self.alpha}, mle_weight={self.mle_weight}, mle_on={self.mle_on!r}, "
+                f"impl={self.impl!r}, {self.options}")
 
     def ranking_loss(self, scores: torch.Tensor, valid: torch.Tensor,
                      target_scores: Optional[torch.Tensor] = None,
                      ref_scores: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The configured ranking loss on a [G, K] score matrix."""
-        ties = dict(target_scores=target_scores, skip_ties=self.skip_ties)
-        if self.loss == "tuna_margin":
-            return LOSSES["tuna_margin"](scores, valid, self.margin, **ties)
-        if self.loss == "listmle":
-            return LOSSES["listmle"](scores, valid, self.temperature, **ties)
-        if self.loss == "rrhf":
-            return LOSSES["rrhf"](scores, valid, **ties)
-        return LOSSES["pairwise_logistic"](scores, valid, self.beta, ref_scores=ref_scores, gamma=self.gamma, **ties)
+        return LOSSES[self.loss](scores, valid, self.options, target_scores=target_scores, ref_scores=ref_scores)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, layout: GroupLayout, *,
                 bias: Optional[torch.Tensor] = None, logit_scale: float = 1.0, softcap: Optional[float] = None,
@@ -120,16 +116,11 @@ class TunaLoss(nn.Module):
     def _metrics(scores, valid, layout, rank_loss, mle_loss) -> Dict[str, torch.Tensor]:
         per_rank_count = valid.sum(dim=0)
         score_per_rank = torch.where(valid, scores, torch.zeros_like(scores)).sum(0) / per_rank_count.clamp(min=1)
-        positions = torch.arange(valid.shape[1], device=valid.device)
-        last = torch.where(valid, positions, torch.zeros_like(positions)).amax(dim=1)  # worst valid rank
-        worst = scores.gather(1, last[:, None]).squeeze(1)
-        has_pair = last > 0
-        gap = ((scores[:, 0] - worst) * has_pair).sum() / has_pair.sum().clamp(min=1)
+        counts = ranking_counts(scores, valid, layout.target_scores)
         return {
             "rank_loss": rank_loss.detach(),
             "mle_loss": mle_loss.detach(),
-            "pair_accuracy": pairwise_accuracy(scores, valid, layout.target_scores),
+            **ranking_summary(counts),
             "score_per_rank": score_per_rank,
-            "score_gap": gap,
             "num_pairs": (valid.sum(1) * (valid.sum(1) - 1) // 2).sum(),
         }

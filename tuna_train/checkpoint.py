@@ -30,32 +30,11 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+
+from .files import fsync_dir, fsync_file, write_atomic
 
 LATEST = "latest"
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` by writing a temporary file, fsyncing it, and renaming it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class CheckpointError(ValueError):
@@ -111,8 +90,6 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: D
 
     ``weights`` and ``optimizer_state``, when given, are written instead of ``model``'s trainable parameters
     and ``optimizer.state_dict()`` (a sharded run passes the gathered ones)."""
-    from safetensors.torch import save_file
-
     checkpoints = root / "checkpoints"
     final = checkpoints / f"step-{step:07d}"
     tmp = checkpoints / f".tmp-step-{step:07d}"
@@ -123,7 +100,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: D
     if barrier:
         barrier()
     (tmp / f"rng-{rank}.json").write_text(json.dumps(rng_state()))
-    _fsync_file(tmp / f"rng-{rank}.json")
+    fsync_file(tmp / f"rng-{rank}.json")
     if barrier:
         barrier()
     if rank == 0:
@@ -132,12 +109,12 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: D
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps(dict(state, step=step, world_size=world_size), indent=1))
         for file in tmp.iterdir():
-            _fsync_file(file)
-        _fsync_dir(tmp)
+            fsync_file(file)
+        fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(checkpoints)
+        fsync_dir(checkpoints)
         write_atomic(checkpoints / LATEST, final.name)
         _prune(checkpoints, keep)
     if barrier:
@@ -179,8 +156,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, rest
 
     ``restore(weights, optimizer_state)``, when given, loads the weights and optimizer state instead of the
     plain copy (a sharded run shards them again)."""
-    from safetensors.torch import load_file
-
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:

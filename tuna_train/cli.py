@@ -4,7 +4,7 @@
     tuna score --teacher PATH --data IN --out OUT          probabilistic ranking by a teacher
     tuna generate --model PATH --data IN --out OUT -k 4    diverse candidates
     tuna rank --judge openai:MODEL|local:PATH|rule --data IN --out OUT
-    tuna pipeline [--config FILE.yaml]                     all stages; no arguments: the embedded default
+    tuna pipeline [--config FILE.yaml] [--key value ...]   all stages; no arguments: the embedded default
     tuna merge ADAPTER --out DIR                           a LoRA adapter merged into its base, saved whole
     tuna eval ranking|generation --model PATH --data FILE --out DIR;  tuna eval --compare RUN_A RUN_B
 """
@@ -12,31 +12,47 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import TrainConfig, config_fields
-from .templates import TEMPLATES
-from .model import PLACEMENT_DEVICES, PLACEMENT_DTYPES, Placement
+from peft import PeftModel
+
+from . import evaluation
+from .config import TrainConfig, choices_of, config_fields, load_config
+from .data import load_ranked
+from .model import PLACEMENT_DEVICES, PLACEMENT_DTYPES, Placement, load_tokenizer, merge_adapter
+from .pipeline.generate import generate_records
+from .pipeline.http import JsonClient
+from .pipeline.judge import make_judge
+from .pipeline.pairwise import judge_pairwise
+from .pipeline.rank import rank_records
+from .pipeline.score import score_with_endpoint, score_with_model
+from .pipeline.store import read_jsonl, write_jsonl
 from .run_dir import RESUME_HELP
+from .templates import TEMPLATES
+from .trainer import NonFiniteLossError, Trainer
+from .workflow import PipelineConfig, load_pipeline_config, run_pipeline
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, named after it, with the field's help text and choices; values are
-    converted (and checked) by load_config."""
-    for name, field_ in config_fields().items():
+def _add_config_flags(parser: argparse.ArgumentParser, config_class: type = TrainConfig) -> None:
+    """One flag per field of a config dataclass (TrainConfig, PipelineConfig), named after it, with the field's
+    help text and choices; values are converted (and checked) by load_config."""
+    for name, field_ in config_fields(config_class).items():
         flag = "--" + name.replace("_", "-")
-        kind = type(field_.default).__name__ if field_.default is not None else "str"
+        default = field_.default if field_.default is not dataclasses.MISSING else field_.default_factory()
+        kind = type(default).__name__ if default is not None else "str"
         described = field_.metadata["help"]
         if isinstance(field_.default, bool):
             # "--lora" alone means true; "--lora false" is accepted too
             parser.add_argument(flag, dest=name, nargs="?", const="true", default=None, metavar="BOOL",
-                                help=f"{described} (default: {str(field_.default).lower()})")
+                                help=f"{described} (default: {str(default).lower()})")
         else:
-            choices = field_.metadata["choices"]
+            choices = choices_of(field_)
             parser.add_argument(flag, dest=name, default=None, metavar=kind.upper() if choices is None else None,
-                                choices=choices, help=f"{described} (default: {field_.default})")
+                                choices=choices, help=f"{described} (default: {default})")
 
 
 def _add_text_flags(parser: argparse.ArgumentParser, max_length: bool = True) -> None:
@@ -144,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", help="local model directory")
     evaluate.add_argument("--adapter", default=None, help="a LoRA adapter directory to load on the model")
     evaluate.add_argument("--data", help="ranked records (ranking) or tasks with references (generation)")
-    evaluate.add_argument("--out", default="runs/eval", help="directory for report.json, report.md")
+    evaluate.add_argument("--out", default="runs/eval", help="directory for report-<kind>.json and .md (kinds do not overwrite each other)")
     evaluate.add_argument("--name", default=None, help="the column name of this run in comparisons")
     evaluate.add_argument("--alpha", type=float, default=1.0,
                           help="ranking: score = sum / tokens ** alpha (default: 1, as in training)")
@@ -171,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code")
 
     pipeline = commands.add_parser("pipeline", help="score -> train Tuna_p -> generate -> rank -> train Tuna_c")
-    pipeline.add_argument("--config", dest="config_file", default=None, help="YAML file of PipelineConfig fields")
+    pipeline.add_argument("--config", dest="config_file", default=None,
+                          help="YAML file of pipeline fields (configs/pipeline_example.yaml); flags override it")
+    _add_config_flags(pipeline, PipelineConfig)
     return parser
 
 
@@ -200,9 +218,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _train(args) -> int:
-    from .config import load_config
-    from .trainer import NonFiniteLossError, Trainer
-
     config_file = args.pop("config_file")
     overrides = {key: value for key, value in args.items() if value is not None}
     try:
@@ -216,22 +231,14 @@ def _train(args) -> int:
 
 
 def _score(args) -> int:
-    from .pipeline.store import read_jsonl, write_jsonl
-
     records = read_jsonl(args["data"])
     placement = _placement(args)
     if args["teacher"].startswith("openai:"):
-        from .pipeline.http import JsonClient
-        from .pipeline.score import score_with_endpoint
-
         if not args["base_url"]:
             raise ValueError("--teacher openai:MODEL needs --base-url (an endpoint that echoes prompt log-probs)")
         client = JsonClient(args["base_url"], args["api_key_env"])
         scored = score_with_endpoint(client, args["teacher"].split(":", 1)[1], records, args["template"], args["alpha"])
     else:
-        from .model import load_tokenizer
-        from .pipeline.score import score_with_model
-
         scored = score_with_model(placement.load(args["teacher"]), load_tokenizer(args["teacher"]), records,
                                   args["template"], args["max_length"], args["token_budget"], args["alpha"],
                                   teacher_name=args["teacher"])
@@ -241,10 +248,6 @@ def _score(args) -> int:
 
 
 def _generate(args) -> int:
-    from .model import load_tokenizer
-    from .pipeline.generate import generate_records
-    from .pipeline.store import read_jsonl
-
     model = _placement(args).load(args["model"])
     stats = generate_records(model, load_tokenizer(args["model"]), read_jsonl(args["data"]),
                              args["out"], args["k"], args["template"], args["max_new_tokens"], args["temperature"],
@@ -255,10 +258,6 @@ def _generate(args) -> int:
 
 
 def _rank(args) -> int:
-    from .pipeline.judge import make_judge
-    from .pipeline.rank import rank_records
-    from .pipeline.store import read_jsonl
-
     judge = make_judge(args["judge"], args["base_url"], args["api_key_env"], args["timeout"], args["max_retries"],
                        placement=_placement(args), max_backoff=args["max_backoff"])
     stats = rank_records(read_jsonl(args["data"]), judge, args["out"], args["concurrency"], args["parse_attempts"],
@@ -268,35 +267,22 @@ def _rank(args) -> int:
 
 
 def _eval(args) -> int:
-    from pathlib import Path
-
-    from . import eval as evaluation
-
     if args["compare"]:
         print(evaluation.compare(args["compare"], args["png"]), end="")
         return 0
     if not (args["kind"] and args["model"] and args["data"]):
         raise ValueError("tuna eval needs KIND (ranking | generation), --model and --data, or --compare RUN ...")
-    from .model import load_tokenizer
 
     placement = _placement(args)
     model, tokenizer = placement.load(args["model"]), load_tokenizer(args["model"])
     if args["adapter"]:
-        from peft import PeftModel
-
         model = PeftModel.from_pretrained(model, args["adapter"]).eval()
     out, name = Path(args["out"]), args["name"] or Path(args["adapter"] or args["model"]).name
     if args["kind"] == "ranking":
-        from .data import load_ranked
-
         examples, _ = load_ranked(args["data"])
         metrics = evaluation.evaluate_ranking(model, tokenizer, examples, template=args["template"],
                                               max_length=args["max_length"], alpha=args["alpha"])
     elif args["kind"] == "judge":
-        from .pipeline.judge import make_judge
-        from .pipeline.pairwise import judge_pairwise
-        from .pipeline.store import read_jsonl, write_jsonl
-
         if not (args["baseline_answers"] and args["judge"]):
             raise ValueError("tuna eval judge needs --baseline-answers FILE and --judge openai:MODEL|local:PATH")
         questions = read_jsonl(args["data"])
@@ -311,8 +297,6 @@ def _eval(args) -> int:
         write_jsonl(out / "verdicts.jsonl", result.pop("rows"))
         metrics = result
     else:
-        from .pipeline.store import read_jsonl
-
         records = read_jsonl(args["data"])
         predictions = evaluation.greedy_generations(model, tokenizer, records, out / "progress.jsonl", args["template"],
                                                     args["max_new_tokens"], args["batch_size"])
@@ -324,17 +308,15 @@ def _eval(args) -> int:
 
 
 def _merge(args) -> int:
-    from .model import merge_adapter
-
     out = merge_adapter(args["adapter"], args["out"], args["dtype"], args["trust_remote_code"])
     print(f"tuna merge: {args['adapter']} merged into its base -> {out}")
     return 0
 
 
 def _pipeline(args) -> int:
-    from .pipeline.run import load_pipeline_config, run_pipeline
-
-    report = run_pipeline(load_pipeline_config(args["config_file"]))
+    config_file = args.pop("config_file")
+    overrides = {key: value for key, value in args.items() if value is not None}
+    report = run_pipeline(load_pipeline_config(config_file, overrides))
     accuracy = report["pair_accuracy"]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     print(f"tuna pipeline: held-out pairwise ranking accuracy: before {fmt(accuracy['before'])}, "

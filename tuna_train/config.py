@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Collection, Dict, Mapping, Optional
+
+import yaml
 
 from tuna_kernels import IMPLS, LOSSES
 
@@ -19,9 +21,32 @@ from .sharding import SHARDINGS
 from .templates import TEMPLATES
 
 
-def option(default: Any, help: str, choices: Optional[Sequence[Any]] = None) -> Any:
-    """A TrainConfig field with its help text and allowed values (the CLI and validate() read them)."""
-    return field(default=default, metadata={"help": help, "choices": None if choices is None else tuple(choices)})
+def option(default: Any, help: str, choices: Optional[Collection[Any]] = None) -> Any:
+    """A TrainConfig field with its help text and allowed values (the CLI and validate() read them).
+
+    A registry (a dict such as ``tuna_kernels.LOSSES``) is kept live, so a name registered after this module
+    is imported (``tuna_kernels.register_loss``) is a valid choice; a sequence is frozen to a tuple."""
+    if choices is not None and not isinstance(choices, Mapping):
+        choices = tuple(choices)
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, dict):  # a mutable default: each config gets its own copy
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def check_choices(config: Any) -> None:
+    """Raise naming the first field of a config dataclass whose value is not one of its choices."""
+    for field_ in dataclasses.fields(config):
+        allowed = choices_of(field_)
+        if allowed is not None and getattr(config, field_.name) not in allowed:
+            raise ValueError(f"config field '{field_.name}' must be one of {allowed}, "
+                             f"got {getattr(config, field_.name)!r}")
+
+
+def choices_of(field_: dataclasses.Field) -> Optional[tuple]:
+    """The allowed values of a config field now (None: any value of its type)."""
+    allowed = field_.metadata.get("choices")
+    return None if allowed is None else tuple(allowed)
 
 
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
@@ -84,7 +109,7 @@ class TrainConfig:
 
     # loss (tuna_kernels.TunaLoss)
     loss: str = option("tuna_margin", "ranking loss on the candidates' scores (tuna_margin: the paper's)",
-                       tuple(LOSSES))
+                       LOSSES)
     margin: float = option(0.1, "tuna_margin: margin per rank gap")
     alpha: float = option(1.0, "score = sum of token log-probs / tokens ** alpha (1: the mean)")
     mle_weight: float = option(1.0, "weight of the token cross-entropy term")
@@ -137,11 +162,7 @@ class TrainConfig:
     progress: bool = option(True, "show a progress bar")
 
     def validate(self) -> "TrainConfig":
-        for field_ in dataclasses.fields(self):
-            allowed = field_.metadata.get("choices")
-            if allowed is not None and getattr(self, field_.name) not in allowed:
-                raise ValueError(f"config field '{field_.name}' must be one of {allowed}, "
-                                 f"got {getattr(self, field_.name)!r}")
+        check_choices(self)
         positive = ("max_length", "max_candidates", "batch_groups", "grad_accum", "log_every", "save_every",
                     "keep_checkpoints", "eval_groups", "lora_r", "synthetic_examples")
         for name in positive:
@@ -166,18 +187,24 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def config_fields() -> Dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+def config_fields(config_class: type = None) -> Dict[str, dataclasses.Field]:
+    """The fields of a config dataclass (TrainConfig by default), by name."""
+    return {f.name: f for f in dataclasses.fields(config_class or TrainConfig)}
 
 
-def _coerce(name: str, value: Any, where: str) -> Any:
+def _coerce(field_: dataclasses.Field, value: Any, where: str) -> Any:
     """A YAML or command-line value converted to the field's type, with an error naming the field."""
-    field_ = config_fields()[name]
-    default = field_.default
+    name = field_.name
+    default = field_.default if field_.default is not dataclasses.MISSING else field_.default_factory()
     kind = type(default) if default is not None else str
     if value is None:
         return None
     try:
+        if kind is dict:  # a mapping of another config's fields (the pipeline's stages): YAML or a YAML string
+            value = yaml.safe_load(value) if isinstance(value, str) else value
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
         if kind is bool:
             if isinstance(value, bool):
                 return value
@@ -196,13 +223,12 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         raise ValueError(f"{where}: field '{name}' expects {kind.__name__}, got {value!r}") from None
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:
-    """Defaults, then the YAML file (if any), then overrides (e.g. parsed flags): each key a field."""
+def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None, config_class: type = None):
+    """Defaults, then the YAML file (if any), then overrides (e.g. parsed flags): each key a field of
+    ``config_class`` (TrainConfig by default; the pipeline's PipelineConfig too)."""
     values: Dict[str, Any] = {}
-    known = config_fields()
+    known = config_fields(config_class)
     if path is not None:
-        import yaml
-
         text = Path(path).read_text(encoding="utf-8")
         try:
             loaded = yaml.safe_load(text) or {}
@@ -213,12 +239,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
         for key, value in loaded.items():
             if key not in known:
                 raise ValueError(f"{path}: unknown config field '{key}'")
-            values[key] = _coerce(key, value, path)
+            values[key] = _coerce(known[key], value, path)
     for key, value in (overrides or {}).items():
         if key not in known:
             raise ValueError(f"unknown config field '{key}'")
-        values[key] = _coerce(key, value, "command line")
+        values[key] = _coerce(known[key], value, "command line")
     try:
-        return TrainConfig(**values).validate()
+        return (config_class or TrainConfig)(**values).validate()
     except ValueError as error:
         raise ValueError(f"{path}: {error}" if path is not None else str(error)) from None

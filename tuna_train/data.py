@@ -37,6 +37,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .example_store import ExampleStoreBuilder, RankedExamples
 from .records import DataError, iter_records, read_records, record_where
+from .templates import format_prompt
 
 __all__ = ["DataError", "FORMATS", "LoadReport", "RankedExample", "RankedExamples", "check_text", "detect_format",
            "examples_from_records", "load_ranked", "parse_record", "read_records",
@@ -62,8 +63,6 @@ class RankedExample:
     meta: Dict[str, Any] = field(default_factory=dict)
 
     def prompt_text(self, template: str = "alpaca", tokenizer=None) -> str:
-        from .templates import format_prompt
-
         if self.prompt_is_formatted:
             return self.instruction
         return format_prompt(self.instruction, self.input, template, tokenizer)

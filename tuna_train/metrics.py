@@ -10,40 +10,30 @@ from typing import Dict, Optional
 
 import torch
 
-from tuna_kernels import ordered_pairs
+from tuna_kernels import ranking_counts, ranking_summary
+from tuna_kernels.metrics import RANKING_COUNT_KEYS
 
-COUNT_KEYS = ("correct_pairs", "pairs", "gap_sum", "gap_groups", "nll_sum", "tokens", "groups")
+from .files import write_atomic
+
+COUNT_KEYS = RANKING_COUNT_KEYS + ("nll_sum", "tokens", "groups")
 
 
-def ranking_counts(scores: torch.Tensor, valid: torch.Tensor, target_scores: Optional[torch.Tensor],
-                   sums: torch.Tensor, counts: torch.Tensor) -> Dict[str, float]:
-    """Additive counts of one batch.
+def batch_counts(scores: torch.Tensor, valid: torch.Tensor, target_scores: Optional[torch.Tensor],
+                 sums: torch.Tensor, counts: torch.Tensor) -> Dict[str, float]:
+    """Additive counts of one batch: the ranking metrics' (:func:`tuna_kernels.ranking_counts`, where they are
+    defined) and the MLE loss's.
 
     scores, valid, target_scores: [G, K] (best first); sums, counts: [S] per-sequence log-likelihood sums and
-    target-token counts. Pairs tied in ``target_scores`` have no right order and are not counted.
+    target-token counts.
     """
-    pairs = ordered_pairs(valid, target_scores, skip_ties=target_scores is not None)
-    agree = (scores[:, :, None] > scores[:, None, :]) & pairs
-    positions = torch.arange(valid.shape[1], device=valid.device)
-    worst = torch.where(valid, positions, torch.zeros_like(positions)).amax(dim=1)
-    has_pair = worst > 0
-    gaps = scores[:, 0] - scores.gather(1, worst[:, None]).squeeze(1)
-    return {
-        "correct_pairs": float(agree.sum()), "pairs": float(pairs.sum()),
-        "gap_sum": float((gaps * has_pair).sum()), "gap_groups": float(has_pair.sum()),
-        "nll_sum": float(-sums.sum()), "tokens": float(counts.sum()), "groups": float(valid.shape[0]),
-    }
+    ranking = {name: float(value) for name, value in ranking_counts(scores, valid, target_scores).items()}
+    return dict(ranking, nll_sum=float(-sums.sum()), tokens=float(counts.sum()), groups=float(valid.shape[0]))
 
 
 def summarise(totals: Dict[str, float]) -> Dict[str, float]:
     """Pairwise ranking accuracy, mean best-minus-worst score gap and MLE loss from summed counts."""
-    nan = float("nan")
-    return {
-        "pair_accuracy": totals["correct_pairs"] / totals["pairs"] if totals["pairs"] else nan,
-        "score_gap": totals["gap_sum"] / totals["gap_groups"] if totals["gap_groups"] else nan,
-        "mle_loss": totals["nll_sum"] / totals["tokens"] if totals["tokens"] else nan,
-        "pairs": totals["pairs"], "groups": totals["groups"],
-    }
+    return dict(ranking_summary(totals), mle_loss=totals["nll_sum"] / totals["tokens"] if totals["tokens"] else
+                float("nan"), pairs=totals["pairs"], groups=totals["groups"])
 
 
 class MetricsLog:
@@ -59,8 +49,6 @@ class MetricsLog:
         """Drop records past ``step`` (written by a run that died after its last checkpoint)."""
         if not self.enabled or not self.path.exists():
             return
-        from .checkpoint import write_atomic
-
         kept = []
         for line in self.path.read_text().splitlines():
             try:

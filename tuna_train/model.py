@@ -14,6 +14,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    ByT5Tokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from tuna_hf.model import base_model
 
@@ -25,8 +34,6 @@ ADAPTER_MODES = ("attach", "merge")
 
 def synthetic_tokenizer():
     """A byte-level tokenizer that needs no files (ByT5: 256 bytes + specials, 384 ids, EOS = 1, PAD = 0)."""
-    from transformers import ByT5Tokenizer
-
     return ByT5Tokenizer()
 
 
@@ -34,8 +41,6 @@ def build_tiny_llama(vocab_size: int = 384, hidden_size: int = 64, num_layers: i
                      intermediate_size: int = 192, max_positions: int = 1024, seed: int = 0,
                      attn_implementation: str = "sdpa"):
     """A small LlamaForCausalLM built from a config (no hub), seeded."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                          num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
                          max_position_embeddings=max_positions, tie_word_embeddings=False,
@@ -48,8 +53,6 @@ def build_tiny_llama(vocab_size: int = 384, hidden_size: int = 64, num_layers: i
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The tokenizer of a local model directory, or of an adapter directory's base model when it has none."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(path), local_files_only=True,
                                               trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
@@ -85,8 +88,6 @@ def tokenizer_path(path: str) -> str:
 
 def _load_base(path: str, *, load_in_4bit: bool, compute_dtype: str, double_quant: bool, torch_dtype: str,
                attn_implementation: str, trust_remote_code: bool, device_map):
-    from transformers import AutoModelForCausalLM
-
     kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code,
                   attn_implementation=attn_implementation, dtype=DTYPES[torch_dtype])
     if attn_implementation == "flash_attention_2":
@@ -96,8 +97,6 @@ def _load_base(path: str, *, load_in_4bit: bool, compute_dtype: str, double_quan
             raise ValueError("attn_implementation='flash_attention_2' needs the flash-attn package "
                              "(pip install 'tuna[cuda]'); use 'sdpa'") from None
     if load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
             bnb_4bit_compute_dtype=DTYPES[compute_dtype])
@@ -134,8 +133,6 @@ def load_model(path: str, *, load_in_4bit: bool = False, compute_dtype: str = "b
     if adapter == "merge" and load_in_4bit:
         raise ValueError(f"{path} is a LoRA adapter: merging it into 4-bit weights would quantise the merged "
                          f"weights again; run `tuna merge {path} --out DIR` and train from DIR with --load-in-4bit")
-    from peft import PeftModel, prepare_model_for_kbit_training
-
     model = _load_base(base_path, **options)
     if load_in_4bit and trainable:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -236,8 +233,6 @@ def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "float32", trust_
 def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules="all-linear",
              quantized: bool = False, gradient_checkpointing: bool = False):
     """Wrap ``model`` with peft LoRA adapters (the base stays frozen; for 4-bit models, QLoRA)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})

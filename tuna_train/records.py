@@ -41,6 +41,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
+import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -300,8 +301,6 @@ def _csv_records(path: str) -> Iterator[RawRecord]:
 
 def _hub_dataset_records(path: str, name: str, split: str) -> Iterator[RawRecord]:
     """Rows of a Hub dataset, streamed by ``datasets`` with a temporary cache directory."""
-    import datasets  # imported here, not at the top: 0.5 s, and only these sources need it
-
     with tempfile.TemporaryDirectory(prefix="tuna-datasets-cache-") as cache_dir:
         try:
             iterator = iter(datasets.load_dataset(name, split=split, streaming=True, cache_dir=cache_dir))
@@ -337,8 +336,6 @@ def _parquet_records(path: str) -> Iterator[RawRecord]:
 def _saved_dataset_records(path: str) -> Iterator[RawRecord]:
     """Rows of a dataset saved with ``save_to_disk`` (memory-mapped Arrow); of a DatasetDict, its 'train'
     split or its only split."""
-    import datasets  # imported here, not at the top: 0.5 s, and only these sources need it
-
     try:
         saved = datasets.load_from_disk(path)
     except Exception as error:

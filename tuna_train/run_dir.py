@@ -30,6 +30,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from .checkpoint import find_checkpoint
+from .config import config_fields
+from .files import write_atomic
+
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
@@ -98,8 +102,6 @@ def saved_config(directory: Path) -> Optional[Dict[str, Any]]:
 def changed_settings(saved: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
     """(field, old, new) for every result-changing field whose value differs; a field that a saved config
     lacks (written by an older version) counts as changed only if the new value is not its default."""
-    from .config import config_fields
-
     defaults = {name: f.default for name, f in config_fields().items()}
     changes = []
     for name in sorted(new):
@@ -133,8 +135,6 @@ def clear_run(directory: Path) -> List[str]:
 def prepare_output_dir(directory: Path, config) -> Optional[Path]:
     """Apply the policy of the module docstring for ``config`` (a TrainConfig); return the checkpoint the
     run will resume from (None: a fresh start). Main process only, holding :class:`RunLock`."""
-    from .checkpoint import find_checkpoint, write_atomic
-
     directory = Path(directory)
     new = config.to_dict()
     checkpoint = None

@@ -21,6 +21,14 @@ from __future__ import annotations
 from typing import Any, Dict, List, Tuple
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
 from tuna_hf.model import base_model, lm_head_spec
 
@@ -76,8 +84,6 @@ def shard_fsdp(module: torch.nn.Module, cpu_offload: bool = False) -> torch.nn.M
 
     With ``cpu_offload`` the shards and their gradients live in CPU memory between uses (GPU runs).
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
-
     offload = CPUOffloadPolicy() if cpu_offload and torch.cuda.is_available() else OffloadPolicy()
     for block in transformer_blocks(module.causal_lm):
         fully_shard(block, offload_policy=offload)
@@ -111,8 +117,6 @@ def is_sharded(module: torch.nn.Module) -> bool:
 
 def gathered_state(module: torch.nn.Module, trainable_only: bool = True) -> Dict[str, torch.Tensor]:
     """The full (unsharded) state of ``module``'s parameters on the CPU; every process must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if trainable_only:
         keep = {name for name, p in module.named_parameters() if p.requires_grad}
@@ -127,8 +131,6 @@ _PREFIX = "causal_lm."
 def training_state(module: torch.nn.Module, optimizer) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """(trainable weights, optimizer state), both gathered in full on the CPU of the main process (empty on the
     others), named as the causal LM names its parameters; every process must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
     weights = {name[len(_PREFIX):]: tensor for name, tensor in gathered_state(module).items()}
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     optimizer_state = get_optimizer_state_dict(module, optimizer, options=options)
@@ -144,9 +146,6 @@ def restore_training_state(module: torch.nn.Module, optimizer, weights: Dict[str
                            optimizer_state: Dict[str, Any]) -> None:
     """Load what :func:`training_state` gathered into the sharded ``module`` and its ``optimizer``: each
     process keeps its shards."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(module, {_PREFIX + name: tensor for name, tensor in weights.items()}, options=options)
     optimizer_state = dict(optimizer_state)

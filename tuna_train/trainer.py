@@ -23,20 +23,32 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 
 from tuna_hf.model import FusedCausalLM, base_model
 from tuna_kernels import TunaLoss
 
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, write_atomic
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .collate import pack, tokenize_group
 from .config import TrainConfig
+from .controls import prompt_free_accuracy, shuffled_prompts
 from .data import RankedExample, examples_from_records, load_ranked, select_examples
-from .metrics import COUNT_KEYS, MetricsLog, ranking_counts, summarise
-from .model import (adapter_base_path, add_lora, build_tiny_llama, load_model, load_tokenizer,
-                    synthetic_tokenizer)
+from .files import write_atomic
+from .metrics import COUNT_KEYS, MetricsLog, batch_counts, summarise
+from .model import adapter_base_path, add_lora, build_tiny_llama, load_model, load_tokenizer, synthetic_tokenizer
 from .run_dir import claim_output_dir
-from .sharding import (check_launch, check_sharding, clip_grad_norm, gathered_state, local_fraction, register_for_zero3,
-                       restore_training_state, shard_fsdp, training_state)
+from .sharding import (
+    check_launch,
+    check_sharding,
+    clip_grad_norm,
+    gathered_state,
+    local_fraction,
+    register_for_zero3,
+    restore_training_state,
+    shard_fsdp,
+    training_state,
+)
+from .synthetic import make_records
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +78,6 @@ def load_datasets(config: TrainConfig) -> Datasets:
     """Training and held-out examples: the built-in synthetic tasks, or files."""
     skipped = 0
     if config.data is None:  # held-out instructions (words) are disjoint from training ones, by construction
-        from .synthetic import make_records
 
         examples = examples_from_records(make_records(config.synthetic_examples, config.synthetic_seed),
                                          source="synthetic")
@@ -254,8 +265,6 @@ class Trainer:
         under another held-out group's prompt, and that of a scorer that never sees the prompt."""
         result = self.evaluate()
         if self.config.eval_controls:
-            from .controls import prompt_free_accuracy, shuffled_prompts
-
             held_out = self.data.eval[:self.config.eval_groups]
             shuffled = shuffled_prompts(held_out)
             result["shuffled_pair_accuracy"] = self.evaluate(shuffled)["pair_accuracy"] if shuffled else float("nan")
@@ -278,8 +287,8 @@ class Trainer:
             with self.accelerator.autocast():  # the dtype path of training: the fused pass follows autocast
                 sums, counts = self.wrapped(batch, scores_only=True)
             scores = batch.layout.to_matrix(sums / counts.to(sums.dtype) ** self.config.alpha)
-            for key, value in ranking_counts(scores, batch.layout.valid(), batch.layout.target_scores,
-                                             sums, counts).items():
+            for key, value in batch_counts(scores, batch.layout.valid(), batch.layout.target_scores,
+                                           sums, counts).items():
                 totals[key] += value
         if self.world_size > 1 and not self.sharded:
             vector = torch.tensor([totals[k] for k in COUNT_KEYS], dtype=torch.float64, device=self.accelerator.device)
@@ -344,8 +353,6 @@ class Trainer:
         previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         progress = None
         if config.progress and self.is_main:
-            from tqdm.auto import tqdm
-
             progress = tqdm(total=self.total_steps, initial=start_step, desc="tuna train", dynamic_ncols=True)
         started = time.perf_counter()
         window_tokens, window_start = 0, time.perf_counter()

@@ -1,6 +1,6 @@
 """Launch configurations per kernel and GPU architecture.
 
-Chosen so that, compiled ahead of time (``python -m tuna_kernels.report``), every kernel runs without
+Chosen so that, compiled ahead of time (``python -m tuna_kernels.devtools.report``), every kernel runs without
 register spills, fits the shared memory of the card (99 KB per block on sm_86 / sm_89, the consumer
 RTX 30xx / 40xx cards; 163 KB on sm_80; 227 KB on sm_90) and uses tensor-core MMA for bf16 / fp16.
 The report checks each of these; a test asserts them.

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
+from rouge_score import rouge_scorer
 
 from ..progress import progress_bar
 from .score import as_example
@@ -24,8 +25,6 @@ from .store import JsonlStore, record_key, write_jsonl
 
 @functools.lru_cache(maxsize=1)
 def _rouge_l():
-    from rouge_score import rouge_scorer
-
     return rouge_scorer.RougeScorer(["rougeL"])
 
 

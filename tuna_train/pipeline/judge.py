@@ -11,8 +11,11 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Optional, Sequence
 
-from ..templates import alpaca_prompt
+import torch
+
 from ..model import Placement, load_tokenizer
+from ..synthetic import grade
+from ..templates import alpaca_prompt
 from .http import JsonClient
 
 SYSTEM_PROMPT = ("You are an experienced data annotator. You judge responses to instructions carefully, "
@@ -121,8 +124,6 @@ class LocalJudge:
         return self.chat(judge_messages(record["instruction"], record.get("input"), record["responses"]))
 
     def chat(self, messages: List[Dict[str, str]]) -> str:
-        import torch
-
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
@@ -143,8 +144,6 @@ class RuleJudge:
     identity = {"name": "rule"}
 
     def ask(self, record: Dict) -> str:
-        from ..synthetic import grade
-
         seen, kept = set(), []
         for index, response in enumerate(record["responses"]):
             if response.strip() not in seen:

@@ -10,6 +10,9 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, Iterable, List
 
+from ..data import read_records
+from ..files import write_atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -86,14 +89,10 @@ class JsonlStore:
 
 
 def read_jsonl(path: str) -> List[Dict[str, Any]]:
-    from ..data import read_records
-
     return [record for _, _, record in read_records(path)]
 
 
 def write_jsonl(path: Path, records: Iterable[Dict[str, Any]]) -> None:
     """All records, replacing ``path`` atomically."""
-    from ..checkpoint import write_atomic
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(Path(path), "".join(json.dumps(r) + "\n" for r in records))

@@ -1,4 +1,5 @@
-"""``tuna pipeline``: the whole method as stages in one run directory.
+"""``tuna pipeline``: the whole method as stages in one run directory (the orchestration above training,
+evaluation and the pipeline's stages; nothing below imports it).
 
     [sft] -> [score] -> train_p (Tuna_p) -> generate (with Tuna_p) -> rank (judge) -> train_c (Tuna_c from Tuna_p)
 
@@ -9,70 +10,108 @@ progress files). With no configuration it runs on the built-in tasks: a tiny Lla
 tasks' ranked candidates, Tuna_c on its own samples ranked by the rule judge (the task's correctness), and
 reports for the start model, Tuna_p and Tuna_c, on held-out instructions: ROUGE-L and exact match of greedy
 answers and pairwise ranking accuracy.
+
+Every field of :class:`PipelineConfig` is a flag of ``tuna pipeline`` and a key of its YAML file
+(``configs/pipeline_example.yaml`` shows them all); ``train_p``, ``train_c`` and ``sft`` are mappings of
+``tuna train`` fields.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..checkpoint import write_atomic
-from .store import read_jsonl, write_jsonl
+from . import evaluation
+from .config import check_choices, load_config, option
+from .data import load_ranked
+from .files import write_atomic
+from .model import PLACEMENT_DTYPES, Placement, load_tokenizer
+from .pipeline.generate import generate_records
+from .pipeline.judge import make_judge
+from .pipeline.rank import rank_records
+from .pipeline.score import score_with_model
+from .pipeline.store import read_jsonl, write_jsonl
+from .synthetic import make_records, make_task_records
+from .templates import TEMPLATES
+from .trainer import Trainer, build_model
 
 logger = logging.getLogger(__name__)
+
+#: tuna train fields that Tuna_c takes from Tuna_p unless train_c sets them: Tuna_c starts from Tuna_p's output,
+#: so with LoRA it must load that adapter the same way (4-bit base, compute dtype) and keep training adapters
+INHERITED_BY_TUNA_C = ("lora", "lora_r", "lora_alpha", "lora_dropout", "load_in_4bit", "bnb_compute_dtype",
+                       "mixed_precision", "max_length", "template")
 
 
 @dataclass
 class PipelineConfig:
-    output_dir: str = "runs/pipeline"
-    data: Optional[str] = None  # probabilistic-ranking data; None = built-in synthetic tasks (rule scores)
-    teacher: Optional[str] = None  # local model directory: (re)score `data` with it before train_p
-    instructions: Optional[str] = None  # instructions to sample for contextual ranking; None = synthetic
-    eval_data: Optional[str] = None  # held-out ranked data; None = built-in synthetic held-out set
-    generation_tasks: Optional[str] = None  # tasks with references for `tuna eval generation`; None = synthetic
-    judge: str = "rule"  # rule | openai:MODEL | local:PATH
-    base_url: Optional[str] = None
-    api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 4
-    num_candidates: int = 4
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    rouge_threshold: float = 0.8
-    max_tries: int = 3
-    template: str = "alpaca"
-    synthetic_examples: int = 4000
-    contextual_examples: int = 800
-    eval_examples: int = 400
-    seed: int = 42
-    model: Optional[str] = None  # the start model (instruction-tuned); None = a tiny Llama tuned by the sft stage
-    sft_examples: int = 3000  # built-in tasks for the supervised stage that makes the start model (0 = none)
-    sft: Dict[str, Any] = field(default_factory=lambda: {"num_epochs": 2.0, "learning_rate": 3e-3,
-                                                         "warmup_steps": 10, "eval_controls": False})
-    mix_sft_into_c: bool = True  # Tuna_c's data mixed with as many supervised examples (the paper's regulariser)
-    # TrainConfig fields for Tuna_p and Tuna_c. The built-in default puts the MLE term on the best candidate
-    # only (an option of the method): its wrong candidates are other tasks' answers, not a teacher's samples
-    train_p: Dict[str, Any] = field(default_factory=lambda: {"num_epochs": 1.0, "mle_on": "best"})
-    train_c: Dict[str, Any] = field(default_factory=lambda: {"learning_rate": 1e-4, "num_epochs": 2.0,
-                                                             "warmup_steps": 5, "batch_groups": 16,
-                                                             "mle_on": "best"})
+    """The stages of ``tuna pipeline``; the defaults run the whole method on the built-in tasks on a CPU."""
+
+    output_dir: str = option("runs/pipeline", "run directory: every stage's output, manifest.json, summary.json")
+    data: Optional[str] = option(None, "probabilistic-ranking records for Tuna_p (any format tuna train reads); "
+                                       "none = the built-in tasks with rule scores")
+    teacher: Optional[str] = option(None, "local model directory that (re)scores `data` before Tuna_p (the "
+                                          "probabilistic ranking); none = the data's own scores")
+    instructions: Optional[str] = option(None, "instructions Tuna_p samples candidates for (contextual ranking); "
+                                               "none = built-in tasks")
+    eval_data: Optional[str] = option(None, "held-out ranked records for every evaluation; none = built-in held-out")
+    generation_tasks: Optional[str] = option(None, "tasks with references for the generation evaluation (ROUGE-L, "
+                                                   "exact match); none = the held-out instructions' references")
+    judge: str = option("rule", "who ranks the samples: rule (the built-in tasks' grader), openai:MODEL (an "
+                                "OpenAI-compatible endpoint at base_url) or local:PATH (a local chat model)")
+    base_url: Optional[str] = option(None, "endpoint of an openai:MODEL judge")
+    api_key_env: str = option("OPENAI_API_KEY", "environment variable holding the judge's API key")
+    concurrency: int = option(4, "judge requests in flight")
+    num_candidates: int = option(4, "responses Tuna_p samples per instruction")
+    max_new_tokens: int = option(16, "tokens per sampled response and per greedy evaluation answer")
+    temperature: float = option(1.0, "sampling temperature of the first draw")
+    rouge_threshold: float = option(0.8, "resample a group whose two responses have ROUGE-L F at or above this")
+    max_tries: int = option(3, "sampling rounds per instruction before keeping what it has")
+    template: str = option("alpaca", "prompt template of every stage", TEMPLATES)
+    synthetic_examples: int = option(4000, "built-in tasks: groups for Tuna_p")
+    contextual_examples: int = option(800, "built-in tasks: instructions for contextual ranking")
+    eval_examples: int = option(400, "built-in tasks: held-out groups")
+    seed: int = option(42, "seed of every stage (the built-in data use seed, seed+1, +2, +3: disjoint)")
+    model: Optional[str] = option(None, "the start model (instruction-tuned; a directory); none = a tiny Llama "
+                                        "tuned by the sft stage")
+    sft_examples: int = option(3000, "built-in tasks for the supervised stage that makes the start model (0: none)")
+    sft: dict = option({"num_epochs": 2.0, "learning_rate": 3e-3, "warmup_steps": 10, "eval_controls": False},
+                       "tuna train fields of the supervised stage (a mapping; on the command line a YAML string)")
+    mix_sft_into_c: bool = option(True, "mix as many supervised examples into Tuna_c's data as it has ranked "
+                                        "groups (the paper's regulariser; built-in start model only)")
+    # The built-in default puts the MLE term on the best candidate only (an option of the method): its wrong
+    # candidates are other tasks' answers, not a teacher's samples
+    train_p: dict = option({"num_epochs": 1.0, "mle_on": "best"},
+                           "tuna train fields of Tuna_p (a mapping; on the command line a YAML string)")
+    train_c: dict = option({"learning_rate": 1e-4, "num_epochs": 2.0, "warmup_steps": 5, "batch_groups": 16,
+                            "mle_on": "best"},
+                           "tuna train fields of Tuna_c; " + ", ".join(INHERITED_BY_TUNA_C) + " default to Tuna_p's")
+    # where the stages that only run a model (score, generate, a local judge, evaluate) load it
+    device: str = option("auto", "device of the stages that run a model without training it: auto (the first GPU "
+                                 "if there is one, else the CPU), cpu, cuda or cuda:N")
+    dtype: str = option("auto", "their weight and compute dtype: auto = bfloat16 on GPUs that support it, float16 "
+                                "on older GPUs, float32 on the CPU", PLACEMENT_DTYPES)
+    load_in_4bit: bool = option(False, "load those models in 4-bit NF4 (bitsandbytes), computing in dtype")
+
+    def validate(self) -> "PipelineConfig":
+        check_choices(self)
+        for name in ("concurrency", "num_candidates", "max_new_tokens", "max_tries", "eval_examples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"config field '{name}' must be >= 1, got {getattr(self, name)}")
+        return self
+
+    @property
+    def placement(self) -> Placement:
+        return Placement(self.device, self.dtype, self.load_in_4bit)
 
 
-def load_pipeline_config(path: Optional[str]) -> PipelineConfig:
-    if path is None:
-        return PipelineConfig()
-    import yaml
-
-    values = yaml.safe_load(Path(path).read_text()) or {}
-    known = {f.name for f in dataclasses.fields(PipelineConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown pipeline field '{unknown[0]}'")
-    return PipelineConfig(**values)
+def load_pipeline_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> PipelineConfig:
+    """Defaults, then the YAML file, then flags: each key a :class:`PipelineConfig` field."""
+    return load_config(path, overrides, config_class=PipelineConfig)
 
 
 class Manifest:
@@ -94,10 +133,6 @@ def _accuracy(result: Optional[Dict]) -> Optional[float]:
 
 
 def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
-    from ..config import load_config
-    from ..synthetic import make_records, make_task_records
-    from ..trainer import Trainer
-
     root = Path(config.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(root / "manifest.json")
@@ -121,10 +156,8 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
     if config.teacher is not None:
         scored = root / "scored.jsonl"
         if not manifest.done("score"):
-            from ..model import load_model, load_tokenizer
-            from .score import score_with_model
-
-            records = score_with_model(load_model(config.teacher), load_tokenizer(config.teacher), read_jsonl(data_p),
+            records = score_with_model(config.placement.load(config.teacher), load_tokenizer(config.teacher),
+                                       read_jsonl(data_p),
                                        config.template, teacher_name=config.teacher)
             write_jsonl(scored, records)
             manifest.record("score", "done", outputs=[str(scored)], records=len(records))
@@ -157,20 +190,14 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
 
     generated = root / "generated.jsonl"
     if not manifest.done("generate"):
-        from ..model import load_model, load_tokenizer
-        from .generate import generate_records
-
-        stats = generate_records(load_model(tuna_p), load_tokenizer(tuna_p), read_jsonl(instructions), generated,
+        stats = generate_records(config.placement.load(tuna_p), load_tokenizer(tuna_p), read_jsonl(instructions), generated,
                                  config.num_candidates, config.template, config.max_new_tokens, config.temperature,
                                  rouge_threshold=config.rouge_threshold, max_tries=config.max_tries, seed=config.seed)
         manifest.record("generate", "done", outputs=[str(generated)], **stats)
 
     ranked = root / "ranked.jsonl"
     if not manifest.done("rank"):
-        from .judge import make_judge
-        from .rank import rank_records
-
-        judge = make_judge(config.judge, config.base_url, config.api_key_env)
+        judge = make_judge(config.judge, config.base_url, config.api_key_env, placement=config.placement)
         stats = rank_records(read_jsonl(str(generated)), judge, ranked, config.concurrency)
         manifest.record("rank", "done", outputs=[str(ranked)], **stats)
 
@@ -181,7 +208,8 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
         ranked_records = read_jsonl(str(ranked))
         data_c = str(root / "data_c.jsonl")
         write_jsonl(Path(data_c), ranked_records + read_jsonl(str(root / "sft.jsonl"))[:len(ranked_records)])
-    summary_c = train("train_c", dict(config.train_c, model=tuna_p, data=data_c, eval_data=eval_path))
+    inherited = {key: config.train_p[key] for key in INHERITED_BY_TUNA_C if key in config.train_p}
+    summary_c = train("train_c", dict(inherited, **config.train_c, model=tuna_p, data=data_c, eval_data=eval_path))
     evaluations = evaluate_stages(config, root, manifest, eval_path, start_model, tuna_p,
                                   str(root / "train_c" / "final"))
     report = {
@@ -199,12 +227,6 @@ def evaluate_stages(config: PipelineConfig, root: Path, manifest: Manifest, eval
                     start_model: Optional[str], tuna_p: str, tuna_c: str) -> Dict[str, Dict[str, Any]]:
     """`tuna eval ranking` and `tuna eval generation` (ROUGE-L, exact match) for the starting model, Tuna_p and
     Tuna_c, on held-out instructions; ``eval/comparison.md`` and ``eval/comparison.png`` side by side."""
-    from .. import eval as evaluation
-    from ..config import load_config
-    from ..data import load_ranked
-    from ..model import load_model, load_tokenizer
-    from ..trainer import build_model
-
     tasks_path = config.generation_tasks
     if tasks_path is None:
         tasks_path = str(root / "generation_tasks.jsonl")
@@ -218,15 +240,15 @@ def evaluate_stages(config: PipelineConfig, root: Path, manifest: Manifest, eval
     for name in ("start", "tuna_p", "tuna_c"):
         out = root / "eval" / name
         if manifest.done(f"eval_{name}"):
-            ranking = json.loads((out / "ranking" / "report.json").read_text())
-            generation = json.loads((out / "generation" / "report.json").read_text())
+            ranking = json.loads(evaluation.report_path(out / "ranking", "ranking").read_text())
+            generation = json.loads(evaluation.report_path(out / "generation", "generation").read_text())
         else:
             if name == "start" and start_model is None:
                 settings = dict(dict(template=config.template, seed=config.seed, progress=False), **config.train_p)
                 model, tokenizer = build_model(load_config(None, dict(settings, output_dir=str(root / "train_p"))))
             else:
                 path = {"start": start_model, "tuna_p": tuna_p, "tuna_c": tuna_c}[name]
-                model, tokenizer = load_model(path), load_tokenizer(path)
+                model, tokenizer = config.placement.load(path), load_tokenizer(path)
             ranking = evaluation.write_report(out / "ranking", "ranking", name, evaluation.evaluate_ranking(
                 model, tokenizer, examples, template=config.template))
             predictions = evaluation.greedy_generations(model, tokenizer, tasks, out / "generation" / "progress.jsonl",
@@ -234,8 +256,9 @@ def evaluate_stages(config: PipelineConfig, root: Path, manifest: Manifest, eval
             evaluation.save_generations(out / "generation", tasks, predictions)
             generation = evaluation.write_report(out / "generation", "generation", name,
                                                  evaluation.generation_metrics(tasks, predictions))
-            manifest.record(f"eval_{name}", "done", outputs=[str(out / "ranking" / "report.json"),
-                                                              str(out / "generation" / "report.json")])
+            manifest.record(f"eval_{name}", "done", outputs=[
+                str(evaluation.report_path(out / "ranking", "ranking")),
+                str(evaluation.report_path(out / "generation", "generation"))])
         results[name] = {"pair_accuracy": ranking["metrics"]["pair_accuracy"],
                          "kendall_tau": ranking["metrics"]["kendall_tau"],
                          "rouge_l": generation["metrics"]["rouge_l"],

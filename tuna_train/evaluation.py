@@ -8,7 +8,8 @@
   style), ROUGE-L F (``rouge-score``, best over references) per record, averaged per task, then over tasks;
   batched, resumable, generations saved.
 
-Each writes ``<out>/report.json`` and ``<out>/report.md``; :func:`compare` puts reports side by side.
+Each writes ``<out>/report-<kind>.json`` and ``<out>/report-<kind>.md`` (kinds share an ``--out`` without
+overwriting each other); :func:`compare` puts reports side by side.
 """
 
 from __future__ import annotations
@@ -21,8 +22,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+from rouge_score import rouge_scorer
+
+from tuna_kernels import ranking_counts, ranking_summary
 
 from .data import RankedExample
+from .files import write_atomic
+from .pipeline.generate import decode_batch, pending_batches
+from .pipeline.score import group_logprobs
 from .pipeline.store import JsonlStore, record_key, write_jsonl
 
 
@@ -46,34 +53,36 @@ def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
 
 
 def ranking_metrics(model_scores: Sequence[Sequence[float]], target_scores: Sequence[Sequence[float]]) -> Dict[str, Any]:
-    """Pairwise accuracy, mean Kendall tau-b and mean best-minus-worst gap over ragged groups."""
-    correct = pairs = 0
-    taus, gaps = [], []
-    for model, target in zip(model_scores, target_scores):
-        for i, j in itertools.combinations(range(len(model)), 2):
-            if target[i] == target[j]:
-                continue
-            better, worse = (i, j) if target[i] > target[j] else (j, i)
-            pairs += 1
-            correct += model[better] > model[worse]
-        tau = kendall_tau_b(model, target)
-        if tau is not None:
-            taus.append(tau)
-        if len(model) >= 2 and max(target) != min(target):
-            best = max(range(len(target)), key=lambda k: (target[k], -k))
-            worst = min(range(len(target)), key=lambda k: (target[k], -k))
-            gaps.append(model[best] - model[worst])
-    mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
-    return {"pair_accuracy": correct / pairs if pairs else None, "pairs": pairs,
-            "kendall_tau": mean(taus), "groups_with_tau": len(taus), "score_gap": mean(gaps),
-            "groups": len(model_scores)}
+    """Pairwise accuracy and mean best-minus-worst gap (as :func:`tuna_kernels.ranking_counts` defines them)
+    and mean Kendall tau-b over ragged groups, candidates in any order."""
+    counts = ranking_counts(*ragged_to_matrices(model_scores, target_scores))
+    summary = ranking_summary(counts)
+    taus = [tau for tau in (kendall_tau_b(model, target) for model, target in zip(model_scores, target_scores))
+            if tau is not None]
+    defined = lambda value: None if math.isnan(value) else value  # noqa: E731
+    return {"pair_accuracy": defined(float(summary["pair_accuracy"])), "pairs": int(counts["pairs"]),
+            "kendall_tau": sum(taus) / len(taus) if taus else None, "groups_with_tau": len(taus),
+            "score_gap": defined(float(summary["score_gap"])), "groups": len(model_scores)}
+
+
+def ragged_to_matrices(model_scores: Sequence[Sequence[float]], target_scores: Sequence[Sequence[float]]):
+    """Ragged groups -> ``(scores, valid, targets)`` [G, K] float64, each group sorted best first by its target
+    (stable: among tied candidates the earlier one comes first), as the ranking metrics take them."""
+    width = max((len(group) for group in model_scores), default=0)
+    scores = torch.zeros(len(model_scores), max(width, 1), dtype=torch.float64)
+    targets = torch.zeros_like(scores)
+    valid = torch.zeros_like(scores, dtype=torch.bool)
+    for row, (model, target) in enumerate(zip(model_scores, target_scores)):
+        order = sorted(range(len(target)), key=lambda k: -target[k])
+        scores[row, :len(order)] = torch.tensor([float(model[k]) for k in order], dtype=torch.float64)
+        targets[row, :len(order)] = torch.tensor([float(target[k]) for k in order], dtype=torch.float64)
+        valid[row, :len(order)] = True
+    return scores, valid, targets
 
 
 def model_scores(model, tokenizer, examples: List[RankedExample], template: str = "alpaca", max_length: int = 512,
                  alpha: float = 1.0, token_budget: int = 16384, impl: str = "auto") -> List[List[float]]:
     """Per group, the model's score of each candidate: sum log p / tokens ** alpha (as in training)."""
-    from .pipeline.score import group_logprobs
-
     return [[s / max(c, 1) ** alpha for s, c in zip(sums, counts)]
             for sums, counts in group_logprobs(model, tokenizer, examples, template, max_length, token_budget, impl)]
 
@@ -85,8 +94,6 @@ def evaluate_ranking(model, tokenizer, examples: List[RankedExample], **options)
 
 @functools.lru_cache(maxsize=1)
 def _rouge():
-    from rouge_score import rouge_scorer
-
     return rouge_scorer.RougeScorer(["rougeL"])
 
 
@@ -128,8 +135,6 @@ def generation_metrics(records: List[Dict[str, Any]], predictions: List[str]) ->
 def greedy_generations(model, tokenizer, records: List[Dict[str, Any]], progress: Path, template: str = "alpaca",
                        max_new_tokens: int = 128, batch_size: int = 16) -> List[str]:
     """Greedy responses, resumable through the ``progress`` store (one entry per finished record)."""
-    from .pipeline.generate import decode_batch, pending_batches
-
     store = JsonlStore(progress)
     keys = [record_key(r) for r in records]
     model.eval()
@@ -140,12 +145,30 @@ def greedy_generations(model, tokenizer, records: List[Dict[str, Any]], progress
     return [store.entries[key]["prediction"] for key in keys]
 
 
+def report_path(out: Path, kind: str, suffix: str = ".json") -> Path:
+    """Where ``write_report`` puts the report of ``kind`` (ranking, generation, judge, eval) in ``out``."""
+    return Path(out) / f"report-{kind}{suffix}"
+
+
 def write_report(out: Path, kind: str, name: str, metrics: Dict[str, Any]) -> Dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     report = {"kind": kind, "name": name, "metrics": metrics}
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(markdown([report]))
+    write_atomic(report_path(out, kind), json.dumps(report, indent=1))
+    write_atomic(report_path(out, kind, ".md"), markdown([report]))
     return report
+
+
+def read_reports(path: str) -> Dict[str, Any]:
+    """A report file, or a directory's reports (every kind in it) merged into one column."""
+    path = Path(path)
+    files = sorted(path.glob("report-*.json")) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"{path}: no report-<kind>.json in this directory (written by tuna eval --out)")
+    reports = [json.loads(file.read_text()) for file in files]
+    metrics: Dict[str, Any] = {}
+    for report in reports:
+        metrics.update(report["metrics"])
+    return {"kind": "+".join(r["kind"] for r in reports), "name": reports[0]["name"], "metrics": metrics}
 
 
 def _cell(value) -> str:
@@ -166,32 +189,55 @@ def markdown(reports: List[Dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: what a model that orders candidates at random scores, per plotted metric (the plot's chance line)
+CHANCE = {"pair_accuracy": 0.5, "kendall_tau": 0.0}
+PLOTTED = ("pair_accuracy", "kendall_tau", "rouge_l", "exact_match")
+
+
 def compare(report_paths: List[str], png: Optional[str] = None) -> str:
-    """Side-by-side Markdown of several report.json files (or their directories), and a bar chart."""
-    reports = []
-    for path in report_paths:
-        file = Path(path) / "report.json" if Path(path).is_dir() else Path(path)
-        reports.append(json.loads(file.read_text()))
+    """Side-by-side Markdown of several reports (files, or directories of ``report-<kind>.json``) and, with
+    ``png``, a bar chart: a group per metric, a bar per report with its value written on it, a missing value
+    marked "n/a" (not drawn as 0), and the chance level of the ranking metrics as a dashed line."""
+    reports = [read_reports(path) for path in report_paths]
     table = markdown(reports)
     if png:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        keys = [k for k in ("pair_accuracy", "kendall_tau", "rouge_l", "exact_match") if any(r["metrics"].get(k) is not None for r in reports)]
-        figure, axis = plt.subplots(figsize=(2 + 2 * len(keys), 4))
-        width = 0.8 / max(1, len(reports))
-        for i, report in enumerate(reports):
-            axis.bar([x + i * width for x in range(len(keys))], [report["metrics"].get(k) or 0 for k in keys], width,
-                     label=report["name"])
-        axis.set_xticks([x + width * (len(reports) - 1) / 2 for x in range(len(keys))])
-        axis.set_xticklabels(keys)
-        axis.legend(fontsize=8)
-        figure.tight_layout()
-        figure.savefig(png, dpi=110)
-        plt.close(figure)
+        plot_comparison(reports, png)
     return table
+
+
+def plot_comparison(reports: List[Dict[str, Any]], png: str) -> None:
+    import matplotlib  # optional (the bench extra): only plots need it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in PLOTTED if any(r["metrics"].get(k) is not None for r in reports)]
+    figure, axis = plt.subplots(figsize=(2.5 + 2.2 * len(keys), 4.2))
+    width = 0.8 / max(1, len(reports))
+    labelled = set()
+    for i, report in enumerate(reports):
+        for x, key in enumerate(keys):
+            value, position = report["metrics"].get(key), x + i * width
+            if value is None:
+                axis.text(position, 0.02, "n/a", ha="center", va="bottom", fontsize=8, rotation=90, color="grey")
+                continue
+            axis.bar(position, value, width, color=f"C{i}", label=None if i in labelled else report["name"])
+            labelled.add(i)
+            axis.text(position, value, f"{value:.3f}", ha="center", va="bottom" if value >= 0 else "top", fontsize=7)
+    for x, key in enumerate(keys):
+        if key in CHANCE:
+            axis.hlines(CHANCE[key], x - width / 2, x + width * (len(reports) - 0.5), colors="black",
+                        linestyles="dashed", linewidth=1, label="chance (random order)" if key == "pair_accuracy"
+                        else None)
+    axis.set_xticks([x + width * (len(reports) - 1) / 2 for x in range(len(keys))])
+    axis.set_xticklabels(keys)
+    axis.set_ylabel("value (higher is better)")
+    axis.set_title("tuna eval: " + " vs ".join(r["name"] for r in reports))
+    axis.axhline(0, color="grey", linewidth=0.5)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(png, dpi=110)
+    plt.close(figure)
 
 
 def save_generations(out: Path, records: List[Dict[str, Any]], predictions: List[str]) -> None:

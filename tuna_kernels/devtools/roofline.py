@@ -1,6 +1,6 @@
 """A roofline model of the kernels' time on three GPUs: a model, not a measurement (no GPU here).
 
-    python -m tuna_kernels.report --roofline
+    python -m tuna_kernels.devtools.report --roofline
 
 Per kernel, bf16 inputs, tile [BN tokens, BV vocabulary] (the launch's default configuration):
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
-from .kernels.configs import default_config
+from ..kernels.configs import default_config
 
 
 @dataclass(frozen=True)

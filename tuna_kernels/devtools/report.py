@@ -1,7 +1,7 @@
 """Static GPU report: compile every kernel ahead of time for sm_80/86/89/90, no GPU needed.
 
-    python -m tuna_kernels.report [--json] [--dtype bf16 --dtype fp16] [--arch 86] [--defaults-only]
-    python -m tuna_kernels.report --roofline     # estimated times from a roofline model (tuna_kernels/roofline.py)
+    python -m tuna_kernels.devtools.report [--json] [--dtype bf16 --dtype fp16] [--arch 86] [--defaults-only]
+    python -m tuna_kernels.devtools.report --roofline     # estimated times from a roofline model (tuna_kernels/devtools/roofline.py)
 
 For each kernel, dtype, configuration (the default, then the candidates autotuning may choose) and
 architecture it prints the registers per thread, spill bytes
@@ -22,6 +22,20 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
+
+import triton
+from triton._C.libtriton import ir
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.compiler import ASTSource
+
+from ..kernels.backward_atomic import logprob_backward_atomic_kernel
+from ..kernels.backward_hidden import grad_hidden_kernel
+from ..kernels.backward_weight import grad_weight_kernel
+from ..kernels.configs import KERNELS, candidate_configs
+from ..kernels.forward import lse_forward_kernel
+from ..kernels.launch import GROUP_V
+from .roofline import roofline_table
 
 # Shared memory a block may use, per architecture (bytes).
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -91,12 +105,6 @@ class ReportRow:
 
 def _kernel_specs():
     """name -> (jit function, the launch's constexprs other than tiles)."""
-    from .kernels.backward_atomic import logprob_backward_atomic_kernel
-    from .kernels.backward_hidden import grad_hidden_kernel
-    from .kernels.backward_weight import grad_weight_kernel
-    from .kernels.forward import lse_forward_kernel
-    from .kernels.launch import GROUP_V
-
     flags = {"HAS_BIAS": False, "HAS_SOFTCAP": False}
     return {
         "lse_forward": (lse_forward_kernel, {**flags, "WITH_EXPECTED": False}),
@@ -132,8 +140,6 @@ def _signature(fn, dtype: str, constexprs: Dict[str, object]):
 
 
 def _cuobjdump() -> str:
-    import triton
-
     path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not path.exists():
         raise FileNotFoundError(f"cuobjdump not found at {path}; the triton wheel should ship it")
@@ -157,10 +163,6 @@ def compile_and_inspect(fn, signature: Dict[str, str], constexprs: Dict[str, obj
                         num_warps: int, num_stages: int) -> Resources:
     """Compile a @triton.jit function ahead of time for ``sm_<arch>`` and read the cubin: registers,
     spills (stack/local bytes and STL/LDL instructions), shared memory, tensor-core instructions."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     compiled = triton.compile(
         ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages},
@@ -191,11 +193,6 @@ def compile_and_inspect(fn, signature: Dict[str, str], constexprs: Dict[str, obj
 
 def triton_ir(kernel: str, dtype: str = "fp16", arch: int = 86) -> str:
     """The kernel's Triton IR before lowering (names kept), as a launch with runtime strides sees it."""
-    from triton._C.libtriton import ir
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.compiler import ASTSource
-
     fn, flags = _kernel_specs()[kernel]
     constexprs = dict(flags, BLOCK_N=16, BLOCK_V=32, BLOCK_D=32, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
     signature, attrs = _signature(fn, dtype, constexprs)
@@ -240,8 +237,6 @@ def build_report(archs: Sequence[int], dtypes: Sequence[str], kernels: Optional[
                  defaults_only: bool = False) -> List[ReportRow]:
     """Rows for every configuration each kernel can launch with (its default, then its autotuning
     candidates; only the default with ``defaults_only``) on each architecture and dtype."""
-    from .kernels.configs import KERNELS, candidate_configs
-
     rows = []
     for kernel in kernels or KERNELS:
         for arch in archs:
@@ -266,7 +261,7 @@ def format_table(rows: Sequence[ReportRow]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tuna_kernels.report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tuna_kernels.devtools.report", description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON document (a list of rows)")
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT),
                         help="compute capability, repeatable (default: 80 86 89 90)")
@@ -279,9 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="print the roofline model's time estimates (a model, not a measurement) and exit")
     args = parser.parse_args(argv)
     if args.roofline:
-        from .roofline import roofline_table
-
-        print("Roofline MODEL, not a measurement (see tuna_kernels/roofline.py for its assumptions):")
+        print("Roofline MODEL, not a measurement (see tuna_kernels/devtools/roofline.py for its assumptions):")
         print(roofline_table())
         return 0
     if os.environ.get("TRITON_INTERPRET") == "1":
