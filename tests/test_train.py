@@ -159,15 +159,11 @@ def test_non_finite_loss_stops_cleanly_or_is_skipped(tmp_path, monkeypatch):
 
 
 def test_training_never_materialises_logits(tmp_path):
-    from tuna_hf.model import FusedCausalLM
-    from tuna_train.model import build_tiny_llama
+    from tuna_train.model import build_tiny_llama, synthetic_tokenizer
 
     vocab_size = 8192  # larger than the chunked path's vocabulary chunk, so a logits tensor would stand out
-    trainer = Trainer(small_config(tmp_path, max_steps=1, save_every=100))
-    trainer.model = build_tiny_llama(vocab_size=vocab_size, hidden_size=32)
-    trainer.wrapped = FusedCausalLM(trainer.model, trainer.loss_fn)
-    trainer.optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=1e-3)
-    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: 1.0)
+    trainer = Trainer(small_config(tmp_path, max_steps=1, save_every=100),
+                      model=build_tiny_llama(vocab_size=vocab_size, hidden_size=32), tokenizer=synthetic_tokenizer())
     state = trainer.fresh_state()
     batch = trainer.make_batch(trainer.groups_for(0, 0))
     num_targets = batch.labels.shape[0]

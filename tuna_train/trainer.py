@@ -181,7 +181,11 @@ def release_single_process_state(mixed_precision: str) -> None:
 class Trainer:
     """Runs one training job described by a :class:`TrainConfig`; :meth:`run` returns the summary."""
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, model=None, tokenizer=None) -> None:
+        """``model`` and ``tokenizer`` (both or neither): train this causal LM (e.g. one built or wrapped in your
+        own code) instead of the one ``config`` describes; the rest of the config applies as it is."""
+        if (model is None) != (tokenizer is None):
+            raise ValueError("Trainer takes a model and its tokenizer together (or neither: built from the config)")
         self.config = config.validate()
         check_sharding(config)
         trackers = (["tensorboard"] if config.tensorboard else []) + \
@@ -204,7 +208,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
         self.data = load_datasets(config)
-        self.model, self.tokenizer = build_model(config)
+        self.model, self.tokenizer = build_model(config) if model is None else (model, tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.loss_fn = TunaLoss(loss=config.loss, margin=config.margin, alpha=config.alpha,
                                 mle_weight=config.mle_weight, mle_on=config.mle_on, skip_ties=config.skip_ties,

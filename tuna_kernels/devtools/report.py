@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -234,17 +235,25 @@ def compile_row(kernel: str, arch: int, dtype: str, config, default: bool = True
 
 
 def build_report(archs: Sequence[int], dtypes: Sequence[str], kernels: Optional[Sequence[str]] = None,
-                 defaults_only: bool = False) -> List[ReportRow]:
+                 defaults_only: bool = False, jobs: int = 1) -> List[ReportRow]:
     """Rows for every configuration each kernel can launch with (its default, then its autotuning
-    candidates; only the default with ``defaults_only``) on each architecture and dtype."""
-    rows = []
+    candidates; only the default with ``defaults_only``) on each architecture and dtype, in that order.
+    ``jobs`` > 1 compiles in that many processes (each compilation is independent and CPU-bound)."""
+    work = []
     for kernel in kernels or KERNELS:
         for arch in archs:
             for dtype in dtypes:
                 configs = candidate_configs(kernel, arch, dtype)
                 for index, config in enumerate(configs[:1] if defaults_only else configs):
-                    rows.append(compile_row(kernel, arch, dtype, config, default=index == 0))
-    return rows
+                    work.append((kernel, arch, dtype, config, index == 0))
+    if jobs <= 1:
+        return [compile_row(*item) for item in work]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(_compile_item, work))
+
+
+def _compile_item(item) -> ReportRow:
+    return compile_row(*item)
 
 
 def format_table(rows: Sequence[ReportRow]) -> str:
@@ -270,6 +279,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--kernel", action="append", help="kernel name, repeatable (default: all)")
     parser.add_argument("--defaults-only", action="store_true",
                         help="only each kernel's default configuration, not the autotuning candidates")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="compile in this many processes (default: the CPU count)")
     parser.add_argument("--roofline", action="store_true",
                         help="print the roofline model's time estimates (a model, not a measurement) and exit")
     args = parser.parse_args(argv)
@@ -280,7 +291,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the report compiles real GPU code")
     rows = build_report(args.arch or sorted(SHARED_LIMIT), args.dtype or ["bf16", "fp16", "fp32"], args.kernel,
-                        args.defaults_only)
+                        args.defaults_only, args.jobs)
     if args.json:
         json.dump([dict(asdict(row), ok=row.ok) for row in rows], sys.stdout, indent=1)
         print()
