@@ -37,7 +37,8 @@ report: setup
 	$(PY) -m tuna_kernels.devtools.report
 
 # Speed and memory against the naive path and the peers (installed without their dependencies, which
-# would replace the pinned torch); results in benchmarks/results/. On a GPU: make bench ARGS="--bench-size gpu".
+# would replace the pinned torch); results in a fresh benchmarks/results/run-*/ (GPU shapes when CUDA is there);
+# make bench ARGS="--bench-results benchmarks/results" refreshes the committed tables.
 bench: setup
 	$(PIP) install -c requirements/constraints.txt --no-deps cut-cross-entropy liger-kernel
 	$(PY) -m pytest benchmarks -q $(ARGS)
