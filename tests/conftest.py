@@ -14,14 +14,6 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected|| in float64 (0 when both are zero)."""
-    actual, expected = actual.detach().double(), expected.detach().double()
-    denom = expected.norm()
-    diff = (actual - expected).norm()
-    return float(diff) if denom == 0 else float(diff / denom)
-
-
 @pytest.fixture
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

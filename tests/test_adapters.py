@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
+from tuna_train.build import build_model
 from tuna_train.config import load_config
 from tuna_train.model import adapter_base_path, load_model
-from tuna_train.trainer import Trainer, build_model
+from tuna_train.trainer import Trainer
 
 RUN = dict(synthetic_examples=240, batch_groups=4, eval_groups=16, progress=False, tensorboard=False, eval_every=0,
            log_every=1, max_steps=4, save_every=100, warmup_steps=0, learning_rate=1e-2, lr_schedule="constant",

@@ -4,11 +4,11 @@ and gradients on a tiny model; truncation is explicit and counted."""
 import pytest
 import torch
 
-from conftest import rel_err
+from helpers import rel_err
+from tuna_hf.model import lm_head_spec, target_hidden_states
 from tuna_kernels import TunaLoss, sequence_logprobs
 from tuna_train.collate import pack, tokenize_group
 from tuna_train.data import RankedExample, examples_from_records
-from tuna_hf.model import lm_head_spec, target_hidden_states
 from tuna_train.model import build_tiny_llama, synthetic_tokenizer
 from tuna_train.synthetic import make_records
 

@@ -8,6 +8,7 @@ import tempfile
 
 import pytest
 
+from helpers import ALPACA, release_contextual
 from tuna_train.data import DataError, RankedExamples, examples_from_records, load_ranked, select_examples
 
 NATIVE = [
@@ -19,22 +20,6 @@ FORMATTED = [{"id": 7, "instruction": "### Instruction:\nSay hi\n\n### Response:
 PROBABILISTIC = [{"orig": {"instruction": "Name a colour.", "input": "", "output": "red"},
                   "text": ["blue", "red", "car", "green"], "avg_token_prob": [-1.0, -0.2, -3.0, -1.5],
                   "length": [1, 1, 1, 1], "logprob": [-1.0, -0.2, -3.0, -1.5]}]
-ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-          "request.\n\n### Instruction:\n{}\n\n### Response:")
-
-
-def release_contextual(instruction, generations, ranking, key="rank", judge_response="1, 2, 3", **extra):
-    """A raw contextual record shaped like the public release: ``instruct`` is the templated instruction,
-    ``prompt`` what the judge was sent (instruct, every candidate as "###Response j:", the judge's steps)."""
-    instruct = ALPACA.format(instruction)
-    shown = "".join(f"\n\n###Response {j}:\n{text}" for j, text in enumerate(generations))
-    record = {"prompt": instruct + shown + "\n\nWe would like to request your feedback ... rank: [...]",
-              "instruct": instruct, "id": extra.pop("id", 1), "generation": list(generations),
-              "gpt_eval": f"... rank: {ranking}", "rank_str": str(ranking), key: list(ranking)}
-    if judge_response is not None:
-        record["response_4"] = judge_response
-    record.update(extra)
-    return record
 
 
 CONTEXTUAL = [

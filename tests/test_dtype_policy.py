@@ -5,7 +5,7 @@ take exactly the path of inputs already in that dtype; gradients reach fp32 leav
 import pytest
 import torch
 
-from test_logprobs import make_problem
+from helpers import make_problem
 from tuna_kernels import GroupLayout, TunaLoss, sequence_logprobs, token_logprobs
 
 # bf16 tl.dot is wrong under the Triton interpreter, so the Triton path is checked with fp16 autocast.

@@ -13,6 +13,7 @@ import time
 import pytest
 from rouge_score import rouge_scorer
 
+from helpers import naive_sums, release_contextual
 from tuna_train.evaluation import generation_metrics, kendall_tau_b, ranking_metrics
 from tuna_train.synthetic import make_records
 
@@ -114,7 +115,6 @@ def test_judge_comparison_both_orders_faults_and_resume(tmp_path):
 
 
 def test_eval_ranking_cli_matches_naive_scores(tiny_model_dir, tmp_path):
-    from test_score_generate import naive_sums
     from tuna_train.cli import main
     from tuna_train.model import load_model, load_tokenizer
 
@@ -210,8 +210,6 @@ def test_eval_judge_killed_run_resumes_without_repeated_requests(tiny_model_dir,
 def test_eval_ranking_of_release_contextual_records_scores_instruct(tiny_model_dir, tmp_path):
     """`tuna eval ranking` reads raw contextual records through the training loader: candidates are scored
     given `instruct` (the templated instruction), not the judge's prompt that shows all of them."""
-    from test_data import release_contextual
-    from test_score_generate import naive_sums
     from tuna_train.cli import main
     from tuna_train.model import load_model, load_tokenizer
 

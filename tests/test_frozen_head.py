@@ -5,8 +5,7 @@ against the float64 reference for Triton (interpreter) and chunked, with bias, l
 import pytest
 import torch
 
-from conftest import rel_err
-from test_logprobs import TOLERANCE, make_problem
+from helpers import TOLERANCE, make_problem, rel_err
 from tuna_kernels import sequence_logprobs, token_logprobs
 from tuna_kernels.chunked import ChunkedBackend
 from tuna_kernels.kernels.launch import TritonBackend

@@ -6,10 +6,9 @@ import os
 import pytest
 import torch
 
+from helpers import rel_err
 from tuna_train.config import load_config
 from tuna_train.trainer import Trainer
-
-from conftest import rel_err
 
 TINY = dict(synthetic_examples=120, batch_groups=2, tiny_hidden_size=32, eval_groups=4, progress=False,
             tensorboard=False, eval_every=0, log_every=1, save_every=100, warmup_steps=0, learning_rate=1e-2,
@@ -20,7 +19,6 @@ def run_steps(output_dir, steps, **overrides):
     """(per-step losses, the first step's gradients, parameters before and after) of ``steps`` optimizer steps
     of the real training step."""
     trainer = Trainer(load_config(None, dict(TINY, output_dir=str(output_dir), max_steps=steps, **overrides)))
-    state = trainer.fresh_state()
     params = dict(trainer.model.named_parameters())
     initial = {name: p.detach().clone() for name, p in params.items()}
     first_grads = {}
@@ -33,7 +31,7 @@ def run_steps(output_dir, steps, **overrides):
 
     trainer.optimizer.step = step
     trainer.wrapped.train()
-    losses = [trainer._train_step(step, state)["loss"] for step in range(steps)]
+    losses = [trainer.train_step(step)["loss"] for step in range(steps)]
     return losses, first_grads, initial, {name: p.detach().clone() for name, p in params.items()}
 
 

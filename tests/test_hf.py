@@ -4,12 +4,11 @@ naive references computed from the model's own logits (float32, 1e-5)."""
 import pytest
 import torch
 
+from helpers import rel_err
+from naive_tuna import tuna_objective_from_logits
 from tuna_hf import apply_fused_losses, causal_lm_loss, tuna_loss
 from tuna_kernels.devtools.memory import AllocationTracker
 from tuna_train.model import add_lora, build_tiny_llama, load_model
-
-from conftest import rel_err
-from naive_tuna import tuna_objective_from_logits
 
 PROMPT, K = 5, 4
 

@@ -7,6 +7,7 @@ import torch
 from datasets import Dataset
 from torch.utils.data import SequentialSampler
 
+from tuna_train.build import load_datasets
 from tuna_train.config import load_config
 from tuna_train.hf_trainer import GroupCollator, TunaTrainer, TunaTrainingArguments
 from tuna_train.model import add_lora, build_tiny_llama, synthetic_tokenizer
@@ -89,7 +90,6 @@ def test_tuna_trainer_reaches_the_accuracy_of_tuna_train(tmp_path):
     measured by the same function for both. (With each trainer's own shuffling, the accuracy after 200 steps
     varies by more than 0.03 from seed to seed, for either trainer: the order is what the test fixes.)"""
     from tuna_train.evaluation import evaluate_ranking
-    from tuna_train.trainer import load_datasets
 
     settings = dict(synthetic_examples=1600, tiny_hidden_size=64, batch_groups=16, num_epochs=2.0, eval_every=0,
                     eval_groups=1, progress=False, tensorboard=False, save_every=10_000, output_dir=str(tmp_path / "ours"))

@@ -11,10 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from conftest import rel_err
+from helpers import logprobs_and_grads, make_problem, rel_err
 from tuna_kernels.kernels.common import grouped_tile
 from tuna_kernels.kernels.configs import KERNELS
-from test_logprobs import TOLERANCE, logprobs_and_grads, make_problem
 
 IMPLS = ["triton", "chunked"]
 

@@ -3,10 +3,8 @@
 import pytest
 import torch
 
-from conftest import rel_err
+from helpers import TOLERANCE, logprobs_and_grads, make_problem, rel_err
 from tuna_kernels import sequence_logprobs, token_logprobs
-
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 # (N, D, V, bias, logit_scale, softcap, fraction of ignored positions). Interpreter tiles are 16 x 32 x 32,
 # so these shapes cover: V not a multiple of the tile, N = 1, N not a multiple, D = 64 / 96 / 128.
@@ -17,25 +15,6 @@ SHAPES = [
     (45, 128, 130, True, 1.3, 4.0, 0.3),
     (50, 96, 517, False, 0.25, None, 0.5),
 ]
-
-
-def make_problem(num_tokens, hidden_dim, vocab_size, with_bias, ignore_fraction, dtype, seed):
-    generator = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(num_tokens, hidden_dim, generator=generator)
-    weight = torch.randn(vocab_size, hidden_dim, generator=generator) / hidden_dim ** 0.5 * 2
-    bias = torch.randn(vocab_size, generator=generator) if with_bias else None
-    labels = torch.randint(0, vocab_size, (num_tokens,), generator=generator)
-    labels[torch.rand(num_tokens, generator=generator) < ignore_fraction] = -100
-    grad_token = torch.randn(num_tokens, generator=generator)
-    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), labels, grad_token
-
-
-def logprobs_and_grads(impl, hidden, weight, bias, labels, grad_token, **options):
-    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight) + (() if bias is None else (bias,))]
-    token_lp = token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2] if bias is not None else None,
-                              impl=impl, **options)
-    grads = torch.autograd.grad((token_lp * grad_token.to(token_lp.dtype)).sum(), leaves)
-    return (token_lp,) + tuple(grads)
 
 
 def check_against_reference(impl, dtype, shape, seed, **options):

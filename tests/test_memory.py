@@ -2,8 +2,7 @@
 
 import torch
 
-from conftest import rel_err
-
+from helpers import rel_err
 from tuna_kernels import sequence_logprobs, token_logprobs
 from tuna_kernels.devtools.memory import AllocationTracker
 

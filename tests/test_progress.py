@@ -20,9 +20,12 @@ def test_score_generate_and_rank_show_progress(tmp_path, tiny_model_dir):
         "generate": ["--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "gen.jsonl"),
                      "-k", "2", "--max-new-tokens", "4"],
         "rank": ["--judge", "rule", "--data", str(data), "--out", str(tmp_path / "ranked.jsonl")],
+        "train": ["--synthetic-examples", "40", "--max-steps", "2", "--batch-groups", "4", "--tiny-hidden-size", "32",
+                  "--eval-groups", "4", "--eval-controls", "false", "--output-dir", str(tmp_path / "run")],
     }
     for command, args in commands.items():
         done = subprocess.run([sys.executable, "-m", "tuna_train.cli", command, *args], capture_output=True,
                               text=True, env=env)
         assert done.returncode == 0, done.stderr[-2000:]
-        assert f"{command}: 100%" in done.stderr and "/s]" in done.stderr, (command, done.stderr[-500:])
+        desc, rate = ("tuna train", "step/s,") if command == "train" else (command, "/s]")
+        assert f"{desc}: 100%" in done.stderr and rate in done.stderr, (command, done.stderr[-500:])

@@ -5,16 +5,15 @@ bitsandbytes' CPU backend switch its 4-bit weights to an inference-only format).
 import pytest
 import torch
 
-from tuna_kernels import TunaLoss
+from helpers import rel_err
 from tuna_hf.model import TargetHiddenStates, lm_head_spec
+from tuna_kernels import TunaLoss
+from tuna_train.build import build_model
 from tuna_train.collate import pack, tokenize_group
 from tuna_train.config import load_config
 from tuna_train.data import examples_from_records
 from tuna_train.model import add_lora, load_model
 from tuna_train.synthetic import make_records
-from tuna_train.trainer import build_model
-
-from conftest import rel_err
 
 bnb = pytest.importorskip("bitsandbytes")
 

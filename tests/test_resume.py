@@ -31,14 +31,7 @@ def run(output_dir, stop_after=None, **overrides):
     """Train; with ``stop_after`` the run stops gracefully (checkpoint, as on SIGTERM) after that many steps."""
     trainer = Trainer(config(output_dir, **overrides))
     if stop_after is not None:
-        train_step = trainer._train_step
-
-        def step_then_maybe_stop(step, state):
-            result = train_step(step, state)
-            trainer.stop_requested = step + 1 == stop_after
-            return result
-
-        trainer._train_step = step_then_maybe_stop
+        trainer.callbacks.append(lambda step, metrics: trainer.request_stop() if step == stop_after else None)
     return trainer.run()
 
 

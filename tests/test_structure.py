@@ -120,3 +120,14 @@ def test_the_pipeline_example_config_is_every_field_at_its_default():
     text = example.read_text()
     for name in PipelineConfig.__dataclass_fields__:
         assert re.search(rf"^{name}:", text, re.M), name
+
+
+def test_test_modules_import_no_other_test_module():
+    """Shared test code lives in helpers.py (and fake_openai.py, naive_tuna.py): a test module imports neither
+    another test module nor conftest."""
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert not name.startswith("test_") and name != "conftest", f"{path.name} imports {name}"

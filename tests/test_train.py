@@ -12,9 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tuna_hf.model import FusedCausalLM, TargetHiddenStates, lm_head_spec
 from tuna_kernels.devtools.memory import AllocationTracker
 from tuna_train.config import load_config
-from tuna_train.trainer import NonFiniteLossError, Trainer
+from tuna_train.step import NonFiniteLossError
+from tuna_train.trainer import Trainer
 
 SMALL = dict(synthetic_examples=400, batch_groups=4, tiny_hidden_size=32, eval_groups=16, progress=False,
              tensorboard=False, eval_every=0, log_every=1)
@@ -109,9 +111,7 @@ def test_qlora_trains_saves_and_reloads(tmp_path):
                                          str(final))
     batch = trainer.make_batch(trainer.data.eval[:4])
     with torch.no_grad():
-        trained_loss, _ = trainer.forward(batch, model=trainer.wrapped.eval())
-        from tuna_hf.model import TargetHiddenStates, lm_head_spec
-
+        trained_loss, _ = trainer.wrapped.eval()(batch)
         hidden = TargetHiddenStates(reloaded.eval())(batch.input_ids, batch.attention_mask, batch.position_ids,
                                                      batch.target_positions)
         reloaded_loss, _ = trainer.loss_fn(hidden, lm_head_spec(reloaded).weight, batch.labels, batch.layout)
@@ -137,15 +137,17 @@ def test_two_processes_follow_the_one_process_trajectory(tmp_path):
 
 
 def test_non_finite_loss_stops_cleanly_or_is_skipped(tmp_path, monkeypatch):
-    original = Trainer.forward
+    original = FusedCausalLM.forward
     calls = {"n": 0}
 
-    def poisoned(self, batch, model=None):
-        loss, metrics = original(self, batch, model)
+    def poisoned(self, batch, scores_only=False):  # the 4th training forward gives a NaN loss
+        if scores_only:
+            return original(self, batch, scores_only)
+        loss, metrics = original(self, batch)
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 4 else loss), metrics
 
-    monkeypatch.setattr(Trainer, "forward", poisoned)
+    monkeypatch.setattr(FusedCausalLM, "forward", poisoned)
     with pytest.raises(NonFiniteLossError, match="step 4: the loss is nan"):
         Trainer(small_config(tmp_path / "stop", max_steps=6, save_every=2)).run()
     checkpoints = tmp_path / "stop" / "checkpoints"
@@ -164,12 +166,11 @@ def test_training_never_materialises_logits(tmp_path):
     vocab_size = 8192  # larger than the chunked path's vocabulary chunk, so a logits tensor would stand out
     trainer = Trainer(small_config(tmp_path, max_steps=1, save_every=100),
                       model=build_tiny_llama(vocab_size=vocab_size, hidden_size=32), tokenizer=synthetic_tokenizer())
-    state = trainer.fresh_state()
     batch = trainer.make_batch(trainer.groups_for(0, 0))
     num_targets = batch.labels.shape[0]
 
     with AllocationTracker(record_shapes=True) as tracker:
-        trainer._train_step(0, state)
+        trainer.train_step(0)
     vocab_rows = [numel_rows(shape, vocab_size) for shape, _, _ in tracker.shapes if vocab_size in shape]
     assert vocab_rows, "the tracker should see the lm_head weight and its gradient"
     assert max(vocab_rows) <= 32, f"a tensor with {max(vocab_rows)} rows of vocabulary size was created"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import naive_tuna as naive
-from conftest import rel_err
+from helpers import rel_err
 from tuna_kernels import GroupLayout, TunaLoss, listmle_loss, pairwise_logistic_loss, rrhf_loss
 from tuna_kernels.devtools.memory import AllocationTracker
 

@@ -32,8 +32,9 @@ from .pipeline.rank import rank_records
 from .pipeline.score import score_with_endpoint, score_with_model
 from .pipeline.store import read_jsonl, write_jsonl
 from .run_dir import RESUME_HELP
+from .step import NonFiniteLossError
 from .templates import TEMPLATES
-from .trainer import NonFiniteLossError, Trainer
+from .trainer import Trainer
 from .workflow import PipelineConfig, load_pipeline_config, run_pipeline
 
 

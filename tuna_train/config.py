@@ -50,7 +50,8 @@ def choices_of(field_: dataclasses.Field) -> Optional[tuple]:
 
 
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
-LR_SCHEDULES = ("cosine", "linear", "constant")
+#: lr_schedule -> the transformers scheduler it names; each starts with a linear warm-up from 0
+LR_SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 TRAIN_IMPLS = tuple(impl for impl in IMPLS if impl != "reference")  # the reference is for tests
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -128,7 +129,8 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW weight decay")
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
-    lr_schedule: str = option("cosine", "learning-rate schedule after the warm-up", LR_SCHEDULES)
+    lr_schedule: str = option("cosine", "learning-rate schedule after the warm-up (transformers' get_scheduler; "
+                                        "constant is its constant_with_warmup)", LR_SCHEDULES)
     warmup_steps: int = option(20, "linear warm-up steps")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
     batch_groups: int = option(16, "instructions (groups of candidates) per micro-batch and process")
@@ -159,7 +161,7 @@ class TrainConfig:
     tensorboard: bool = option(True, "write TensorBoard events (output_dir/tensorboard)")
     trackers: str = option("", "more experiment trackers through accelerate, separated by commas (wandb, mlflow, "
                                "comet_ml, aim, clearml, dvclive; each needs its package)")
-    progress: bool = option(True, "show a progress bar")
+    progress: bool = option(True, "show a progress bar (on a terminal; TUNA_PROGRESS=1 forces one in a pipe)")
 
     def validate(self) -> "TrainConfig":
         check_choices(self)

@@ -24,7 +24,6 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from tuna_hf.model import base_model
 
 logger = logging.getLogger(__name__)
 

@@ -1,46 +1,42 @@
-"""The training loop: accelerate-based, so one code path serves CPU, one GPU and several (DDP).
+"""The training loop: accelerate-based, so one code path serves CPU, one GPU and several (DDP, FSDP).
 
-One optimizer step consumes ``batch_groups x grad_accum x world_size`` groups. Which groups is a pure
-function of the seed and the step (a seeded permutation per epoch), so resuming needs only the step
-number: a resumed run sees exactly the batches an uninterrupted run would have.
+Its parts live apart: what a run is built from (build.py), which groups each step takes (sampler.py), what
+one optimizer step does (step.py) and what the run carries between steps and checkpoints (run_state.py);
+:class:`Trainer` wires them and runs the loop: resume, evaluation, logging, checkpoints, signals.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
-import math
-import random
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from tuna_hf.model import FusedCausalLM, base_model
 from tuna_kernels import TunaLoss
 
+from .build import build_model, build_optimizer, build_scheduler, load_datasets, release_single_process_state
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .collate import pack, tokenize_group
 from .config import TrainConfig
 from .controls import prompt_free_accuracy, shuffled_prompts
-from .data import RankedExample, examples_from_records, load_ranked, select_examples
+from .data import RankedExample
 from .files import write_atomic
 from .metrics import COUNT_KEYS, MetricsLog, batch_counts, summarise
-from .model import adapter_base_path, add_lora, build_tiny_llama, load_model, load_tokenizer, synthetic_tokenizer
+from .progress import progress_bar
 from .run_dir import claim_output_dir
+from .run_state import RunState
+from .sampler import GroupSampler
 from .sharding import (
     check_launch,
     check_sharding,
-    clip_grad_norm,
     gathered_state,
     local_fraction,
     register_for_zero3,
@@ -48,138 +44,20 @@ from .sharding import (
     shard_fsdp,
     training_state,
 )
-from .synthetic import make_records
+from .step import OptimizerStep
 
 logger = logging.getLogger(__name__)
 
-
-TRUNCATION_KEYS = ("prompts_truncated", "responses_truncated", "groups_truncated", "groups_seen")
-
-
-def truncation_summary(state: Dict) -> Dict[str, float]:
-    """Cumulative truncation counts of the training groups seen, and the truncated share of them."""
-    out = {key: int(state.get(key, 0)) for key in TRUNCATION_KEYS}
-    out["truncated_fraction"] = out["groups_truncated"] / out["groups_seen"] if out["groups_seen"] else 0.0
-    return out
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped and its last checkpoint is intact."""
-
-
-@dataclass
-class Datasets:
-    train: Sequence[RankedExample]
-    eval: Sequence[RankedExample]
-    skipped: int = 0
-
-
-def load_datasets(config: TrainConfig) -> Datasets:
-    """Training and held-out examples: the built-in synthetic tasks, or files."""
-    skipped = 0
-    if config.data is None:  # held-out instructions (words) are disjoint from training ones, by construction
-
-        examples = examples_from_records(make_records(config.synthetic_examples, config.synthetic_seed),
-                                         source="synthetic")
-        if config.eval_data is None:
-            num_eval = int(round(config.synthetic_examples * config.eval_fraction))
-            held_out = make_records(num_eval, config.synthetic_seed + 1, split="heldout") if num_eval else []
-            return Datasets(examples, examples_from_records(held_out, source="synthetic held-out"))
-    else:
-        examples, report = load_ranked(config.data, config.data_format, config.skip_bad_records,
-                                       config.include_judge_response)
-        skipped = report.skipped
-        if report.skipped:
-            logger.warning("%s: skipped %d bad records; first: %s", config.data, report.skipped, report.first_errors[0])
-    if config.eval_data is not None:
-        eval_examples, report = load_ranked(config.eval_data, config.data_format, config.skip_bad_records,
-                                            config.include_judge_response)
-        return Datasets(examples, eval_examples, skipped + report.skipped)
-    order = list(range(len(examples)))
-    random.Random(config.seed).shuffle(order)
-    num_eval = int(round(len(examples) * config.eval_fraction))
-    return Datasets(select_examples(examples, order[num_eval:]), select_examples(examples, order[:num_eval]), skipped)
-
-
-def build_model(config: TrainConfig):
-    """(model, tokenizer) as configured: a local model (4-bit, LoRA) or the tiny Llama of the default.
-
-    A ``config.model`` directory that holds a LoRA adapter (a Tuna_p trained with ``--lora``) is loaded on
-    its base: with ``lora`` and ``adapter="attach"`` training continues that adapter; with
-    ``adapter="merge"`` it is merged into the base first (and ``lora`` then trains a new adapter on top).
-    """
-    if config.model is None:
-        tokenizer = synthetic_tokenizer()
-        model = build_tiny_llama(vocab_size=len(tokenizer), hidden_size=config.tiny_hidden_size,
-                                 num_layers=config.tiny_layers, num_heads=config.tiny_heads,
-                                 intermediate_size=3 * config.tiny_hidden_size, seed=config.seed,
-                                 attn_implementation=config.attn_implementation)
-    else:
-        is_adapter = adapter_base_path(config.model) is not None
-        if is_adapter and not config.lora and config.adapter == "attach":
-            raise ValueError(f"{config.model} is a LoRA adapter: train it further with --lora (adapter 'attach'), "
-                             "or merge it into its base with --adapter merge (full fine-tuning of the merged model)")
-        tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
-        model = load_model(config.model, load_in_4bit=config.load_in_4bit, compute_dtype=config.bnb_compute_dtype,
-                           double_quant=config.bnb_double_quant, torch_dtype=config.torch_dtype,
-                           attn_implementation=config.attn_implementation, trust_remote_code=config.trust_remote_code,
-                           adapter=config.adapter, trainable=True)
-        if is_adapter and config.adapter == "attach":  # the adapter is trained as it is: no second one
-            if config.gradient_checkpointing:
-                model.get_base_model().gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False})
-                model.enable_input_require_grads()
-            return model, tokenizer
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if config.lora:
-            model.enable_input_require_grads()
-    if config.lora:
-        model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules,
-                         quantized=config.load_in_4bit, gradient_checkpointing=config.gradient_checkpointing)
-    return model, tokenizer
-
-
-def build_optimizer(config: TrainConfig, params):
-    if config.optimizer == "paged_adamw_8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.PagedAdamW8bit(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                        weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                             weight_decay=config.weight_decay)
-
-
-def build_scheduler(config: TrainConfig, optimizer, total_steps: int):
-    warmup = config.warmup_steps
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if config.lr_schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        if config.lr_schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def release_single_process_state(mixed_precision: str) -> None:
-    """Lets a second Trainer in the same single process use another mixed precision.
-
-    accelerate keeps one process-wide AcceleratorState and refuses a new Accelerator whose mixed precision
-    differs (a notebook that trains fp32 then bf16, or a test suite). Nothing outlives a Trainer in that state
-    when there is one process, so it is cleared; a distributed launch keeps it (its processes agree on it).
-    """
-    shared = AcceleratorState._shared_state
-    if shared and PartialState().num_processes == 1 and shared.get("_mixed_precision") != mixed_precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
+#: called after every optimizer step with the step number (1-based) and the step's metrics
+StepCallback = Callable[[int, Dict[str, float]], None]
 
 
 class Trainer:
-    """Runs one training job described by a :class:`TrainConfig`; :meth:`run` returns the summary."""
+    """Runs one training job described by a :class:`TrainConfig`; :meth:`run` returns the summary.
+
+    ``callbacks`` (functions of the step number and the step's metrics) run after every optimizer step, e.g.
+    to log elsewhere or to :meth:`request_stop`; :meth:`train_step` runs one step outside the loop.
+    """
 
     def __init__(self, config: TrainConfig, model=None, tokenizer=None) -> None:
         """``model`` and ``tokenizer`` (both or neither): train this causal LM (e.g. one built or wrapped in your
@@ -208,6 +86,9 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
         self.data = load_datasets(config)
+        self.sampler = GroupSampler(len(self.data.train), config.batch_groups, config.grad_accum, self.world_size,
+                                    self.rank, config.seed)
+        self.total_steps = self.sampler.total_steps(config.max_steps, config.num_epochs)
         self.model, self.tokenizer = build_model(config) if model is None else (model, tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.loss_fn = TunaLoss(loss=config.loss, margin=config.margin, alpha=config.alpha,
@@ -223,47 +104,43 @@ class Trainer:
             register_for_zero3(fused)
         params = [p for p in fused.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(config, params)
-        self.global_groups = config.batch_groups * config.grad_accum * self.world_size
-        self.steps_per_epoch = len(self.data.train) // self.global_groups
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.data.train)} training groups are fewer than one step's "
-                             f"{self.global_groups} (batch_groups x grad_accum x processes)")
-        self.total_steps = config.max_steps if config.max_steps > 0 else max(
-            1, math.ceil(config.num_epochs * self.steps_per_epoch))
         self.scheduler = build_scheduler(config, self.optimizer, self.total_steps)
         if self.sharded:
             self.wrapped = fused
         else:
             self.wrapped, self.optimizer = self.accelerator.prepare(fused, self.optimizer)
+        self.optimizer_step = OptimizerStep(self.accelerator, self.wrapped, self.optimizer, self.scheduler, config,
+                                            self.sharded, self.output_dir)
         if trackers:  # the run's settings go with its metrics (scalars only: trackers take no None)
             self.accelerator.init_trackers("tuna", config={key: value for key, value in config.to_dict().items()
                                                            if isinstance(value, (bool, int, float, str))})
         self.log = MetricsLog(self.output_dir, self.accelerator if trackers else None, enabled=self.is_main)
+        self.state = RunState()
+        self.callbacks: List[StepCallback] = []
         self.stop_requested = False
         self.prompt_free = None
         self.truncation_warned = False
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    @property
+    def global_groups(self) -> int:
+        """Groups per optimizer step, over every process and micro-batch."""
+        return self.sampler.global_groups
+
     # ----------------------------------------------------------------- data
     def groups_for(self, step: int, micro: int) -> List[RankedExample]:
         """The groups of this process's micro-batch ``micro`` of optimizer step ``step``."""
-        epoch, index = divmod(step, self.steps_per_epoch)
-        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.data.train), generator=generator).tolist()
-        step_groups = order[index * self.global_groups:(index + 1) * self.global_groups]
-        size = self.config.batch_groups
-        start = (micro * self.world_size + self.rank) * size
-        return [self.data.train[i] for i in step_groups[start:start + size]]
+        return [self.data.train[i] for i in self.sampler.indices(step, micro)]
 
     def make_batch(self, examples: Sequence[RankedExample]):
         groups = [tokenize_group(e, self.tokenizer, self.config.template, self.config.max_length,
                                  self.config.max_candidates) for e in examples]
         return pack(groups, self.config.packing, self.pad_id).to(self.accelerator.device)
 
-    # --------------------------------------------------------------- forward
-    def forward(self, batch, model=None):
-        """Loss and metrics of a batch; no [N, V] logits anywhere."""
-        return (model or self.wrapped)(batch)
-
+    # ----------------------------------------------------------- evaluation
     def evaluate_with_controls(self) -> Dict[str, float]:
         """:meth:`evaluate`, plus the controls (``eval_controls``): the pairwise accuracy with every group
         under another held-out group's prompt, and that of a scorer that never sees the prompt."""
@@ -302,86 +179,96 @@ class Trainer:
             self.wrapped.train()
         return summarise(totals)
 
+    def _eval_and_track(self, step: int) -> Dict[str, float]:
+        result = self.evaluate_with_controls()
+        self.log.log(step, "eval", result)
+        self.state.track_eval(step, result)
+        return result
+
     # ------------------------------------------------------------------ loop
-    def _request_stop(self, signum, frame) -> None:
-        logger.warning("signal %s: saving a checkpoint at the end of this step, then stopping", signum)
+    def request_stop(self) -> None:
+        """Save a checkpoint at the end of the current step and stop (what SIGTERM and SIGINT do)."""
         self.stop_requested = True
 
-    def _save(self, step: int, state: Dict) -> None:
+    def _on_signal(self, signum, frame) -> None:
+        logger.warning("signal %s: saving a checkpoint at the end of this step, then stopping", signum)
+        self.request_stop()
+
+    def train_step(self, step: int) -> Dict[str, float]:
+        """Optimizer step ``step`` (0-based) on this process's micro-batches of it; returns its metrics."""
+        batches = (self.make_batch(self.groups_for(step, micro)) for micro in range(self.config.grad_accum))
+        metrics = self.optimizer_step(step, batches, self.state)
+        self._warn_truncation()
+        return metrics
+
+    def _save(self, step: int) -> None:
         gathered = training_state(self.wrapped, self.optimizer) if self.sharded else (None, None)
-        save_checkpoint(self.output_dir, step, self.model, self.optimizer, self.scheduler, state,
+        save_checkpoint(self.output_dir, step, self.model, self.optimizer, self.scheduler, self.state.to_dict(),
                         weights=gathered[0], optimizer_state=gathered[1],
                         rank=self.rank, world_size=self.world_size,
                         barrier=self.accelerator.wait_for_everyone if self.world_size > 1 else None,
                         keep=self.config.keep_checkpoints)
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        finite = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=self.accelerator.device)
-        if self.world_size > 1:  # every process must take the same branch
-            finite = self.accelerator.reduce(finite, reduction="sum")
-        return bool(finite.item() == self.world_size)
-
-    @staticmethod
-    def fresh_state() -> Dict:
-        """The run state a new run starts from (saved in every checkpoint's state.json)."""
-        state = {"initial_eval": None, "best_eval": None, "skipped_nonfinite": 0, "tokens": 0, "targets": 0,
-                 "tokens_saved": 0}
-        state.update(dict.fromkeys(TRUNCATION_KEYS, 0))
-        return state
+    def _resume(self) -> Optional[int]:
+        """Restores the checkpoint ``config.resume`` names, if any; returns its step."""
+        checkpoint = find_checkpoint(self.output_dir, self.config.resume)
+        if checkpoint is None:
+            return None
+        restore = functools.partial(restore_training_state, self.wrapped, self.optimizer) if self.sharded else None
+        saved = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.rank, restore=restore)
+        step = saved.pop("step")
+        world_size = saved.pop("world_size", 1)
+        if world_size != self.world_size:
+            raise ValueError(f"checkpoint {checkpoint} was written by {world_size} processes, "
+                             f"this run has {self.world_size}: exact resume needs the same world size")
+        self.state = RunState.from_dict(saved, source=str(checkpoint / "state.json"))
+        self.log.truncate_after(step)
+        logger.info("resumed from %s at step %d", checkpoint, step)
+        return step
 
     def run(self) -> Dict:
         config = self.config
-        state = self.fresh_state()
-        start_step = 0
-        checkpoint = find_checkpoint(self.output_dir, config.resume)
-        if checkpoint is not None:
-            restore = functools.partial(restore_training_state, self.wrapped, self.optimizer) if self.sharded else None
-            saved = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.rank, restore=restore)
-            start_step = saved.pop("step")
-            if saved.get("world_size", 1) != self.world_size:
-                raise ValueError(f"checkpoint {checkpoint} was written by {saved['world_size']} processes, "
-                                 f"this run has {self.world_size}: exact resume needs the same world size")
-            saved.pop("world_size", None)
-            state.update(saved)
-            self.log.truncate_after(start_step)
-            logger.info("resumed from %s at step %d", checkpoint, start_step)
+        resumed_from = self._resume()
+        start_step = resumed_from or 0
         if self.is_main:
             logger.info("%s", self.describe(start_step))
-        if state["initial_eval"] is None and self.data.eval:
+        if self.state.initial_eval is None and self.data.eval:
             if self.is_main:
                 logger.info("evaluating %d held-out groups before training",
                             min(len(self.data.eval), config.eval_groups))
-            state["initial_eval"] = self.evaluate_with_controls()
-            self.log.log(0, "eval", state["initial_eval"])
+            self.state.initial_eval = self.evaluate_with_controls()
+            self.log.log(0, "eval", self.state.initial_eval)
 
-        previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         progress = None
         if config.progress and self.is_main:
-            progress = tqdm(total=self.total_steps, initial=start_step, desc="tuna train", dynamic_ncols=True)
+            progress = progress_bar(self.total_steps, "tuna train", unit="step", initial=start_step)
         started = time.perf_counter()
         window_tokens, window_start = 0, time.perf_counter()
         final_step = start_step
         self.wrapped.train()
         try:
             for step in range(start_step, self.total_steps):
-                step_metrics = self._train_step(step, state)
+                step_metrics = self.train_step(step)
                 final_step = step + 1
                 window_tokens += step_metrics.pop("tokens_in_step")
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{step_metrics['loss']:.4f}",
                                          tok_s=f"{window_tokens / max(1e-9, time.perf_counter() - window_start):.0f}",
-                                         cut=f"{state['prompts_truncated']}p/{state['responses_truncated']}r")
+                                         cut=f"{self.state.prompts_truncated}p/{self.state.responses_truncated}r")
                 if final_step % config.log_every == 0 or final_step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
                     step_metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
                     self.log.log(final_step, "train", step_metrics)
                     window_tokens, window_start = 0, time.perf_counter()
+                for callback in self.callbacks:
+                    callback(final_step, step_metrics)
                 if (config.eval_every and final_step % config.eval_every == 0 and final_step != self.total_steps
                         and self.data.eval):  # eval_fraction 0 and no eval_data: nothing held out
-                    self._eval_and_track(final_step, state)
+                    self._eval_and_track(final_step)
                 if final_step % config.save_every == 0 or self.stop_requested:
-                    self._save(final_step, state)
+                    self._save(final_step)
                 if self.stop_requested:
                     break
         finally:
@@ -396,17 +283,18 @@ class Trainer:
                    "world_size": self.world_size, "sharding": config.sharding,
                    "local_param_fraction": local_fraction(self.wrapped), "train_groups": len(self.data.train),
                    "eval_groups": min(len(self.data.eval), config.eval_groups), "skipped_records": self.data.skipped,
-                   "resumed_from_step": start_step if checkpoint is not None else None,
-                   "steps_this_run": final_step - start_step}
+                   "resumed_from_step": resumed_from, "steps_this_run": final_step - start_step}
         if not interrupted:
-            final_eval = self._eval_and_track(final_step, state) if self.data.eval else None
+            final_eval = self._eval_and_track(final_step) if self.data.eval else None
             if final_step % config.save_every != 0:
-                self._save(final_step, state)
+                self._save(final_step)
             self._save_final_model()
             summary["final_eval"] = final_eval
-        summary.update({k: state[k] for k in ("initial_eval", "best_eval", "skipped_nonfinite", "tokens", "targets",
-                                              "tokens_saved")})
-        summary["truncation"] = dict(truncation_summary(state), max_length=config.max_length)
+        state = self.state
+        summary.update(initial_eval=state.initial_eval, best_eval=state.best_eval,
+                       skipped_nonfinite=state.skipped_nonfinite, tokens=state.tokens, targets=state.targets,
+                       tokens_saved=state.tokens_saved)
+        summary["truncation"] = dict(state.truncation(), max_length=config.max_length)
         if self.is_main:
             write_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=1))
         self.log.close()
@@ -429,72 +317,9 @@ class Trainer:
                 f"{self.total_steps} steps ({self.steps_per_epoch} per epoch) of {self.global_groups} groups"
                 f"{f', resuming at step {start_step}' if start_step else ''}; output in {self.output_dir}")
 
-    def _eval_and_track(self, step: int, state: Dict) -> Dict[str, float]:
-        result = self.evaluate_with_controls()
-        self.log.log(step, "eval", result)
-        best = state.get("best_eval")
-        if best is None or (result["pair_accuracy"] or 0) > (best.get("pair_accuracy") or 0):
-            state["best_eval"] = dict(result, step=step)
-        return result
-
-    def _train_step(self, step: int, state: Dict) -> Dict[str, float]:
-        config = self.config
-        accum = config.grad_accum
-        sums = {"loss": 0.0, "rank_loss": 0.0, "mle_loss": 0.0, "pair_accuracy": 0.0}
-        tokens = 0
-        skip = False
-        for micro in range(accum):
-            batch = self.make_batch(self.groups_for(step, micro))
-            if self.sharded:  # reduce-scatter the gradients once, after the last micro-batch
-                self.wrapped.set_requires_gradient_sync(micro == accum - 1)
-            sync = contextlib.nullcontext() if micro == accum - 1 or self.sharded else \
-                self.accelerator.no_sync(self.wrapped)
-            with sync:
-                with self.accelerator.autocast():
-                    loss, metrics = self.forward(batch)
-                if not self._all_finite(loss):
-                    if not config.skip_nonfinite:
-                        raise NonFiniteLossError(
-                            f"step {step + 1}: the loss is {float(loss.detach())}; the run stopped without saving "
-                            f"(the last checkpoint in {self.output_dir / 'checkpoints'} is intact). Lower the "
-                            "learning rate, check the data, or pass --skip-nonfinite to skip such steps.")
-                    skip = True
-                    break
-                self.accelerator.backward(loss / accum)
-            for key in ("rank_loss", "mle_loss", "pair_accuracy"):
-                value = float(metrics[key])
-                sums[key] += (0.0 if math.isnan(value) else value) / accum
-            sums["loss"] += float(loss.detach()) / accum
-            tokens += batch.stats["tokens"]
-            state["tokens"] += batch.stats["tokens"] * self.world_size
-            state["targets"] += batch.stats["targets"] * self.world_size
-            state["tokens_saved"] += batch.stats["tokens_saved"] * self.world_size
-            for key in TRUNCATION_KEYS:  # counted in collate.pack; training groups seen so far
-                counted = batch.stats[key if key != "groups_seen" else "groups"]
-                state[key] = state.get(key, 0) + counted * self.world_size
-        if self.world_size > 1:  # log the mean over processes: the same numbers as one process would give
-            keys = sorted(sums)
-            vector = self.accelerator.reduce(torch.tensor([sums[k] for k in keys], device=self.accelerator.device),
-                                             reduction="mean")
-            sums = dict(zip(keys, vector.tolist()))
-        grad_norm = float("nan")
-        if skip:
-            state["skipped_nonfinite"] += 1
-            logger.warning("step %d: non-finite loss, step skipped (%d so far)", step + 1, state["skipped_nonfinite"])
-        else:
-            if config.max_grad_norm > 0:
-                grad_norm = clip_grad_norm(self.wrapped.parameters(), config.max_grad_norm) if self.sharded else \
-                    float(self.accelerator.clip_grad_norm_(self.wrapped.parameters(), config.max_grad_norm))
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._warn_truncation(state)
-        return dict(sums, lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm, tokens_in_step=tokens,
-                    skipped_nonfinite=state["skipped_nonfinite"], **truncation_summary(state))
-
-    def _warn_truncation(self, state: Dict) -> None:
+    def _warn_truncation(self) -> None:
         """One warning per run when the share of truncated training groups passes ``truncation_warning``."""
-        summary = truncation_summary(state)
+        summary = self.state.truncation()
         if self.truncation_warned or summary["truncated_fraction"] <= self.config.truncation_warning:
             return
         self.truncation_warned = True

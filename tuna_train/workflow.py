@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from . import evaluation
+from .build import build_model
 from .config import check_choices, load_config, option
 from .data import load_ranked
 from .files import write_atomic
@@ -37,7 +38,7 @@ from .pipeline.score import score_with_model
 from .pipeline.store import read_jsonl, write_jsonl
 from .synthetic import make_records, make_task_records
 from .templates import TEMPLATES
-from .trainer import Trainer, build_model
+from .trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
         summary_path = out / "summary.json"
         if manifest.done(stage):
             return json.loads(summary_path.read_text())
-        settings = dict(dict(template=config.template, seed=config.seed, progress=False), **overrides)
+        settings = dict(dict(template=config.template, seed=config.seed), **overrides)
         summary = Trainer(load_config(None, dict(settings, output_dir=str(out)))).run()
         manifest.record(stage, "done" if summary["status"] == "finished" else "partial",
                         outputs=[str(summary_path), str(out / "final")], steps=summary["steps"])
@@ -244,7 +245,7 @@ def evaluate_stages(config: PipelineConfig, root: Path, manifest: Manifest, eval
             generation = json.loads(evaluation.report_path(out / "generation", "generation").read_text())
         else:
             if name == "start" and start_model is None:
-                settings = dict(dict(template=config.template, seed=config.seed, progress=False), **config.train_p)
+                settings = dict(dict(template=config.template, seed=config.seed), **config.train_p)
                 model, tokenizer = build_model(load_config(None, dict(settings, output_dir=str(root / "train_p"))))
             else:
                 path = {"start": start_model, "tuna_p": tuna_p, "tuna_c": tuna_c}[name]

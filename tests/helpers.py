@@ -1,0 +1,75 @@
+"""What several test modules share: the relative error, and random log-likelihood problems with their gradients.
+
+(A module of its own: test modules import it, never each other or conftest.)
+"""
+
+import torch
+
+from tuna_kernels import token_logprobs
+from tuna_train.collate import tokenize_group
+from tuna_train.pipeline.score import as_example
+
+#: relative error allowed against the float64 reference, per input dtype
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64 (0 when both are zero)."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    denom = expected.norm()
+    diff = (actual - expected).norm()
+    return float(diff) if denom == 0 else float(diff / denom)
+
+
+def make_problem(num_tokens, hidden_dim, vocab_size, with_bias, ignore_fraction, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(num_tokens, hidden_dim, generator=generator)
+    weight = torch.randn(vocab_size, hidden_dim, generator=generator) / hidden_dim ** 0.5 * 2
+    bias = torch.randn(vocab_size, generator=generator) if with_bias else None
+    labels = torch.randint(0, vocab_size, (num_tokens,), generator=generator)
+    labels[torch.rand(num_tokens, generator=generator) < ignore_fraction] = -100
+    grad_token = torch.randn(num_tokens, generator=generator)
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), labels, grad_token
+
+
+def logprobs_and_grads(impl, hidden, weight, bias, labels, grad_token, **options):
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight) + (() if bias is None else (bias,))]
+    token_lp = token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2] if bias is not None else None,
+                              impl=impl, **options)
+    grads = torch.autograd.grad((token_lp * grad_token.to(token_lp.dtype)).sum(), leaves)
+    return (token_lp,) + tuple(grads)
+
+
+#: the Alpaca prompt template, written out (independent of tuna_train.templates)
+ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+          "request.\n\n### Instruction:\n{}\n\n### Response:")
+
+
+def release_contextual(instruction, generations, ranking, key="rank", judge_response="1, 2, 3", **extra):
+    """A raw contextual record shaped like the public release: ``instruct`` is the templated instruction,
+    ``prompt`` what the judge was sent (instruct, every candidate as "###Response j:", the judge's steps)."""
+    instruct = ALPACA.format(instruction)
+    shown = "".join(f"\n\n###Response {j}:\n{text}" for j, text in enumerate(generations))
+    record = {"prompt": instruct + shown + "\n\nWe would like to request your feedback ... rank: [...]",
+              "instruct": instruct, "id": extra.pop("id", 1), "generation": list(generations),
+              "gpt_eval": f"... rank: {ranking}", "rank_str": str(ranking), key: list(ranking)}
+    if judge_response is not None:
+        record["response_4"] = judge_response
+    record.update(extra)
+    return record
+
+
+def naive_sums(model, tokenizer, record):
+    """Each response in its own row through the full model: logits, log_softmax, gather."""
+    group = tokenize_group(as_example(record), tokenizer, "alpaca", 512)
+    sums, counts = [], []
+    for response in group.response_ids:
+        ids = torch.tensor([group.prompt_ids + response])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].double()
+        logprobs = torch.log_softmax(logits, -1)
+        start = len(group.prompt_ids)
+        picked = [logprobs[start + i - 1, token] for i, token in enumerate(response)]
+        sums.append(float(sum(picked)))
+        counts.append(len(response))
+    return sums, counts

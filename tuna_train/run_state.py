@@ -1,0 +1,60 @@
+"""What a training run carries from step to step, and saves in every checkpoint's ``state.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional
+
+#: truncation counters, cumulative over the training groups seen (counted in collate.pack)
+TRUNCATION_KEYS = ("prompts_truncated", "responses_truncated", "groups_truncated", "groups_seen")
+
+
+@dataclass
+class RunState:
+    """Counters and evaluations of a run; everything but the weights, optimizer, scheduler and RNGs."""
+
+    initial_eval: Optional[Dict[str, float]] = None  # before the first step
+    best_eval: Optional[Dict[str, float]] = None  # highest held-out pair accuracy so far, with its step
+    skipped_nonfinite: int = 0  # steps skipped for a NaN / inf loss (skip_nonfinite)
+    tokens: int = 0  # input tokens trained on, over every process
+    targets: int = 0  # positions whose log-probability entered the loss
+    tokens_saved: int = 0  # tokens the shared-prompt packing did not compute
+    prompts_truncated: int = 0
+    responses_truncated: int = 0
+    groups_truncated: int = 0
+    groups_seen: int = 0
+
+    @classmethod
+    def from_dict(cls, saved: Mapping[str, Any], source: str = "state") -> "RunState":
+        """The state of a checkpoint's ``state.json`` (without its ``step`` and ``world_size``)."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(saved) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown run-state fields {unknown} (known: {sorted(known)})")
+        return cls(**saved)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def count_batch(self, stats: Mapping[str, int], world_size: int) -> None:
+        """Adds one micro-batch's counts (``PackedBatch.stats``), as if every process saw as many."""
+        self.tokens += stats["tokens"] * world_size
+        self.targets += stats["targets"] * world_size
+        self.tokens_saved += stats["tokens_saved"] * world_size
+        self.prompts_truncated += stats["prompts_truncated"] * world_size
+        self.responses_truncated += stats["responses_truncated"] * world_size
+        self.groups_truncated += stats["groups_truncated"] * world_size
+        self.groups_seen += stats["groups"] * world_size
+
+    def truncation(self) -> Dict[str, float]:
+        """Cumulative truncation counts of the training groups seen, and the truncated share of them."""
+        counts: Dict[str, float] = {key: getattr(self, key) for key in TRUNCATION_KEYS}
+        counts["truncated_fraction"] = self.groups_truncated / self.groups_seen if self.groups_seen else 0.0
+        return counts
+
+    def track_eval(self, step: int, result: Dict[str, float]) -> None:
+        """Keeps ``result`` as the best evaluation when its pair accuracy is the highest so far."""
+        best = self.best_eval
+        if best is None or (result["pair_accuracy"] or 0) > (best.get("pair_accuracy") or 0):
+            self.best_eval = dict(result, step=step)
