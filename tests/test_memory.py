@@ -1,10 +1,14 @@
 """The memory claim of the chunked path, proven with an allocation tracker over every tensor created."""
 
+import os
+
+import pytest
 import torch
 
-from helpers import rel_err
+from helpers import TOLERANCE, logprobs_and_grads, make_problem, rel_err
 from tuna_kernels import sequence_logprobs, token_logprobs
 from tuna_kernels.devtools.memory import AllocationTracker
+from tuna_kernels.kernels import launch
 
 N, V, D = 2048, 32000, 64
 LOGITS_BYTES = N * V * 4
@@ -63,3 +67,24 @@ def test_chunked_bf16_weight_gradient_has_no_full_fp32_buffer():
     w64 = weight.double().requires_grad_()
     token_logprobs(hidden.double(), w64, labels, impl="reference").sum().backward()
     assert rel_err(w.grad, w64.grad) <= 2e-2
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="the Triton kernels need a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_16_bit_weight_gradient_has_no_full_fp32_buffer(monkeypatch, deterministic):
+    """The Triton backward sums a 16-bit head's gradient in fp32 one vocabulary slice at a time (ragged last
+    slice, labels in every slice) and writes it in the weight's dtype: no fp32 [V, D] tensor exists, and the
+    gradients match float64. (fp16: the interpreter has no bf16 arithmetic.)"""
+    vocab, dim = 700, 64
+    monkeypatch.setattr(launch, "WEIGHT_SLICE_BYTES", 256 * dim * 4)
+    assert launch.vocab_slices(vocab, dim, torch.float16) == [(0, 256), (256, 512), (512, 700)]
+    hidden, weight, bias, labels, grad_token = make_problem(37, dim, vocab, True, 0.2, torch.float16, seed=3)
+    with AllocationTracker(record_shapes=True) as tracker:
+        got = logprobs_and_grads("triton", hidden, weight, bias, labels, grad_token, deterministic=deterministic)
+    assert got[2].dtype == torch.float16
+    full_fp32 = [shape for shape, nbytes, _ in tracker.shapes if nbytes >= vocab * dim * 4]
+    assert not full_fp32, full_fp32
+    want = logprobs_and_grads("reference", hidden.double(), weight.double(), bias.double(), labels, grad_token)
+    for name, actual, expected in zip(["logprobs", "grad_hidden", "grad_weight", "grad_bias"], got, want):
+        assert rel_err(actual, expected) <= TOLERANCE[torch.float16], name

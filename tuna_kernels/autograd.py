@@ -8,7 +8,8 @@ the per-token log-sum-exp ([N]) and nothing of size N x V. A backend supplies tw
   -> ``(lse [n], target_logit [n], expected [n, D] | None)`` in fp32 (float64 for float64 inputs);
 - ``backward(hidden, weight, bias, labels, lse, grad_token [n], logit_scale, softcap,
   need_hidden, need_weight, need_bias)`` -> ``(grad_hidden [n, D], grad_weight [V, D], grad_bias [V])``
-  accumulated in fp32, each None when not needed.
+  accumulated in fp32 (grad_weight may come in the weight's dtype, summed in fp32 a vocabulary slice at a
+  time), each None when not needed.
 
 Frozen lm_head (LoRA, QLoRA: only ``hidden`` needs a gradient): the gradient of token n is linear in its
 upstream gradient g_n,

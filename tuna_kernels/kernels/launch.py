@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import triton
@@ -24,6 +24,12 @@ from .forward import lse_forward_kernel
 GROUP_V = 8
 # Forward programs wanted per streaming multiprocessor: enough to hide latency when N is small.
 _PROGRAMS_PER_SM = 4
+# The backward adds grad_weight up in fp32. For a 16-bit weight it does so one slice of the vocabulary at a
+# time, in an fp32 buffer of at most this many bytes, copied into the gradient in the weight's dtype: the loss
+# then holds O(V * D) in the parameter's dtype plus this buffer, not an fp32 [V, D] and a copy of it (3.5 GB
+# at V = 256000, D = 2304). Each slice's grid still has thousands of programs at that size.
+WEIGHT_SLICE_BYTES = 256 * 2 ** 20
+_SLICE_ROW_MULTIPLE = 256  # a whole number of vocabulary tiles of every configuration
 
 
 def _capability(device: torch.device):
@@ -85,6 +91,16 @@ def _unit_stride(vector: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The kernels read labels [n] and bias [V] with stride 1: a strided view (a column of a [N, 2]
     tensor) is copied, which costs O(n) or O(V) against the O(n * V * D) of the kernels."""
     return None if vector is None else vector.contiguous()
+
+
+def vocab_slices(vocab_size: int, hidden_dim: int, weight_dtype: torch.dtype) -> List[Tuple[int, int]]:
+    """[start, end) row ranges of the vocabulary whose fp32 grad_weight is accumulated at once: the whole
+    vocabulary for an fp32 weight (the buffer is the gradient), else slices of WEIGHT_SLICE_BYTES."""
+    if weight_dtype == torch.float32:
+        return [(0, vocab_size)]
+    rows = WEIGHT_SLICE_BYTES // (4 * hidden_dim) // _SLICE_ROW_MULTIPLE * _SLICE_ROW_MULTIPLE
+    rows = max(rows, _SLICE_ROW_MULTIPLE)
+    return [(start, min(start + rows, vocab_size)) for start in range(0, vocab_size, rows)]
 
 
 def _zero(*outputs) -> None:
@@ -153,39 +169,66 @@ class TritonBackend:
 
     def backward(self, hidden, weight, bias, labels, lse, grad_token, logit_scale, softcap,
                  need_hidden, need_weight, need_bias):
-        """fp32 grad_hidden [n, D], grad_weight [V, D], grad_bias [V] (None where not needed)."""
+        """fp32 grad_hidden [n, D], grad_weight [V, D] in the weight's dtype, fp32 grad_bias [V] (None where
+        not needed). grad_weight is summed in fp32, a vocabulary slice at a time (:func:`vocab_slices`)."""
         num_tokens, hidden_dim = hidden.shape
         vocab_size = weight.shape[0]
         device = hidden.device
         labels, bias = _unit_stride(labels), _unit_stride(bias)
+        slices = vocab_slices(vocab_size, hidden_dim, weight.dtype)
         # Every kernel accumulates into its outputs, so each run (a tuning trial or the real one) zeroes them.
         grad_hidden = torch.empty(num_tokens, hidden_dim, dtype=torch.float32, device=device) if need_hidden else None
-        grad_weight = torch.empty(vocab_size, hidden_dim, dtype=torch.float32, device=device) if need_weight else None
+        grad_weight = torch.empty(vocab_size, hidden_dim, dtype=weight.dtype, device=device) if need_weight else None
         grad_bias = torch.empty(vocab_size, dtype=torch.float32, device=device) if need_bias else None
         if num_tokens == 0 or not (need_hidden or need_weight or need_bias):
             _zero(grad_hidden, grad_weight, grad_bias)
             return grad_hidden, grad_weight, grad_bias
+        # the fp32 sums of one slice's grad_weight (the gradient itself when the weight is fp32)
+        slice_rows = max(end - start for start, end in slices)
+        weight_sums = None if grad_weight is None else grad_weight if weight.dtype == torch.float32 else \
+            torch.empty(slice_rows, hidden_dim, dtype=torch.float32, device=device)
         lse = lse.contiguous()
         grad_token = grad_token.float().contiguous()
         filter_eps = filter_threshold(self.grad_filter_eps, hidden.dtype)
         use_filter = self.grad_filter_eps is not None
-        args = (hidden, weight, hidden if bias is None else bias, labels, lse, grad_token)
-        sizes = dict(num_tokens=num_tokens, vocab_size=vocab_size, hidden_dim=hidden_dim)
         common = _common_args(hidden, weight, bias, logit_scale, softcap)
         flags = (bias is not None, softcap is not None, need_hidden, need_weight, need_bias, use_filter)
         unused = lse  # a valid pointer for outputs the kernel does not write
+
+        def slice_args(start: int, end: int):
+            """Inputs restricted to vocabulary rows [start, end): a weight / bias view and the labels shifted
+            (a label outside the slice matches no row of it; lse is the whole vocabulary's)."""
+            sliced_bias = hidden if bias is None else bias[start:end]
+            shifted = labels if start == 0 else labels - start
+            return (hidden, weight[start:end], sliced_bias, shifted, lse, grad_token)
+
+        def weight_outputs(start: int, end: int):
+            """(fp32 grad_weight sums, fp32 grad_bias) of rows [start, end), zeroed, or ``unused``."""
+            sums = unused
+            if weight_sums is not None:
+                sums = weight_sums[:end - start]
+                sums.zero_()
+            return sums, unused if grad_bias is None else grad_bias[start:end]
+
+        def store_weight(start: int, end: int) -> None:
+            if grad_weight is not None and weight_sums is not grad_weight:
+                grad_weight[start:end].copy_(weight_sums[:end - start])
+
         if not self.deterministic:
             def run_atomic(config: KernelConfig) -> None:
-                _zero(grad_hidden, grad_weight, grad_bias)
-                grid = (triton.cdiv(num_tokens, config.block_n) * triton.cdiv(vocab_size, config.block_v),)
-                logprob_backward_atomic_kernel[grid](
-                    *args, unused if grad_hidden is None else grad_hidden,
-                    unused if grad_weight is None else grad_weight, unused if grad_bias is None else grad_bias,
-                    **sizes, filter_eps=filter_eps, FILTER=use_filter, **common,
-                    NEED_GRAD_HIDDEN=need_hidden, NEED_GRAD_WEIGHT=need_weight, NEED_GRAD_BIAS=need_bias,
-                    GROUP_V=GROUP_V,
-                    **_tiles(config),
-                )
+                _zero(grad_hidden, grad_bias)
+                for start, end in slices:
+                    sums, bias_sums = weight_outputs(start, end)
+                    grid = (triton.cdiv(num_tokens, config.block_n) * triton.cdiv(end - start, config.block_v),)
+                    logprob_backward_atomic_kernel[grid](
+                        *slice_args(start, end), unused if grad_hidden is None else grad_hidden, sums, bias_sums,
+                        num_tokens=num_tokens, vocab_size=end - start, hidden_dim=hidden_dim,
+                        filter_eps=filter_eps, FILTER=use_filter, **common,
+                        NEED_GRAD_HIDDEN=need_hidden, NEED_GRAD_WEIGHT=need_weight, NEED_GRAD_BIAS=need_bias,
+                        GROUP_V=GROUP_V,
+                        **_tiles(config),
+                    )
+                    store_weight(start, end)
 
             run_atomic(self._config("backward_atomic", hidden, weight, flags, run_atomic))
             return grad_hidden, grad_weight, grad_bias
@@ -193,18 +236,21 @@ class TritonBackend:
             def run_hidden(config: KernelConfig) -> None:
                 _zero(grad_hidden)
                 grad_hidden_kernel[(triton.cdiv(num_tokens, config.block_n),)](
-                    *args, grad_hidden, **sizes, filter_eps=filter_eps, FILTER=use_filter, **common, **_tiles(config),
+                    *slice_args(0, vocab_size), grad_hidden, num_tokens=num_tokens, vocab_size=vocab_size,
+                    hidden_dim=hidden_dim, filter_eps=filter_eps, FILTER=use_filter, **common, **_tiles(config),
                 )
 
             run_hidden(self._config("grad_hidden", hidden, weight, flags, run_hidden))
         if need_weight or need_bias:
             def run_weight(config: KernelConfig) -> None:
-                _zero(grad_weight, grad_bias)
-                grad_weight_kernel[(triton.cdiv(vocab_size, config.block_v),)](
-                    *args, unused if grad_weight is None else grad_weight, unused if grad_bias is None else grad_bias,
-                    **sizes, filter_eps=filter_eps, FILTER=use_filter, **common,
-                    NEED_GRAD_WEIGHT=need_weight, NEED_GRAD_BIAS=need_bias, **_tiles(config),
-                )
+                for start, end in slices:
+                    sums, bias_sums = weight_outputs(start, end)  # the kernel stores the bias sums whole
+                    grad_weight_kernel[(triton.cdiv(end - start, config.block_v),)](
+                        *slice_args(start, end), sums, bias_sums, num_tokens=num_tokens, vocab_size=end - start,
+                        hidden_dim=hidden_dim, filter_eps=filter_eps, FILTER=use_filter, **common,
+                        NEED_GRAD_WEIGHT=need_weight, NEED_GRAD_BIAS=need_bias, **_tiles(config),
+                    )
+                    store_weight(start, end)
 
             run_weight(self._config("grad_weight", hidden, weight, flags, run_weight))
         return grad_hidden, grad_weight, grad_bias
