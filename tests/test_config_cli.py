@@ -6,6 +6,7 @@ import pytest
 
 from tuna_train.cli import build_parser, main
 from tuna_train.config import TrainConfig, load_config
+from tuna_train.workflow import PipelineConfig
 
 
 def test_every_field_is_a_flag_and_a_yaml_key(tmp_path):
@@ -53,3 +54,9 @@ def test_shipped_configs_load(path):
 
     config = load_config(str(Path(__file__).parent.parent / path))
     assert config.load_in_4bit and config.lora and config.loss == "tuna_margin"
+
+
+def test_pipeline_template_auto_follows_the_start_model():
+    assert PipelineConfig().prompt_template == "none"  # the pipeline's own tiny Llama, trained from scratch
+    assert PipelineConfig(model="runs/alpaca-7b").prompt_template == "alpaca"  # an Alpaca-tuned start model
+    assert PipelineConfig(template="chat").prompt_template == "chat"

@@ -10,10 +10,18 @@ import time
 import pytest
 
 from fake_openai import FakeOpenAI
-from tuna_train.data import load_ranked
+from tuna_train.data import examples_from_records, load_ranked
 from tuna_train.pipeline.http import JsonClient
-from tuna_train.pipeline.judge import ChatJudge, RankingParseError, RuleJudge, parse_ranking
-from tuna_train.pipeline.rank import rank_records
+from tuna_train.pipeline.judge import (
+    ChatJudge,
+    RankingParseError,
+    RuleJudge,
+    judge_response,
+    parse_ranking,
+    parse_scores,
+)
+from tuna_train.pipeline.rank import rank_records, ranked_record
+from tuna_train.synthetic import make_task_records
 
 
 def records(names):
@@ -101,3 +109,39 @@ def test_rule_judge_ranks_by_correctness():
     # the same responses, graded for another instruction on the same letter: the task decides
     record = {"instruction": "Write 3 times the letter b.", "responses": ["bcd", "bbb", "abc", "bbx"]}
     assert parse_ranking(RuleJudge().ask(record), 4) == [1, 3, 0, 2]
+
+
+def test_judge_own_response_and_scores_reach_the_ranked_record():
+    # no response is the answer: the rule judge writes its own (index 4) and ranks it first
+    record = {"instruction": "Write 4 times the letter z.", "responses": ["aaaa", "zzzy", "yyyy", "aaaa"]}
+    answer = RuleJudge().ask(record)
+    entry = {"ranking": parse_ranking(answer, 4), "answers": [answer]}
+    assert entry["ranking"][0] == 4 and judge_response(answer, 4) == "zzzz"
+    assert parse_scores(answer) == {0: 11.0, 1: 14.0, 2: 11.0, 4: 15.0}  # the ###Response 4 heading is no score
+    kept = ranked_record(record, entry, "rule", include_judge_response=True)
+    assert kept["responses"] == ["aaaa", "zzzy", "yyyy", "zzzz"]  # the duplicate (3) left out, its own last
+    assert kept["ranking"] == [3, 1, 0, 2] and kept["scores"] == [11.0, 14.0, 11.0, 15.0]
+    examples = examples_from_records([kept])
+    assert examples[0].responses[:2] == ["zzzz", "zzzy"] and examples[0].scores[2:] == [11.0, 11.0]  # a tie kept
+    without = ranked_record(record, entry, "rule")
+    assert without["responses"] == ["aaaa", "zzzy", "yyyy"] and without["ranking"] == [1, 0, 2]
+
+    # a model judge: its own response spans lines and ends at the score lines; scores that contradict its
+    # ranking are not written (the ranking decides)
+    chat = ("open-ended\n###Response 2:\nA longer answer\non two lines.\n\nResponse 0: [9]\nResponse 1: [12]\n"
+            "Response 2: [14]\nrank: [2, 0, 1]")
+    assert judge_response(chat, 2) == "A longer answer\non two lines." and judge_response(chat, 3) is None
+    two = {"instruction": "Say something.", "responses": ["first", "second"]}
+    kept = ranked_record(two, {"ranking": [2, 0, 1], "answers": [chat]}, "openai:m", include_judge_response=True)
+    assert kept["responses"] == ["first", "second", "A longer answer\non two lines."]
+    assert kept["ranking"] == [2, 0, 1] and "scores" not in kept
+
+
+def test_rank_records_keeps_the_rule_judges_answer_as_the_best_candidate(tmp_path):
+    records = make_task_records(12, seed=5)
+    for record in records:  # wrong answers only: every group gets the judge's own as its best
+        record["responses"] = [record["references"][0][::-1] + "x", "abc"]
+    stats = rank_records(records, RuleJudge(), tmp_path / "ranked.jsonl", include_judge_response=True)
+    assert stats["ranked"] == 12
+    examples, _ = load_ranked(str(tmp_path / "ranked.jsonl"))
+    assert [e.responses[0] for e in examples] == [r["references"][0] for r in records]

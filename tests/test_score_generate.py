@@ -12,7 +12,7 @@ from helpers import naive_sums
 from tuna_train.data import load_ranked
 from tuna_train.pipeline.generate import generate_records, max_pairwise_rouge_l
 from tuna_train.pipeline.score import score_with_model
-from tuna_train.synthetic import make_records
+from tuna_train.synthetic import correct_answer, make_records
 
 
 @pytest.fixture
@@ -98,6 +98,11 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path):
         [json.loads(line) for line in (root / name).read_text().splitlines()]
     examples, report = load_ranked(str(root / "ranked.jsonl"))  # Tuna_c data as tuna train reads it
     assert report.loaded > 0
+    # the rule judge's own answer is a candidate (its best) where no sample is right: every group's best is right
+    assert all(e.responses[0] == correct_answer(e.instruction) for e in examples)
+    # template auto: the pipeline's own tiny start model is trained and evaluated without the Alpaca wrapper
+    assert all(json.loads((root / stage / "config.json").read_text())["template"] == "none"
+               for stage in ("sft", "train_p", "train_c"))
     evaluations = summary["eval"]  # tuna eval ranking + generation of the starting model and each stage
     assert set(evaluations) == {"start", "tuna_p", "tuna_c"}
     assert evaluations["start"]["pair_accuracy"] >= 0.7  # the start model is instruction-tuned (sft stage)

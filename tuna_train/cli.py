@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--parse-attempts", type=int, default=3,
                       help="times a record is asked when the answer holds no valid ranking (default: 3)")
     rank.add_argument("--retry-failed", action="store_true", help="ask again for records cached as failed")
+    rank.add_argument("--include-judge-response", action="store_true",
+                      help="keep the judge's own reference response (its ###Response K) as a ranked candidate "
+                           "where the judge ranks it (default: left out)")
     _add_placement_flags(rank)  # for a local:PATH judge
 
     evaluate = commands.add_parser("eval", help="ranking accuracy, ROUGE-L on instruction tasks; --compare reports")
@@ -262,7 +265,7 @@ def _rank(args) -> int:
     judge = make_judge(args["judge"], args["base_url"], args["api_key_env"], args["timeout"], args["max_retries"],
                        placement=_placement(args), max_backoff=args["max_backoff"])
     stats = rank_records(read_jsonl(args["data"]), judge, args["out"], args["concurrency"], args["parse_attempts"],
-                         args["retry_failed"])
+                         args["retry_failed"], args["include_judge_response"])
     print(f"tuna rank: {stats} -> {args['out']}")
     return 0
 

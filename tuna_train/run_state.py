@@ -8,6 +8,10 @@ from typing import Any, Dict, Mapping, Optional
 
 #: truncation counters, cumulative over the training groups seen (counted in collate.pack)
 TRUNCATION_KEYS = ("prompts_truncated", "responses_truncated", "groups_truncated", "groups_seen")
+#: run-state counter -> the PackedBatch.stats key it sums
+_BATCH_COUNTS = {"tokens": "tokens", "targets": "targets", "tokens_saved": "tokens_saved",
+                 "prompts_truncated": "prompts_truncated", "responses_truncated": "responses_truncated",
+                 "groups_truncated": "groups_truncated", "groups_seen": "groups"}
 
 
 @dataclass
@@ -39,13 +43,8 @@ class RunState:
 
     def count_batch(self, stats: Mapping[str, int], world_size: int) -> None:
         """Adds one micro-batch's counts (``PackedBatch.stats``), as if every process saw as many."""
-        self.tokens += stats["tokens"] * world_size
-        self.targets += stats["targets"] * world_size
-        self.tokens_saved += stats["tokens_saved"] * world_size
-        self.prompts_truncated += stats["prompts_truncated"] * world_size
-        self.responses_truncated += stats["responses_truncated"] * world_size
-        self.groups_truncated += stats["groups_truncated"] * world_size
-        self.groups_seen += stats["groups"] * world_size
+        for field, key in _BATCH_COUNTS.items():
+            setattr(self, field, getattr(self, field) + stats[key] * world_size)
 
     def truncation(self) -> Dict[str, float]:
         """Cumulative truncation counts of the training groups seen, and the truncated share of them."""

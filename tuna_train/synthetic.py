@@ -81,12 +81,17 @@ def edit_distance(a: str, b: str) -> int:
     return previous[-1]
 
 
-def grade(instruction_text: str, response: str) -> float:
-    """The rule-based judge: minus the edit distance between the response and the instruction's answer."""
+def correct_answer(instruction_text: str) -> str:
+    """The answer of a built-in instruction, read back from its text (ValueError for any other text)."""
     parsed = parse_instruction(instruction_text)
     if parsed is None:
         raise ValueError(f"not an instruction of the built-in tasks: {instruction_text!r}")
-    return -float(edit_distance(response.strip(), answer(*parsed)))
+    return answer(*parsed)
+
+
+def grade(instruction_text: str, response: str) -> float:
+    """The rule-based judge: minus the edit distance between the response and the instruction's answer."""
+    return -float(edit_distance(response.strip(), correct_answer(instruction_text)))
 
 
 def make_task_records(num_examples: int, seed: int = 0, split: str = "train", min_len: int = 3,

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..model import Placement, load_tokenizer
-from ..synthetic import grade
+from ..synthetic import correct_answer, grade
 from ..templates import alpaca_prompt
 from .http import JsonClient
 
@@ -86,6 +86,24 @@ def parse_ranking(answer: str, num_responses: int) -> List[int]:
     return indices
 
 
+_SCORE_RE = re.compile(r"(?<!#)\bResponse\s*(\d+)\s*:\s*\[\s*(-?\d+(?:\.\d+)?)\s*\]", re.IGNORECASE)
+
+
+def parse_scores(answer: str) -> Dict[int, float]:
+    """The judge's scores, written "Response k: [score]" (step 4 of the method's prompt): {k: score}, the last
+    one of each k; empty when it wrote none. The ``###Response K:`` heading of its own response is not a score."""
+    return {int(index): float(score) for index, score in _SCORE_RE.findall(answer or "")}
+
+
+def judge_response(answer: str, num_responses: int) -> Optional[str]:
+    """The judge's own reference response, ``###Response K:`` (K = ``num_responses``) in its answer, up to the
+    next ``###`` heading, score line ("Response k: [..]") or rank line; None when the answer has none."""
+    match = re.search(rf"###\s*Response\s*{num_responses}\s*:[ \t]*\n?(.*?)"
+                      r"(?=\n\s*(?:###|Response\s*\d+\s*:|rank(?:ing)?\s*:)|\Z)", answer or "", re.DOTALL | re.IGNORECASE)
+    text = match.group(1).strip() if match else ""
+    return text or None
+
+
 class ChatJudge:
     """An OpenAI-compatible chat-completions judge."""
 
@@ -136,23 +154,27 @@ class LocalJudge:
 
 
 class RuleJudge:
-    """The built-in tasks' judge: reads the task back from the instruction, ranks by edit distance to its
-    correct answer, drops duplicates, and writes its answer in the same form as a model judge would, so it
-    goes through the same parser."""
+    """The built-in tasks' judge: reads the task back from the instruction, writes its correct answer as its own
+    reference response (###Response K, step 2 of the method's prompt), ranks the responses and its own by edit
+    distance to that answer, drops duplicates (its own too, when a response already is the answer), and writes
+    its answer in the same form as a model judge would, so it goes through the same parsers."""
 
     name = "rule"
-    identity = {"name": "rule"}
+    identity = {"name": "rule", "writes_reference": True}
 
     def ask(self, record: Dict) -> str:
+        responses = list(record["responses"])
+        reference = correct_answer(record["instruction"])
         seen, kept = set(), []
-        for index, response in enumerate(record["responses"]):
+        for index, response in enumerate(responses + [reference]):  # index K: its own
             if response.strip() not in seen:
                 seen.add(response.strip())
                 kept.append(index)
-        grades = {i: grade(record["instruction"], record["responses"][i]) for i in kept}  # the task's own answer
+        grades = {i: 0.0 if i == len(responses) else grade(record["instruction"], responses[i]) for i in kept}
         order = sorted(kept, key=lambda i: (-grades[i], i))
         scores = "\n".join(f"Response {i}: [{max(0, 15 + int(grades[i]))}]" for i in kept)
-        return f"closed-ended\n{scores}\nrank: [{', '.join(map(str, order))}]"
+        return (f"closed-ended\n###Response {len(responses)}:\n{reference}\n\n{scores}\n"
+                f"rank: [{', '.join(map(str, order))}]")
 
 
 def make_judge(spec: str, base_url: Optional[str] = None, api_key_env: str = "OPENAI_API_KEY",

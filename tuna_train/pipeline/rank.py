@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional
 
 from ..progress import progress_bar
 from .http import RequestFailed
-from .judge import RankingParseError, judge_messages, parse_ranking
+from .judge import RankingParseError, judge_messages, judge_response, parse_ranking, parse_scores
 from .store import JsonlStore, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -91,18 +91,37 @@ def rank_one(judge, record: Dict[str, Any], parse_attempts: int = 3) -> Dict[str
 
 def ranked_record(record: Dict[str, Any], entry: Dict[str, Any], judge_name: str,
                   include_judge_response: bool = False) -> Dict[str, Any]:
-    """A native ranked record; the judge's own response (index K) is left out of the ranking."""
-    k = len(record["responses"])
-    ranking = [i for i in entry["ranking"] if i < k or include_judge_response]
+    """A native ranked record of the candidates the judge ranked (a dropped duplicate is left out), in their
+    order in ``record``, with ``ranking`` (best first) into them.
+
+    The judge's own reference response (index K) is the last candidate when ``include_judge_response`` and the
+    answer holds its text (:func:`judge_response`); else it is left out. When the judge's scores
+    (:func:`parse_scores`) cover every candidate and agree with its ranking, they are written as ``scores`` too:
+    they carry its ties, which ``skip_ties`` then leaves out of the loss (a ranking alone orders tied
+    candidates arbitrarily)."""
+    answer = entry["answers"][-1]
+    candidates = dict(enumerate(record["responses"]))
+    k = len(candidates)
+    own = judge_response(answer, k) if include_judge_response and k in entry["ranking"] else None
+    if own is not None:
+        candidates[k] = own
+    ranked = [i for i in entry["ranking"] if i in candidates]
+    kept = sorted(ranked)
     out = {key: record[key] for key in ("id", "instruction", "input", "task", "length") if key in record}
-    out.update(responses=list(record["responses"]), ranking=[i for i in ranking if i < k],
-               judge={"name": judge_name, "answer": entry["answers"][-1], "ranking": entry["ranking"]})
+    out.update(responses=[candidates[i] for i in kept], ranking=[kept.index(i) for i in ranked])
+    scores = parse_scores(answer)
+    in_order = [scores.get(i) for i in ranked]
+    if None not in in_order and all(a >= b for a, b in zip(in_order, in_order[1:])):
+        out["scores"] = [scores[i] for i in kept]
+    out["judge"] = {"name": judge_name, "answer": answer, "ranking": entry["ranking"]}
     return out
 
 
 def rank_records(records: List[Dict[str, Any]], judge, out: Path, concurrency: int = 4,
-                 parse_attempts: int = 3, retry_failed: bool = False) -> Dict[str, int]:
-    """Rank every record (bounded concurrency, cached); write ``out`` and ``out.failures.jsonl``.
+                 parse_attempts: int = 3, retry_failed: bool = False,
+                 include_judge_response: bool = False) -> Dict[str, int]:
+    """Rank every record (bounded concurrency, cached); write ``out`` and ``out.failures.jsonl``. With
+    ``include_judge_response`` a ranked record keeps the judge's own reference response as a candidate.
 
     Every record ends in one of the two files: ranked, or failed with its reason.
     """
@@ -132,7 +151,7 @@ def rank_records(records: List[Dict[str, Any]], judge, out: Path, concurrency: i
                           else {"record": record, "judge_failure": reason, "judge_answers": []})
             continue
         entry = cache.entries[key]
-        result = ranked_record(record, entry, judge.name) if entry["status"] == "ok" else None
+        result = ranked_record(record, entry, judge.name, include_judge_response) if entry["status"] == "ok" else None
         if result is not None and result["ranking"]:
             ranked.append(result)
         else:
