@@ -5,6 +5,7 @@ import torch
 
 from helpers import TOLERANCE, logprobs_and_grads, make_problem, rel_err
 from tuna_kernels import sequence_logprobs, token_logprobs
+from tuna_kernels.kernels import launch
 
 # (N, D, V, bias, logit_scale, softcap, fraction of ignored positions). Interpreter tiles are 16 x 32 x 32,
 # so these shapes cover: V not a multiple of the tile, N = 1, N not a multiple, D = 64 / 96 / 128.
@@ -67,6 +68,30 @@ def test_triton_deterministic_mode_is_bitwise_reproducible():
     second = logprobs_and_grads("triton", hidden, weight, bias, labels, grad_token, deterministic=True)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def test_deterministic_grad_hidden_splits_the_vocabulary_when_tokens_are_few(monkeypatch):
+    """One token tile: grad_hidden runs one program per (token tile, vocabulary split) into fp32 partial rows
+    summed in a fixed order (a GPU is filled at small N, still without atomics): right against float64, and
+    the same to rounding as the whole vocabulary in one program."""
+    seen = []
+    real_splits = launch.vocab_splits
+
+    def spy(num_tokens, vocab_size, row_bytes, config, device):
+        seen.append((row_bytes, real_splits(num_tokens, vocab_size, row_bytes, config, device)[0]))
+        return real_splits(num_tokens, vocab_size, row_bytes, config, device)
+
+    monkeypatch.setattr(launch, "vocab_splits", spy)
+    shape = (45, 64, 301, True, 1.0, 3.0, 0.2)
+    check_against_reference("triton", torch.float32, shape, seed=5, deterministic=True)
+    assert max(splits for row_bytes, splits in seen if row_bytes == 4 * 64) >= 2  # grad_hidden's launch
+    problem = make_problem(45, 64, 301, True, 0.2, torch.float32, seed=5)
+    split = logprobs_and_grads("triton", *problem, deterministic=True)
+    monkeypatch.setattr(launch, "SPLIT_ROWS_BYTES", 0)  # no room for partial rows: one split
+    whole = logprobs_and_grads("triton", *problem, deterministic=True)
+    assert seen[-1][1] == 1
+    for got, expected in zip(split, whole):
+        assert rel_err(got, expected) < 1e-6
 
 
 def test_sequence_logprobs_sums_counts_and_empty_sequence():

@@ -1,4 +1,5 @@
-"""Backward kernel, deterministic mode, grad_hidden: each program owns a token tile, no atomics."""
+"""Backward kernel, deterministic mode, grad_hidden: each program owns a token tile of one vocabulary split,
+no atomics."""
 
 import triton
 import triton.language as tl
@@ -9,25 +10,30 @@ from .common import dot_operand, grad_logit_tile, logit_tile, tile_needed
 @triton.jit
 def grad_hidden_kernel(
     hidden_ptr, weight_ptr, bias_ptr, labels_ptr, lse_ptr, grad_token_ptr, grad_hidden_ptr,
-    num_tokens, vocab_size, hidden_dim,
+    num_tokens, vocab_size, hidden_dim, vocab_per_split,
     stride_hn, stride_hd, stride_wv, stride_wd,
     logit_scale, softcap, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Grid (token tiles,). Walks every vocabulary tile in order; grad_hidden[n] (fp32 [N, D]) is read,
-    added to and written back by its one owner, so the sum order is fixed and the result bit-reproducible.
+    """Grid (token tiles, vocabulary splits). Walks the split's vocabulary tiles in order into
+    grad_hidden[split, n] (fp32 [num_splits, N, D]), read, added to and written back by its one owner; the
+    host sums the splits in a fixed order. So the result is bit-reproducible, and a small N still has
+    token tiles x splits programs to fill the GPU (``vocab_per_split`` is a multiple of BLOCK_V).
     """
     pid_n = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    vocab_start = pid_split * vocab_per_split
+    vocab_end = tl.minimum(vocab_start + vocab_per_split, vocab_size)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < num_tokens
     labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1)
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     grad_token = tl.load(grad_token_ptr + offs_n, mask=mask_n, other=0.0)
     offs_d = tl.arange(0, BLOCK_D)
-    out_rows = grad_hidden_ptr + offs_n.to(tl.int64)[:, None] * hidden_dim
-    for v0 in range(0, vocab_size, BLOCK_V):
+    out_rows = grad_hidden_ptr + (pid_split.to(tl.int64) * num_tokens + offs_n)[:, None] * hidden_dim
+    for v0 in range(vocab_start, vocab_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < vocab_size
         z = logit_tile(

@@ -13,10 +13,10 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import triton
 
+from .autotune import TUNER, token_bucket
 from .backward_atomic import logprob_backward_atomic_kernel
 from .backward_hidden import grad_hidden_kernel
 from .backward_weight import grad_weight_kernel
-from .autotune import TUNER, token_bucket
 from .configs import KernelConfig, candidate_configs, config_overridden, dtype_name, launch_config
 from .forward import lse_forward_kernel
 
@@ -30,6 +30,9 @@ _PROGRAMS_PER_SM = 4
 # at V = 256000, D = 2304). Each slice's grid still has thousands of programs at that size.
 WEIGHT_SLICE_BYTES = 256 * 2 ** 20
 _SLICE_ROW_MULTIPLE = 256  # a whole number of vocabulary tiles of every configuration
+# Kernels that split the vocabulary across programs (the forward; grad_hidden in deterministic mode) sum the
+# splits' fp32 [num_splits, N, D] partial rows on the host: at most this many bytes of them.
+SPLIT_ROWS_BYTES = 256 * 2 ** 20
 
 
 def _capability(device: torch.device):
@@ -103,6 +106,21 @@ def vocab_slices(vocab_size: int, hidden_dim: int, weight_dtype: torch.dtype) ->
     return [(start, min(start + rows, vocab_size)) for start in range(0, vocab_size, rows)]
 
 
+def vocab_splits(num_tokens: int, vocab_size: int, row_bytes: int, config: KernelConfig,
+                 device: torch.device) -> Tuple[int, int]:
+    """(num_splits, vocab_per_split) of a kernel whose grid is (token tiles, vocabulary splits): enough
+    programs for _PROGRAMS_PER_SM per SM when N is small, each split a whole number of BLOCK_V tiles, and
+    the splits' partial rows (``row_bytes`` per split and token) within SPLIT_ROWS_BYTES."""
+    wanted = max(2, _PROGRAMS_PER_SM * _num_sms(device))
+    token_tiles = triton.cdiv(num_tokens, config.block_n)
+    vocab_tiles = triton.cdiv(vocab_size, config.block_v)
+    num_splits = max(1, min(vocab_tiles, triton.cdiv(wanted, token_tiles)))
+    if row_bytes:
+        num_splits = max(1, min(num_splits, SPLIT_ROWS_BYTES // (row_bytes * num_tokens)))
+    vocab_per_split = triton.cdiv(vocab_tiles, num_splits) * config.block_v
+    return triton.cdiv(vocab_size, vocab_per_split), vocab_per_split
+
+
 def _zero(*outputs) -> None:
     for output in outputs:
         if output is not None:
@@ -138,7 +156,6 @@ class TritonBackend:
         expected = torch.zeros(num_tokens, hidden_dim, dtype=torch.float32, device=hidden.device) if with_expected else None
         if num_tokens == 0:
             return lse, target_logit, expected
-        wanted = max(2, _PROGRAMS_PER_SM * _num_sms(hidden.device))
         bias_arg = hidden if bias is None else bias
         common = _common_args(hidden, weight, bias, logit_scale, softcap)
 
@@ -146,10 +163,8 @@ class TritonBackend:
             # Overwrites lse, every target_logit (each label lies in exactly one split) and expected:
             # trials leave no trace.
             token_tiles = triton.cdiv(num_tokens, config.block_n)
-            vocab_tiles = triton.cdiv(vocab_size, config.block_v)
-            num_splits = max(1, min(vocab_tiles, triton.cdiv(wanted, token_tiles)))
-            vocab_per_split = triton.cdiv(vocab_tiles, num_splits) * config.block_v
-            num_splits = triton.cdiv(vocab_size, vocab_per_split)
+            num_splits, vocab_per_split = vocab_splits(num_tokens, vocab_size, 4 * hidden_dim if with_expected else 4,
+                                                       config, hidden.device)
             partial_lse = torch.empty(num_splits, num_tokens, dtype=torch.float32, device=hidden.device)
             partial_expected = (torch.zeros(num_splits, num_tokens, hidden_dim, dtype=torch.float32,
                                             device=hidden.device) if with_expected else lse)
@@ -234,11 +249,18 @@ class TritonBackend:
             return grad_hidden, grad_weight, grad_bias
         if need_hidden:
             def run_hidden(config: KernelConfig) -> None:
-                _zero(grad_hidden)
-                grad_hidden_kernel[(triton.cdiv(num_tokens, config.block_n),)](
-                    *slice_args(0, vocab_size), grad_hidden, num_tokens=num_tokens, vocab_size=vocab_size,
-                    hidden_dim=hidden_dim, filter_eps=filter_eps, FILTER=use_filter, **common, **_tiles(config),
+                # splits of the vocabulary fill the GPU when N is small; their fp32 rows are summed in order
+                num_splits, vocab_per_split = vocab_splits(num_tokens, vocab_size, 4 * hidden_dim, config, device)
+                partial = grad_hidden if num_splits == 1 else \
+                    torch.empty(num_splits, num_tokens, hidden_dim, dtype=torch.float32, device=device)
+                partial.zero_()
+                grad_hidden_kernel[(triton.cdiv(num_tokens, config.block_n), num_splits)](
+                    *slice_args(0, vocab_size), partial, num_tokens=num_tokens, vocab_size=vocab_size,
+                    hidden_dim=hidden_dim, vocab_per_split=vocab_per_split, filter_eps=filter_eps,
+                    FILTER=use_filter, **common, **_tiles(config),
                 )
+                if num_splits > 1:
+                    torch.sum(partial, dim=0, out=grad_hidden)
 
             run_hidden(self._config("grad_hidden", hidden, weight, flags, run_hidden))
         if need_weight or need_bias:
