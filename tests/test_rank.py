@@ -49,7 +49,8 @@ def test_faults_end_as_retries_or_recorded_failures(tmp_path):
     assert counts["ok1"] == 1 and counts["ok2"] == 1
     ranked = [json.loads(line) for line in (tmp_path / "ranked.jsonl").read_text().splitlines()]
     assert [r["id"] for r in ranked] == ["ok1", "r429", "r500", "rhang", "ok2"]
-    assert ranked[0]["ranking"] == [2, 0, 1] and "rank: [2, 0, 1]" in ranked[0]["judge"]["answer"]
+    assert ranked[0]["responses"] == ["gamma", "alpha", "beta"] and ranked[0]["judge"]["ranking"] == [2, 0, 1]
+    assert "rank: [2, 0, 1]" in ranked[0]["judge"]["answer"]
     failures = [json.loads(line) for line in (tmp_path / "ranked.jsonl.failures.jsonl").read_text().splitlines()]
     assert {f["id"] for f in failures} == {"rgarbage", "rbadindex"}
     assert all(len(f["judge_answers"]) == 2 for f in failures)  # raw answers kept for audit
@@ -119,12 +120,12 @@ def test_judge_own_response_and_scores_reach_the_ranked_record():
     assert entry["ranking"][0] == 4 and judge_response(answer, 4) == "zzzz"
     assert parse_scores(answer) == {0: 11.0, 1: 14.0, 2: 11.0, 4: 15.0}  # the ###Response 4 heading is no score
     kept = ranked_record(record, entry, "rule", include_judge_response=True)
-    assert kept["responses"] == ["aaaa", "zzzy", "yyyy", "zzzz"]  # the duplicate (3) left out, its own last
-    assert kept["ranking"] == [3, 1, 0, 2] and kept["scores"] == [11.0, 14.0, 11.0, 15.0]
+    assert kept["responses"] == ["zzzz", "zzzy", "aaaa", "yyyy"]  # best first, the duplicate (3) left out
+    assert kept["ranking"] == [0, 1, 2, 3] and kept["scores"] == [15.0, 14.0, 11.0, 11.0]
     examples = examples_from_records([kept])
-    assert examples[0].responses[:2] == ["zzzz", "zzzy"] and examples[0].scores[2:] == [11.0, 11.0]  # a tie kept
+    assert examples[0].responses == kept["responses"] and examples[0].scores[2:] == [11.0, 11.0]  # ties kept, in order
     without = ranked_record(record, entry, "rule")
-    assert without["responses"] == ["aaaa", "zzzy", "yyyy"] and without["ranking"] == [1, 0, 2]
+    assert without["responses"] == ["zzzy", "aaaa", "yyyy"] and without["ranking"] == [0, 1, 2]
 
     # a model judge: its own response spans lines and ends at the score lines; scores that contradict its
     # ranking are not written (the ranking decides)
@@ -133,8 +134,17 @@ def test_judge_own_response_and_scores_reach_the_ranked_record():
     assert judge_response(chat, 2) == "A longer answer\non two lines." and judge_response(chat, 3) is None
     two = {"instruction": "Say something.", "responses": ["first", "second"]}
     kept = ranked_record(two, {"ranking": [2, 0, 1], "answers": [chat]}, "openai:m", include_judge_response=True)
-    assert kept["responses"] == ["first", "second", "A longer answer\non two lines."]
-    assert kept["ranking"] == [2, 0, 1] and "scores" not in kept
+    assert kept["responses"] == ["A longer answer\non two lines.", "first", "second"] and "scores" not in kept
+
+    # the own response ends at a response heading, a score line or the rank line, not at a Markdown heading;
+    # an empty one is none; one that repeats a candidate is not added twice; "### Response K:" is no score
+    markdown = "###Response 1:\nA recipe.\n### Ingredients\n- eggs\nResponse 0: [3]\nrank: [1, 0]"
+    assert judge_response(markdown, 1) == "A recipe.\n### Ingredients\n- eggs"
+    assert judge_response("###Response 2:\nResponse 0: [3]\nrank: [2, 0, 1]", 2) is None
+    assert parse_scores("### Response 2:\n[3] steps\n- Response 0: [9]") == {0: 9.0}
+    same = ranked_record(two, {"ranking": [2, 0, 1], "answers": ["###Response 2:\nfirst\nrank: [2, 0, 1]"]},
+                         "openai:m", include_judge_response=True)
+    assert same["responses"] == ["first", "second"]
 
 
 def test_rank_records_keeps_the_rule_judges_answer_as_the_best_candidate(tmp_path):

@@ -123,3 +123,9 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path):
     assert (root / "train_p" / "metrics.jsonl").read_text() == metrics_before  # nothing retrained
     rerun = json.loads((root / "summary.json").read_text())
     assert rerun["pair_accuracy"] == accuracy and rerun["eval"] == evaluations
+
+    # other settings on the same run directory: refused before any stage, naming what changed
+    changed = subprocess.run(command + ["--num-candidates", "3"], cwd=tmp_path, capture_output=True, text=True)
+    assert changed.returncode != 0 and "num_candidates: 4 -> 3" in changed.stderr
+    assert "Traceback" not in changed.stderr
+    assert (root / "train_p" / "metrics.jsonl").read_text() == metrics_before

@@ -18,6 +18,7 @@ Every field of :class:`PipelineConfig` is a flag of ``tuna pipeline`` and a key 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -134,10 +135,34 @@ def load_pipeline_config(path: Optional[str] = None, overrides: Optional[Dict[st
     return load_config(path, overrides, config_class=PipelineConfig)
 
 
+#: PipelineConfig fields that may change between a run and its resumption (where and how models are reached);
+#: any other field decides what the finished stages contain
+RESUMABLE_FIELDS = ("output_dir", "concurrency", "base_url", "api_key_env", "device", "dtype", "load_in_4bit")
+
+
 class Manifest:
+    """``manifest.json``: each stage's status, outputs and counts, and the settings the stages were made with."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.stages: Dict[str, Dict[str, Any]] = json.loads(path.read_text())["stages"] if path.exists() else {}
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        self.stages: Dict[str, Dict[str, Any]] = saved.get("stages", {})
+        self.settings: Optional[Dict[str, Any]] = saved.get("settings")
+
+    def check_settings(self, config: PipelineConfig) -> None:
+        """Records the settings of a new run; refuses to resume finished stages made with other settings
+        (a stage is skipped when its output exists, so they would be mixed silently)."""
+        settings = {key: value for key, value in dataclasses.asdict(config).items() if key not in RESUMABLE_FIELDS}
+        if self.settings is not None and self.stages:
+            changed = [f"{key}: {self.settings.get(key)!r} -> {settings.get(key)!r}"
+                       for key in sorted(set(settings) | set(self.settings))
+                       if self.settings.get(key) != settings.get(key)]
+            if changed:
+                raise ValueError(f"{self.path}: the finished stages of this run were made with other settings ("
+                                 + "; ".join(changed) + "). Resume with the same settings, or pass another "
+                                 "--output-dir for a new run.")
+        self.settings = settings
+        self._write()
 
     def done(self, stage: str) -> bool:
         entry = self.stages.get(stage)
@@ -145,7 +170,10 @@ class Manifest:
 
     def record(self, stage: str, status: str, **info) -> None:
         self.stages[stage] = dict(info, status=status, time=time.strftime("%Y-%m-%d %H:%M:%S"))
-        write_atomic(self.path, json.dumps({"stages": self.stages}, indent=1))
+        self._write()
+
+    def _write(self) -> None:
+        write_atomic(self.path, json.dumps({"settings": self.settings, "stages": self.stages}, indent=1))
 
 
 def _accuracy(result: Optional[Dict]) -> Optional[float]:
@@ -156,6 +184,7 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
     root = Path(config.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(root / "manifest.json")
+    manifest.check_settings(config)
 
     # inputs: the user's files, or the built-in tasks (three disjoint seeds)
     data_p, eval_path, instructions = config.data, config.eval_data, config.instructions

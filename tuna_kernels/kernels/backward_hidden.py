@@ -18,8 +18,8 @@ def grad_hidden_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """Grid (token tiles, vocabulary splits). Walks the split's vocabulary tiles in order into
-    grad_hidden[split, n] (fp32 [num_splits, N, D]), read, added to and written back by its one owner; the
-    host sums the splits in a fixed order. So the result is bit-reproducible, and a small N still has
+    grad_hidden[split, n] (fp32 [num_splits, N, D]), read, added to and written back by its one owner; a
+    torch sum over the splits (a fixed order) follows. So the result is bit-reproducible, and a small N still has
     token tiles x splits programs to fill the GPU (``vocab_per_split`` is a multiple of BLOCK_V).
     """
     pid_n = tl.program_id(0)

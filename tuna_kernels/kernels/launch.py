@@ -31,7 +31,7 @@ _PROGRAMS_PER_SM = 4
 WEIGHT_SLICE_BYTES = 256 * 2 ** 20
 _SLICE_ROW_MULTIPLE = 256  # a whole number of vocabulary tiles of every configuration
 # Kernels that split the vocabulary across programs (the forward; grad_hidden in deterministic mode) sum the
-# splits' fp32 [num_splits, N, D] partial rows on the host: at most this many bytes of them.
+# splits' fp32 [num_splits, N, D] partial rows afterwards (torch, a fixed order): at most this many bytes of them.
 SPLIT_ROWS_BYTES = 256 * 2 ** 20
 
 

@@ -86,21 +86,31 @@ def parse_ranking(answer: str, num_responses: int) -> List[int]:
     return indices
 
 
-_SCORE_RE = re.compile(r"(?<!#)\bResponse\s*(\d+)\s*:\s*\[\s*(-?\d+(?:\.\d+)?)\s*\]", re.IGNORECASE)
+# a score line of step 4, "Response k: [score]", at the start of a line (list markers allowed; a "###" heading
+# of a response is not one)
+_SCORE_LINE = r"^[ \t>*-]*Response\s*(\d+)\s*:\s*\[\s*(-?\d+(?:\.\d+)?)\s*\]"
+_SCORE_RE = re.compile(_SCORE_LINE, re.IGNORECASE | re.MULTILINE)
+# where the judge's own response ends: a response heading, a score line or the rank line
+_OWN_RESPONSE_END = re.compile(r"^[ \t]*###\s*Response\s*\d+\s*:|" + _SCORE_LINE + r"|^[ \t]*rank(?:ing)?\s*:",
+                               re.IGNORECASE | re.MULTILINE)
 
 
 def parse_scores(answer: str) -> Dict[int, float]:
-    """The judge's scores, written "Response k: [score]" (step 4 of the method's prompt): {k: score}, the last
-    one of each k; empty when it wrote none. The ``###Response K:`` heading of its own response is not a score."""
+    """The judge's scores, written "Response k: [score]" at the start of a line (step 4 of the method's prompt):
+    {k: score}, the last one of each k; empty when it wrote none."""
     return {int(index): float(score) for index, score in _SCORE_RE.findall(answer or "")}
 
 
 def judge_response(answer: str, num_responses: int) -> Optional[str]:
-    """The judge's own reference response, ``###Response K:`` (K = ``num_responses``) in its answer, up to the
-    next ``###`` heading, score line ("Response k: [..]") or rank line; None when the answer has none."""
-    match = re.search(rf"###\s*Response\s*{num_responses}\s*:[ \t]*\n?(.*?)"
-                      r"(?=\n\s*(?:###|Response\s*\d+\s*:|rank(?:ing)?\s*:)|\Z)", answer or "", re.DOTALL | re.IGNORECASE)
-    text = match.group(1).strip() if match else ""
+    """The judge's own reference response, under its ``###Response K:`` heading (K = ``num_responses``), up to
+    the next response heading, score line ("Response k: [score]") or rank line (other headings, such as a
+    Markdown "### Ingredients", are part of it); None when the answer has none or it is empty."""
+    heading = re.search(rf"^[ \t]*###\s*Response\s*{num_responses}\s*:[ \t]*\n?", answer or "",
+                        re.IGNORECASE | re.MULTILINE)
+    if heading is None:
+        return None
+    end = _OWN_RESPONSE_END.search(answer, heading.end())
+    text = answer[heading.end():end.start() if end else len(answer)].strip()
     return text or None
 
 

@@ -91,28 +91,27 @@ def rank_one(judge, record: Dict[str, Any], parse_attempts: int = 3) -> Dict[str
 
 def ranked_record(record: Dict[str, Any], entry: Dict[str, Any], judge_name: str,
                   include_judge_response: bool = False) -> Dict[str, Any]:
-    """A native ranked record of the candidates the judge ranked (a dropped duplicate is left out), in their
-    order in ``record``, with ``ranking`` (best first) into them.
+    """A native ranked record of the candidates the judge ranked, best first (``ranking`` is 0..n-1; a dropped
+    duplicate is left out; the judge's own ranking of the record's indices stays under ``judge``).
 
-    The judge's own reference response (index K) is the last candidate when ``include_judge_response`` and the
-    answer holds its text (:func:`judge_response`); else it is left out. When the judge's scores
-    (:func:`parse_scores`) cover every candidate and agree with its ranking, they are written as ``scores`` too:
-    they carry its ties, which ``skip_ties`` then leaves out of the loss (a ranking alone orders tied
-    candidates arbitrarily)."""
+    The judge's own reference response (index K) is a candidate in its place when ``include_judge_response``,
+    the answer holds its text (:func:`judge_response`) and it repeats no other candidate; else it is left out.
+    When the judge's scores (:func:`parse_scores`) cover every candidate and agree with its ranking, they are
+    written as ``scores`` too: they carry its ties, which ``skip_ties`` then leaves out of the loss (a ranking
+    alone orders tied candidates arbitrarily); tied candidates keep the judge's order."""
     answer = entry["answers"][-1]
     candidates = dict(enumerate(record["responses"]))
     k = len(candidates)
     own = judge_response(answer, k) if include_judge_response and k in entry["ranking"] else None
-    if own is not None:
+    if own is not None and own.strip() not in {candidates[i].strip() for i in entry["ranking"] if i < k}:
         candidates[k] = own
     ranked = [i for i in entry["ranking"] if i in candidates]
-    kept = sorted(ranked)
     out = {key: record[key] for key in ("id", "instruction", "input", "task", "length") if key in record}
-    out.update(responses=[candidates[i] for i in kept], ranking=[kept.index(i) for i in ranked])
+    out.update(responses=[candidates[i] for i in ranked], ranking=list(range(len(ranked))))
     scores = parse_scores(answer)
     in_order = [scores.get(i) for i in ranked]
     if None not in in_order and all(a >= b for a, b in zip(in_order, in_order[1:])):
-        out["scores"] = [scores[i] for i in kept]
+        out["scores"] = in_order
     out["judge"] = {"name": judge_name, "answer": answer, "ranking": entry["ranking"]}
     return out
 
