@@ -76,7 +76,7 @@ def test_a_server_mixing_every_fault_never_stops_the_run(tmp_path):
     ranked, failed = read_lines(out), read_lines(tmp_path / "ranked.jsonl.failures.jsonl")
     assert sorted(r["id"] for r in ranked + failed) == sorted(FAULTS)  # every record in one of the two files
     assert {r["id"] for r in ranked} == {"ok1", "ok2", "rparts", "rcut", "rinf", "rnan", "rneg", "rhuge"}
-    assert next(r for r in ranked if r["id"] == "rparts")["ranking"] == [1, 0, 2]  # the text parts, joined
+    assert next(r for r in ranked if r["id"] == "rparts")["judge"]["ranking"] == [1, 0, 2]  # the text parts, joined
     reasons = {f["id"]: f["judge_failure"] for f in failed}
     assert "content is int" in reasons["rint"]
     assert "not UTF-8" in reasons["rbytes"] and "after 3 attempts" in reasons["rbytes"]
