@@ -70,26 +70,36 @@ def test_triton_deterministic_mode_is_bitwise_reproducible():
         assert torch.equal(a, b)
 
 
-def test_deterministic_grad_hidden_splits_the_vocabulary_when_tokens_are_few(monkeypatch):
-    """One token tile: grad_hidden runs one program per (token tile, vocabulary split) into fp32 partial rows
-    summed in a fixed order (a GPU is filled at small N, still without atomics): right against float64, and
-    the same to rounding as the whole vocabulary in one program."""
-    seen = []
-    real_splits = launch.vocab_splits
+def test_deterministic_backward_recomputes_each_tile_once_and_splits_the_vocabulary(monkeypatch):
+    """Deterministic mode is one kernel, one program per (token tile, vocabulary split): each logit tile is
+    recomputed once (grid x split width covers the vocabulary once per token tile), grad_hidden goes to fp32
+    partial rows summed in a fixed order (a GPU is filled at small N), and the token tiles take their turns
+    at every grad_weight tile (each ticket ends at the number of token tiles). Right against float64, and
+    the same to rounding as the whole vocabulary in one split."""
+    launches = []
+    real_kernel = launch.logprob_backward_ordered_kernel
 
-    def spy(num_tokens, vocab_size, row_bytes, config, device):
-        seen.append((row_bytes, real_splits(num_tokens, vocab_size, row_bytes, config, device)[0]))
-        return real_splits(num_tokens, vocab_size, row_bytes, config, device)
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                real_kernel[grid](*args, **kwargs)
+                launches.append((grid, kwargs["vocab_per_split"], kwargs["vocab_size"], args[9].clone()))
+            return run
 
-    monkeypatch.setattr(launch, "vocab_splits", spy)
+    monkeypatch.setattr(launch, "logprob_backward_ordered_kernel", Spy())
+    monkeypatch.setattr(launch, "logprob_backward_atomic_kernel", None)  # deterministic: never the atomic one
     shape = (45, 64, 301, True, 1.0, 3.0, 0.2)
     check_against_reference("triton", torch.float32, shape, seed=5, deterministic=True)
-    assert max(splits for row_bytes, splits in seen if row_bytes == 4 * 64) >= 2  # grad_hidden's launch
+    (grid, vocab_per_split, vocab_size, tickets), = launches
     problem = make_problem(45, 64, 301, True, 0.2, torch.float32, seed=5)
+    target_rows = int((problem[3] != -100).sum())  # the rows with a target (and a non-zero gradient)
+    assert grid[0] == -(-target_rows // launch.launch_config("backward_ordered", None).block_n) >= 2
+    assert grid[1] >= 2 and (grid[1] - 1) * vocab_per_split < vocab_size <= grid[1] * vocab_per_split
+    assert tickets.tolist() == [grid[0]] * len(tickets)
     split = logprobs_and_grads("triton", *problem, deterministic=True)
     monkeypatch.setattr(launch, "SPLIT_ROWS_BYTES", 0)  # no room for partial rows: one split
     whole = logprobs_and_grads("triton", *problem, deterministic=True)
-    assert seen[-1][1] == 1
+    assert launches[-1][0][1] == 1
     for got, expected in zip(split, whole):
         assert rel_err(got, expected) < 1e-6
 
@@ -213,7 +223,7 @@ def test_autotuning_trials_leave_no_trace_and_run_once_per_shape_bucket(monkeypa
     monkeypatch.setattr(launch, "TUNER", tuner)
     shape = (37, 64, 301, True, 0.7, None, 0.2)
     check_against_reference("triton", torch.float32, shape, seed=11, autotune=True, deterministic=deterministic)
-    kernels = ["lse_forward"] + (["grad_hidden", "grad_weight"] if deterministic else ["backward_atomic"])
+    kernels = ["lse_forward"] + (["backward_ordered"] if deterministic else ["backward_atomic"])
     assert tuner.trials == sum(len(candidate_configs(k, None)) for k in kernels)
     assert {key[0] for key in tuner.chosen()} == set(kernels)
     assert all(config == candidate_configs(key[0], None)[-1] for key, config in tuner.chosen().items())

@@ -23,7 +23,7 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
-from tuna_kernels import GroupLayout, TunaLoss, token_logprobs
+from tuna_kernels import GroupLayout, TunaLoss, linear_cross_entropy
 
 from .model import base_model, decoder_of, fused_batch_forward, lm_head_spec, model_attention_mask
 
@@ -101,12 +101,13 @@ def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: Optional[torc
     """
     hidden, targets, _ = shifted_targets(model, input_ids, attention_mask, labels, position_ids)
     head = lm_head_spec(model).cast(hidden.dtype)
-    token_lp = token_logprobs(hidden, head.weight, targets, bias=head.bias, logit_scale=head.logit_scale,
-                              softcap=head.softcap, **logprob_options)
+    # a scalar loss: the chunked path forms its gradients in the forward (no recompute in the backward)
+    summed = linear_cross_entropy(hidden, head.weight, targets, reduction="sum", bias=head.bias,
+                                  logit_scale=head.logit_scale, softcap=head.softcap, **logprob_options)
     count = targets.numel() if num_items_in_batch is None else num_items_in_batch
     if torch.is_tensor(count):
-        count = count.to(token_lp.device)
-    return -token_lp.sum() / count
+        count = count.to(summed.device)
+    return summed / count
 
 
 @dataclass

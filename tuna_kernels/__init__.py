@@ -4,7 +4,7 @@ Public names only; see :mod:`tuna_kernels.api` for the math and the dispatch. De
 compile report, the allocation tracker of the memory tests) live in :mod:`tuna_kernels.devtools`.
 """
 
-from .api import IMPLS, sequence_logprobs, token_logprobs
+from .api import IMPLS, linear_cross_entropy, sequence_logprobs, token_logprobs
 from .layout import GroupLayout
 from .losses import (
     LOSSES,
@@ -21,7 +21,8 @@ from .module import TunaLoss
 
 __all__ = [
     "IMPLS", "LOSSES", "GroupLayout", "RankingOptions", "TunaLoss",
-    "listmle_loss", "ordered_pairs", "pairwise_accuracy", "pairwise_logistic_loss", "ranking_counts",
-    "ranking_summary", "register_loss", "rrhf_loss", "sequence_logprobs", "token_logprobs", "tuna_margin_loss",
+    "linear_cross_entropy", "listmle_loss", "ordered_pairs", "pairwise_accuracy", "pairwise_logistic_loss",
+    "ranking_counts", "ranking_summary", "register_loss", "rrhf_loss", "sequence_logprobs", "token_logprobs",
+    "tuna_margin_loss",
 ]
 __version__ = "0.1.0"

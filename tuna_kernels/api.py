@@ -16,17 +16,19 @@ Every implementation computes, for each token t with hidden state ``h_t`` and ta
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional, Tuple
 
 import torch
 
-from .autograd import FusedTokenLogprobs
+from .autograd import FusedLinearNll, FusedTokenLogprobs
 from .chunked import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNK_VOCAB, ChunkedBackend
 from .reference import reference_token_logprobs
 
 IMPLS = ("auto", "triton", "chunked", "reference")
+REDUCTIONS = ("mean", "sum")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -152,7 +154,8 @@ def token_logprobs(
         softcap: if set, logits become ``softcap * tanh(logits / softcap)`` (Gemma-2 style).
         impl: ``"auto"``, ``"triton"``, ``"chunked"`` or ``"reference"``.
         chunk_tokens, chunk_vocab: tile sizes of the chunked implementation (defaults 1024 x 4096).
-        deterministic: Triton backward without float atomics (bit-reproducible, one more recompute).
+        deterministic: Triton backward without float atomics (bit-reproducible; token tiles add to each
+            grad_weight tile in turn).
         grad_filter_eps: Triton backward skips tiles whose largest |onehot - p| is at most this value and
             that hold no NaN (Cut Cross-Entropy's gradient filtering; independent of the loss scale);
             ``"auto"`` uses the input dtype's unit roundoff (bf16 2^-8, fp16 2^-11, fp32 2^-24);
@@ -167,27 +170,84 @@ def token_logprobs(
     hidden, weight, bias, autocast_device = _follow_autocast(hidden, weight, bias)
     _check_inputs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index)
     impl = _resolve_impl(impl, hidden.device)
-    if autocast_device is not None:
-        # the inputs are in the autocast dtype now; inside, every matmul keeps the dtypes it is given
-        with torch.autocast(autocast_device, enabled=False):
-            return _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl,
+    with _autocast_off(autocast_device):
+        return _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl,
+                         chunk_tokens, chunk_vocab, deterministic, grad_filter_eps, autotune)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    reduction: str = "mean",
+    bias: Optional[torch.Tensor] = None,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    impl: str = "auto",
+    chunk_tokens: Optional[int] = None,
+    chunk_vocab: Optional[int] = None,
+    deterministic: bool = False,
+    grad_filter_eps: Optional[float] = None,
+    autotune: Optional[bool] = None,
+) -> torch.Tensor:
+    """Token cross-entropy ``-logp_t`` of :func:`token_logprobs`, averaged (``reduction="mean"``, over the
+    target tokens; NaN when there is none, as ``F.cross_entropy``) or summed (``"sum"``) into one number.
+
+    Same arguments as :func:`token_logprobs`. Because the loss is a scalar, every token's upstream gradient
+    is known at the forward up to one number, and the chunked implementation forms the gradients while it
+    has each logit tile: three N x V x D products (logits, grad_hidden, grad_weight) against four for
+    ``token_logprobs(...).sum()`` (whose backward must recompute the logits). It does so when a chunk of whole
+    vocabulary rows holds enough tokens and a trainable head is fp32 (see ``ChunkedBackend.nll_with_grads_fits``);
+    otherwise, and for ``impl="triton"`` / ``"reference"``, it reduces :func:`token_logprobs`.
+
+    Returns:
+        [] float32 (float64 for float64 inputs), differentiable with respect to hidden, weight and bias.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    hidden, weight, bias, autocast_device = _follow_autocast(hidden, weight, bias)
+    _check_inputs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index)
+    impl = _resolve_impl(impl, hidden.device)
+    num_targets = (labels != ignore_index).sum()
+    with _autocast_off(autocast_device):
+        if impl == "chunked":
+            backend = _chunked_backend(chunk_tokens, chunk_vocab)
+            # without grad mode (evaluation) the forward alone is one product on either path
+            if backend.nll_with_grads_fits(weight, torch.is_grad_enabled() and weight.requires_grad):
+                count = int(num_targets)
+                loss_scale = 1.0 if reduction == "sum" else (1.0 / count if count else float("nan"))
+                return FusedLinearNll.apply(backend, hidden, weight, bias, labels, float(logit_scale),
+                                            None if softcap is None else float(softcap), ignore_index, loss_scale)
+        token_lp = _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl,
                              chunk_tokens, chunk_vocab, deterministic, grad_filter_eps, autotune)
-    return _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl,
-                     chunk_tokens, chunk_vocab, deterministic, grad_filter_eps, autotune)
+    loss = -token_lp.sum()
+    return loss if reduction == "sum" else loss / num_targets
+
+
+def _autocast_off(device_type: Optional[str]):
+    """Inside the dispatch every matmul keeps the dtypes it is given (the inputs are already in the
+    autocast dtype): autocast is switched off for ``device_type``, if one was on."""
+    return torch.autocast(device_type, enabled=False) if device_type is not None else contextlib.nullcontext()
+
+
+def _chunked_backend(chunk_tokens: Optional[int], chunk_vocab: Optional[int]) -> ChunkedBackend:
+    return ChunkedBackend(
+        DEFAULT_CHUNK_TOKENS if chunk_tokens is None else int(chunk_tokens),
+        DEFAULT_CHUNK_VOCAB if chunk_vocab is None else int(chunk_vocab),
+    )
 
 
 def _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl,
               chunk_tokens, chunk_vocab, deterministic, grad_filter_eps, autotune):
-    """The one dispatch between implementations (inputs already checked)."""
+    """The one dispatch between implementations of the per-token log-probabilities (inputs already checked)."""
     logit_scale = float(logit_scale)
     softcap = None if softcap is None else float(softcap)
     if impl == "reference":
         return reference_token_logprobs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index)
     if impl == "chunked":
-        backend = ChunkedBackend(
-            DEFAULT_CHUNK_TOKENS if chunk_tokens is None else int(chunk_tokens),
-            DEFAULT_CHUNK_VOCAB if chunk_vocab is None else int(chunk_vocab),
-        )
+        backend = _chunked_backend(chunk_tokens, chunk_vocab)
     else:
         if hidden.dtype == torch.float64:
             raise TypeError("impl='triton' supports fp16, bf16 and fp32 inputs, not float64; use impl='chunked'")

@@ -94,3 +94,38 @@ class FusedTokenLogprobs(torch.autograd.Function):
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
         return None, grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+class FusedLinearNll(torch.autograd.Function):
+    """[] ``loss_scale * sum_t -logp_t`` over the target tokens, from hidden [N, D], weight [V, D], bias [V] | None,
+    with the gradients formed in the forward.
+
+    A scalar loss gives every token the same upstream gradient, known at the forward up to the one number the
+    backward receives, so the backend computes the gradients of the sum while it has each logit tile (three
+    products in all, no recompute, like torch's chunked ``F.linear_cross_entropy``) and the backward only
+    scales them. The gradients ([N, D], [V, D], [V]) are held from the forward to the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, backend, hidden, weight, bias, labels, logit_scale, softcap, ignore_index, loss_scale):
+        rows = active_rows(labels != ignore_index)
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[1:4]  # called with grad mode on only
+        total, grad_hidden, grad_weight, grad_bias = backend.nll_with_grads(
+            hidden[rows], weight, bias, labels[rows], logit_scale, softcap,
+            need_hidden, need_weight, need_bias and bias is not None,
+        )
+        if grad_hidden is not None:
+            grad_hidden = scatter_rows(grad_hidden, rows, hidden.shape[0])
+        # plain attributes: these are fresh tensors with no autograd history, freed with the graph
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.loss_scale = loss_scale
+        return total * loss_scale
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        scale = grad_loss * ctx.loss_scale  # [] in the compute dtype, as the loss
+        # out of place: a graph kept with retain_graph=True must give the same gradients on a second backward
+        grad_hidden, grad_weight, grad_bias = (None if grad is None else (grad * scale).to(dtype)
+                                               for grad, dtype in zip(ctx.grads, ctx.dtypes))
+        return None, grad_hidden, grad_weight, grad_bias, None, None, None, None, None

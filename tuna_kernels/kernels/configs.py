@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterator, Optional, Tuple
 
-KERNELS = ("lse_forward", "backward_atomic", "grad_hidden", "grad_weight")
+KERNELS = ("lse_forward", "backward_atomic", "backward_ordered")
 ARCHS = (80, 86, 89, 90)
 
 
@@ -37,8 +37,7 @@ class KernelConfig:
 _AMPERE = {
     "lse_forward": KernelConfig(64, 128, 64, 8, 3),
     "backward_atomic": KernelConfig(64, 128, 32, 8, 2),
-    "grad_hidden": KernelConfig(64, 128, 32, 8, 2),
-    "grad_weight": KernelConfig(64, 128, 32, 8, 2),
+    "backward_ordered": KernelConfig(64, 128, 32, 8, 2),
 }
 # A100 (sm_80) has 163 KB of shared memory per block: its forward takes 128-token tiles, halving the
 # weight's L2 re-reads against the 64-token tile (229 registers, 32 KB, no spills in the report).
@@ -47,8 +46,7 @@ _A100 = dict(_AMPERE, lse_forward=KernelConfig(128, 128, 32, 8, 3))
 _HOPPER = {
     "lse_forward": KernelConfig(128, 128, 64, 8, 3),
     "backward_atomic": KernelConfig(64, 128, 64, 8, 2),
-    "grad_hidden": KernelConfig(64, 128, 64, 8, 2),
-    "grad_weight": KernelConfig(64, 128, 64, 8, 2),
+    "backward_ordered": KernelConfig(64, 128, 64, 8, 2),
 }
 # fp32 inputs with torch's default matmul precision run tl.dot as IEEE FMAs in registers, not tensor cores:
 # the 16-bit tiles spill there (224 to 7152 bytes in the report), so fp32 has smaller tiles of its own,
@@ -56,12 +54,11 @@ _HOPPER = {
 _FP32 = {
     "lse_forward": KernelConfig(64, 64, 32, 4, 2),
     "backward_atomic": KernelConfig(32, 32, 32, 4, 2),
-    "grad_hidden": KernelConfig(32, 32, 32, 4, 2),
-    "grad_weight": KernelConfig(32, 64, 32, 4, 2),
+    "backward_ordered": KernelConfig(32, 32, 32, 4, 2),
 }
 # Resident blocks per SM each kernel's configurations must reach on every architecture and dtype (the
 # report computes them from registers, shared memory and threads; its test asserts these minima).
-MIN_BLOCKS_PER_SM = {"lse_forward": 1, "backward_atomic": 1, "grad_hidden": 1, "grad_weight": 1}
+MIN_BLOCKS_PER_SM = {"lse_forward": 1, "backward_atomic": 1, "backward_ordered": 1}
 # Under TRITON_INTERPRET=1 tiles are small so that test shapes span several tiles in every direction.
 INTERPRETER = KernelConfig(16, 32, 32, 1, 1)
 
@@ -75,15 +72,14 @@ _AMPERE_ALTERNATIVES = {
     # 64 x 64 with 4 warps: 182 registers, 2 resident blocks per SM on sm_86 (the default: 1 block of 8 warps)
     "backward_atomic": (KernelConfig(128, 128, 32, 8, 2), KernelConfig(128, 64, 64, 8, 2),
                         KernelConfig(64, 64, 32, 4, 2)),
-    "grad_hidden": (KernelConfig(64, 128, 64, 8, 3), KernelConfig(64, 128, 64, 8, 2)),
-    "grad_weight": (KernelConfig(128, 64, 64, 8, 2), KernelConfig(64, 128, 64, 8, 3)),
+    # 64 x 64 with 4 warps: 168 registers, 3 resident blocks per SM (64 x 128 x 64 reached 255 registers)
+    "backward_ordered": (KernelConfig(64, 64, 32, 4, 2),),
 }
 _HOPPER_ALTERNATIVES = {
     "lse_forward": (KernelConfig(64, 128, 64, 8, 3), KernelConfig(64, 256, 64, 8, 3),
                     KernelConfig(128, 128, 32, 8, 3)),
     "backward_atomic": (KernelConfig(128, 128, 64, 8, 3), KernelConfig(128, 64, 64, 8, 2)),
-    "grad_hidden": (KernelConfig(64, 128, 64, 8, 3), KernelConfig(128, 128, 32, 8, 3)),
-    "grad_weight": (KernelConfig(64, 128, 64, 8, 3), KernelConfig(128, 128, 32, 8, 3)),
+    "backward_ordered": (KernelConfig(128, 128, 64, 8, 2), KernelConfig(64, 128, 64, 8, 3)),
 }
 # The interpreter's pair lets the tests exercise autotuning (its trials and its cache) on CPU.
 _INTERPRETER_ALTERNATIVE = KernelConfig(32, 16, 16, 1, 1)

@@ -15,8 +15,7 @@ import triton
 
 from .autotune import TUNER, token_bucket
 from .backward_atomic import logprob_backward_atomic_kernel
-from .backward_hidden import grad_hidden_kernel
-from .backward_weight import grad_weight_kernel
+from .backward_ordered import logprob_backward_ordered_kernel
 from .configs import KernelConfig, candidate_configs, config_overridden, dtype_name, launch_config
 from .forward import lse_forward_kernel
 
@@ -129,7 +128,7 @@ def _zero(*outputs) -> None:
 
 @dataclass(frozen=True)
 class TritonBackend:
-    """Fused Triton kernels; ``deterministic`` avoids float atomics in backward (one more recompute);
+    """Fused Triton kernels; ``deterministic`` avoids float atomics in backward (token tiles take turns);
     ``autotune`` times the candidate configurations once per shape bucket (see :mod:`.autotune`)."""
 
     deterministic: bool = False
@@ -247,32 +246,32 @@ class TritonBackend:
 
             run_atomic(self._config("backward_atomic", hidden, weight, flags, run_atomic))
             return grad_hidden, grad_weight, grad_bias
-        if need_hidden:
-            def run_hidden(config: KernelConfig) -> None:
-                # splits of the vocabulary fill the GPU when N is small; their fp32 rows are summed in order
-                num_splits, vocab_per_split = vocab_splits(num_tokens, vocab_size, 4 * hidden_dim, config, device)
+        def run_ordered(config: KernelConfig) -> None:
+            # splits of the vocabulary fill the GPU when N is small; their fp32 grad_hidden rows are summed in
+            # order afterwards. Every slice launch adds into the same partial rows (launches are ordered).
+            num_splits = max(vocab_splits(num_tokens, end - start, 4 * hidden_dim if need_hidden else 0, config,
+                                          device)[0] for start, end in slices)
+            partial = unused
+            if need_hidden:
                 partial = grad_hidden if num_splits == 1 else \
                     torch.empty(num_splits, num_tokens, hidden_dim, dtype=torch.float32, device=device)
                 partial.zero_()
-                grad_hidden_kernel[(triton.cdiv(num_tokens, config.block_n), num_splits)](
-                    *slice_args(0, vocab_size), partial, num_tokens=num_tokens, vocab_size=vocab_size,
-                    hidden_dim=hidden_dim, vocab_per_split=vocab_per_split, filter_eps=filter_eps,
-                    FILTER=use_filter, **common, **_tiles(config),
+            _zero(grad_bias)
+            for start, end in slices:
+                sums, bias_sums = weight_outputs(start, end)
+                splits, vocab_per_split = vocab_splits(num_tokens, end - start, 4 * hidden_dim if need_hidden else 0,
+                                                       config, device)
+                tickets = torch.zeros(triton.cdiv(end - start, config.block_v), dtype=torch.int32, device=device)
+                logprob_backward_ordered_kernel[(triton.cdiv(num_tokens, config.block_n), splits)](
+                    *slice_args(start, end), partial, sums, bias_sums, tickets,
+                    num_tokens=num_tokens, vocab_size=end - start, hidden_dim=hidden_dim,
+                    vocab_per_split=vocab_per_split, filter_eps=filter_eps, FILTER=use_filter, **common,
+                    NEED_GRAD_HIDDEN=need_hidden, NEED_GRAD_WEIGHT=need_weight, NEED_GRAD_BIAS=need_bias,
+                    **_tiles(config),
                 )
-                if num_splits > 1:
-                    torch.sum(partial, dim=0, out=grad_hidden)
+                store_weight(start, end)
+            if need_hidden and num_splits > 1:
+                torch.sum(partial, dim=0, out=grad_hidden)
 
-            run_hidden(self._config("grad_hidden", hidden, weight, flags, run_hidden))
-        if need_weight or need_bias:
-            def run_weight(config: KernelConfig) -> None:
-                for start, end in slices:
-                    sums, bias_sums = weight_outputs(start, end)  # the kernel stores the bias sums whole
-                    grad_weight_kernel[(triton.cdiv(end - start, config.block_v),)](
-                        *slice_args(start, end), sums, bias_sums, num_tokens=num_tokens, vocab_size=end - start,
-                        hidden_dim=hidden_dim, filter_eps=filter_eps, FILTER=use_filter, **common,
-                        NEED_GRAD_WEIGHT=need_weight, NEED_GRAD_BIAS=need_bias, **_tiles(config),
-                    )
-                    store_weight(start, end)
-
-            run_weight(self._config("grad_weight", hidden, weight, flags, run_weight))
+        run_ordered(self._config("backward_ordered", hidden, weight, flags, run_ordered))
         return grad_hidden, grad_weight, grad_bias

@@ -1,0 +1,128 @@
+"""linear_cross_entropy: the scalar token cross-entropy whose chunked implementation forms its gradients in the
+forward (whole-vocabulary row chunks: three products, no recompute). Checked against the float64 reference for
+every head option, the upstream gradient, ignored tokens, and the cases that keep the recompute path."""
+
+import pytest
+import torch
+
+from helpers import TOLERANCE, make_problem, rel_err
+from tuna_kernels import linear_cross_entropy, token_logprobs
+from tuna_kernels.chunked import ChunkedBackend
+
+# (N, D, V, bias, logit_scale, softcap, ignored fraction)
+SHAPES = [
+    (70, 64, 301, True, 0.7, None, 0.2),
+    (45, 96, 130, True, 1.3, 4.0, 0.3),
+    (96, 32, 517, False, 1.0, 2.5, 0.0),
+]
+
+
+def reference_loss(hidden, weight, bias, labels, reduction, **head):
+    """The float64 loss from the materialised logits, and its gradients (hidden, weight[, bias])."""
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight) + (() if bias is None else (bias,))]
+    token_lp = token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2] if bias is not None else None,
+                              impl="reference", **head)
+    loss = -token_lp.sum()
+    if reduction == "mean":
+        loss = loss / (labels != -100).sum()
+    return (loss,) + torch.autograd.grad(loss * 3.0, leaves)
+
+
+def fused_loss(hidden, weight, bias, labels, reduction, **options):
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight) + (() if bias is None else (bias,))]
+    loss = linear_cross_entropy(leaves[0], leaves[1], labels, bias=leaves[2] if bias is not None else None,
+                                reduction=reduction, **options)
+    return (loss,) + torch.autograd.grad(loss * 3.0, leaves)  # an upstream gradient other than 1
+
+
+@pytest.fixture
+def sweeps(monkeypatch):
+    """Count the calls of the gradients-in-forward sweep and of the recompute backward."""
+    calls = {"nll_with_grads": 0, "backward": 0}
+    for name in calls:
+        original = getattr(ChunkedBackend, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(ChunkedBackend, name, counted)
+    return calls
+
+
+def chunk_options(vocab_size):
+    """Chunk sizes that give the gradients-in-forward sweep 32 whole-vocabulary rows per chunk (its minimum),
+    so every problem below spans two or three chunks, the last one partial."""
+    return dict(chunk_tokens=16, chunk_vocab=vocab_size)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradients_formed_in_forward_match_the_float64_reference(sweeps, shape, reduction, dtype):
+    num_tokens, hidden_dim, vocab_size, with_bias, logit_scale, softcap, ignored = shape
+    hidden, weight, bias, labels, _ = make_problem(num_tokens, hidden_dim, vocab_size, with_bias, ignored,
+                                                   dtype, SHAPES.index(shape))
+    head = dict(logit_scale=logit_scale, softcap=softcap)
+    assert ChunkedBackend(**chunk_options(vocab_size)).nll_rows(vocab_size) == 32 < num_tokens
+    got = fused_loss(hidden, weight, bias, labels, reduction, impl="chunked", **chunk_options(vocab_size), **head)
+    want = reference_loss(hidden, weight, bias, labels, reduction, **head)
+    assert sweeps == {"nll_with_grads": 1, "backward": 0}
+    tolerance = 1e-12 if dtype == torch.float64 else TOLERANCE[dtype]
+    assert got[0].dtype == dtype and got[0].dim() == 0
+    for name, actual, expected in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, want):
+        assert rel_err(actual, expected) <= tolerance, f"{name} {shape} {reduction} {dtype}"
+    assert [t.dtype for t in got[1:]] == [dtype] * (len(got) - 1)
+
+
+@pytest.mark.parametrize("case", ["frozen head", "bf16 head", "too few rows", "triton"])
+def test_other_heads_reduce_the_token_logprobs_and_still_match(sweeps, case):
+    """A frozen head (two products already), a 16-bit trainable head (its gradient would need a full fp32
+    [V, D] buffer), a chunk of fewer than 32 whole rows, and the Triton kernels all take token_logprobs."""
+    dtype = {"bf16 head": torch.bfloat16, "triton": torch.float16}.get(case, torch.float32)
+    hidden, weight, bias, labels, _ = make_problem(50, 64, 301, True, 0.2, dtype, seed=7)
+    options = dict(impl="triton") if case == "triton" else dict(impl="chunked", **chunk_options(301))
+    if case == "too few rows":
+        options["chunk_tokens"] = 15  # 2 * 15 * 301 // 301 = 30 rows < 32
+    want = reference_loss(hidden, weight, bias, labels, "mean", softcap=3.0)
+    if case == "frozen head":
+        h = hidden.clone().requires_grad_()
+        loss = linear_cross_entropy(h, weight, labels, bias=bias, softcap=3.0, **options)
+        got = (loss,) + torch.autograd.grad(loss * 3.0, [h])
+    else:
+        got = fused_loss(hidden, weight, bias, labels, "mean", softcap=3.0, **options)
+    assert sweeps["nll_with_grads"] == 0
+    assert sweeps["backward"] == (1 if case in ("bf16 head", "too few rows") else 0)
+    for actual, expected in zip(got, want):
+        assert rel_err(actual, expected) <= TOLERANCE[dtype], case
+
+
+def test_no_gradient_work_without_grad_mode_and_a_second_backward_agrees(monkeypatch):
+    hidden, weight, bias, labels, _ = make_problem(70, 64, 301, True, 0.2, torch.float32, seed=8)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    needs = []
+    original = ChunkedBackend.nll_with_grads
+
+    def spy(self, *args):
+        needs.append(args[-3:])
+        return original(self, *args)
+
+    monkeypatch.setattr(ChunkedBackend, "nll_with_grads", spy)
+    with torch.no_grad():  # evaluation: the forward alone (one product on either path), no gradient held
+        evaluated = linear_cross_entropy(*leaves[:2], labels, bias=leaves[2], impl="chunked", **chunk_options(301))
+    assert needs == []
+    loss = linear_cross_entropy(*leaves[:2], labels, bias=leaves[2], impl="chunked", **chunk_options(301))
+    assert needs == [(True, True, True)] and rel_err(loss, evaluated) <= 1e-6
+    first = [grad.clone() for grad in torch.autograd.grad(loss, leaves, retain_graph=True)]
+    second = torch.autograd.grad(loss, leaves)  # the gradients held since the forward are not scaled in place
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_mean_of_no_target_is_nan_and_a_bad_reduction_is_named():
+    hidden, weight, _, labels, _ = make_problem(40, 64, 301, False, 0.0, torch.float32, seed=9)
+    labels[:] = -100
+    for impl in ("chunked", "reference"):
+        assert torch.isnan(linear_cross_entropy(hidden, weight, labels, impl=impl, **chunk_options(301)))
+        assert float(linear_cross_entropy(hidden, weight, labels, impl=impl, reduction="sum")) == 0.0
+    with pytest.raises(ValueError, match="reduction must be one of .*'none'"):
+        linear_cross_entropy(hidden, weight, labels, reduction="none")

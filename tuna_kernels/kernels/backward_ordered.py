@@ -1,0 +1,97 @@
+"""Backward kernel, deterministic mode: one program per (token tile, vocabulary split), one recompute of each
+logit tile, no float atomics; the token tiles add to each grad_weight tile in a fixed order (a ticket)."""
+
+import triton
+import triton.language as tl
+
+from .common import dot_operand, grad_logit_tile, logit_tile, tile_needed
+
+
+@triton.jit
+def logprob_backward_ordered_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, labels_ptr, lse_ptr, grad_token_ptr,
+    grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr, tickets_ptr,
+    num_tokens, vocab_size, hidden_dim, vocab_per_split,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    logit_scale, softcap, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    NEED_GRAD_HIDDEN: tl.constexpr, NEED_GRAD_WEIGHT: tl.constexpr, NEED_GRAD_BIAS: tl.constexpr,
+    FILTER: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid (token tiles, vocabulary splits); ``vocab_per_split`` is a multiple of BLOCK_V.
+
+    Each program walks its split's vocabulary tiles in order, recomputes the tile's logits once and forms
+    dz = g * (onehot - p), then:
+
+    - grad_hidden[split, n] (fp32 [num_splits, N, D]) += scale * dz @ W[v]: rows it alone owns, read, added
+      to and written back; a torch sum over the splits (a fixed order) follows;
+    - grad_weight[v] (fp32 [V, D]) += scale * dz.T @ H[n] and grad_bias[v] (fp32 [V]) += sum_n dz: shared by
+      the token tiles, so they take turns in token-tile order. ``tickets[v tile]`` (int32, zeroed) holds the
+      number of token tiles done with that tile; a program waits (acquire) until it equals its own index,
+      adds with plain loads and stores, and hands over (release) by writing index + 1.
+
+    So every sum is formed in a fixed order (bit-reproducible) from one recompute of each tile, as the atomic
+    kernel does, not two. The turns cannot deadlock: a program waits only on the program of the previous
+    token tile in the same split, launched before it (grid dimension 0 varies fastest), hence resident or
+    finished. The fences are one acquire and one release per vocabulary tile, not per element.
+    """
+    pid_n = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    vocab_start = pid_split * vocab_per_split
+    vocab_end = tl.minimum(vocab_start + vocab_per_split, vocab_size)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < num_tokens
+    labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    grad_token = tl.load(grad_token_ptr + offs_n, mask=mask_n, other=0.0)
+    offs_d = tl.arange(0, BLOCK_D)
+    hidden_rows = grad_hidden_ptr + (pid_split.to(tl.int64) * num_tokens + offs_n)[:, None] * hidden_dim
+    for v0 in range(vocab_start, vocab_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < vocab_size
+        z = logit_tile(
+            hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, num_tokens, vocab_size, hidden_dim,
+            stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap,
+            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION,
+        )
+        dz = grad_logit_tile(z, lse, grad_token, labels, mask_n, offs_v, vocab_size, softcap, HAS_SOFTCAP)
+        needed = tile_needed(dz, grad_token, filter_eps, FILTER)
+        dz_dot, dz_scale = dot_operand(dz, grad_token, hidden_ptr.dtype.element_ty)
+        out_scale = dz_scale * logit_scale
+        if NEED_GRAD_HIDDEN:
+            if needed:
+                for d0 in range(0, hidden_dim, BLOCK_D):
+                    cols = d0 + offs_d
+                    cols64 = cols.to(tl.int64)
+                    mask_d = cols < hidden_dim
+                    mask_nd = mask_n[:, None] & mask_d[None, :]
+                    w = tl.load(weight_ptr + offs_v.to(tl.int64)[:, None] * stride_wv + cols64[None, :] * stride_wd,
+                                mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+                    partial = tl.load(hidden_rows + cols64[None, :], mask=mask_nd, other=0.0)
+                    partial += tl.dot(dz_dot, w, input_precision=DOT_PRECISION) * out_scale
+                    tl.store(hidden_rows + cols64[None, :], partial, mask=mask_nd)
+        if NEED_GRAD_WEIGHT or NEED_GRAD_BIAS:
+            ticket = tickets_ptr + v0 // BLOCK_V
+            while tl.atomic_add(ticket, 0, sem="acquire") != pid_n:
+                pass
+            if NEED_GRAD_BIAS:
+                bias_sums = tl.load(grad_bias_ptr + offs_v, mask=mask_v, other=0.0, cache_modifier=".cg")
+                tl.store(grad_bias_ptr + offs_v, bias_sums + tl.sum(dz, axis=0), mask=mask_v)
+            if NEED_GRAD_WEIGHT:
+                if needed:
+                    weight_rows = grad_weight_ptr + offs_v.to(tl.int64)[:, None] * hidden_dim
+                    for d0 in range(0, hidden_dim, BLOCK_D):
+                        cols = d0 + offs_d
+                        cols64 = cols.to(tl.int64)
+                        mask_d = cols < hidden_dim
+                        mask_vd = mask_v[:, None] & mask_d[None, :]
+                        h = tl.load(hidden_ptr + offs_n.to(tl.int64)[:, None] * stride_hn + cols64[None, :] * stride_hd,
+                                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                        # .cg: read past this SM's L1, which may hold the rows as an earlier turn left them
+                        sums = tl.load(weight_rows + cols64[None, :], mask=mask_vd, other=0.0, cache_modifier=".cg")
+                        sums += tl.dot(tl.trans(dz_dot), h, input_precision=DOT_PRECISION) * out_scale
+                        tl.store(weight_rows + cols64[None, :], sums, mask=mask_vd)
+            tl.debug_barrier()  # every thread's stores are issued before the hand-over
+            tl.atomic_xchg(ticket, pid_n + 1, sem="release")
