@@ -166,36 +166,54 @@ def test_only_needed_gradients_are_computed():
         assert rel_err(h.grad, expected) <= 1e-5
 
 
-def test_gradient_filter_skips_exactly_the_small_tiles():
+def filter_case(case):
+    """(hidden, weight, labels, grad_token, eps) of a gradient-filtering case."""
+    hidden, weight, _, labels, grad_token = make_problem(48, 64, 320, False, 0.0, torch.float32, seed=4)
+    if case == "tiny":  # only two vocabulary tiles of tiny probabilities (about e^-16 / 320) are dropped
+        hidden[:, 0] = 4.0
+        weight[64:128, 0] = -4.0
+        labels[(labels >= 64) & (labels < 128)] = 0
+        grad_token[16:32] *= 1e-4  # tiny upstream gradients: their tiles are not filtered for that
+        return hidden, weight, labels, grad_token, 2.0 ** -10
+    # "spread": near-uniform probabilities (about 1/320) and every target in the first vocabulary tile, so
+    # every other tile is dropped, and what it drops shows in the gradients
+    return hidden, weight * 0.05, labels % 32, grad_token, 0.02
+
+
+@pytest.mark.parametrize("case", ["tiny", "spread"])
+def test_gradient_filter_skips_exactly_the_small_tiles(monkeypatch, case):
     """With grad_filter_eps, a tile whose largest |onehot - p| is <= eps contributes nothing to the matmul
     gradients, whatever the upstream gradient's scale (Cut Cross-Entropy's definition); every other tile is
-    exact. Checked against float64 dz with those tiles zeroed."""
+    exact. Checked against float64 dz with those tiles zeroed, for Triton (its tiles) and chunked (blocks
+    of the same size inside chunks that are multiples of them)."""
+    from tuna_kernels import filtering
     from tuna_kernels.kernels.configs import INTERPRETER
 
-    hidden, weight, _, labels, grad_token = make_problem(48, 64, 320, False, 0.0, torch.float32, seed=4)
-    hidden[:, 0] = 4.0
-    weight[64:128, 0] = -4.0  # two vocabulary tiles of tiny probabilities (about e^-16 / 320)
-    labels[(labels >= 64) & (labels < 128)] = 0
-    grad_token[16:32] *= 1e-4  # tiny upstream gradients: their tiles are not filtered for that
-    eps = 2.0 ** -10
+    monkeypatch.setattr(filtering, "FILTER_BLOCK", (INTERPRETER.block_n, INTERPRETER.block_v))
+    hidden, weight, labels, grad_token, eps = filter_case(case)
     logits = hidden.double() @ weight.double().T
-    probs = torch.softmax(logits, dim=-1)
-    residual = torch.nn.functional.one_hot(labels, 320).double() - probs
+    residual = torch.nn.functional.one_hot(labels, 320).double() - torch.softmax(logits, dim=-1)
     dz = grad_token.double()[:, None] * residual
     shape = (48 // INTERPRETER.block_n, INTERPRETER.block_n, 320 // INTERPRETER.block_v, INTERPRETER.block_v)
     kept = residual.reshape(shape).abs().amax(dim=(1, 3), keepdim=True) > eps
     assert 0 < int(kept.sum()) < kept.numel(), "the case must filter some tiles and keep others"
-    assert bool(kept[1, :, 4:].all()), "tiny upstream gradients alone must not filter a tile"
+    if case == "tiny":
+        assert bool(kept[1, :, 4:].all()), "tiny upstream gradients alone must not filter a tile"
     dz_kept = (dz.reshape(shape) * kept).reshape(48, 320)
-    for deterministic in (False, True):
-        _, grad_hidden, grad_weight = logprobs_and_grads(
-            "triton", hidden, weight, None, labels, grad_token, grad_filter_eps=eps, deterministic=deterministic)
-        assert rel_err(grad_hidden, dz_kept @ weight.double()) <= 1e-5
-        assert rel_err(grad_weight, dz_kept.T @ hidden.double()) <= 1e-5
+    # "tiny" drops terms of about 1e-10 (filtering must not break the rest); "spread" must show the filter
+    assert (rel_err(dz_kept @ weight.double(), dz @ weight.double()) > 1e-2) == (case == "spread")
+    runs = [dict(impl="triton", deterministic=False), dict(impl="triton", deterministic=True),
+            dict(impl="chunked", chunk_tokens=2 * INTERPRETER.block_n, chunk_vocab=3 * INTERPRETER.block_v)]
+    for options in runs:
+        impl = options.pop("impl")
+        _, grad_hidden, grad_weight = logprobs_and_grads(impl, hidden, weight, None, labels, grad_token,
+                                                         grad_filter_eps=eps, **options)
+        assert rel_err(grad_hidden, dz_kept @ weight.double()) <= 1e-5, impl
+        assert rel_err(grad_weight, dz_kept.T @ hidden.double()) <= 1e-5, impl
 
 
 def test_gradient_filter_auto_threshold_per_dtype():
-    from tuna_kernels.kernels.launch import filter_threshold
+    from tuna_kernels.filtering import filter_threshold
 
     assert filter_threshold("auto", torch.bfloat16) == 2.0 ** -8
     assert filter_threshold("auto", torch.float16) == 2.0 ** -11

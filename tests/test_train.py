@@ -160,6 +160,27 @@ def test_non_finite_loss_stops_cleanly_or_is_skipped(tmp_path, monkeypatch):
     assert summary["status"] == "finished" and summary["skipped_nonfinite"] == 1
 
 
+def test_grad_filter_eps_reaches_the_backward_and_is_checked(tmp_path, monkeypatch):
+    """``tuna train --grad-filter-eps`` filters in the training step's backward (chunked on CPU: the same
+    tiles as Triton's); a value outside [0, 1) is refused naming the field; 0 filters nothing."""
+    from tuna_kernels import chunked
+
+    thresholds = []
+    real_drop = chunked.drop_small_blocks
+
+    def spy(grad_logits, grad_rows, eps, block=None):
+        thresholds.append(eps)
+        return real_drop(grad_logits, grad_rows, eps, block)
+
+    monkeypatch.setattr(chunked, "drop_small_blocks", spy)
+    Trainer(small_config(tmp_path / "off", max_steps=1, save_every=100)).train_step(0)
+    assert thresholds == []
+    Trainer(small_config(tmp_path / "on", max_steps=1, save_every=100, grad_filter_eps=0.02)).train_step(0)
+    assert thresholds and set(thresholds) == {0.02}
+    with pytest.raises(ValueError, match="'grad_filter_eps' must be in"):
+        small_config(tmp_path / "bad", grad_filter_eps=-1.0)
+
+
 def test_training_never_materialises_logits(tmp_path):
     from tuna_train.model import build_tiny_llama, synthetic_tokenizer
 

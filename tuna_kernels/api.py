@@ -25,6 +25,7 @@ import torch
 
 from .autograd import FusedLinearNll, FusedTokenLogprobs
 from .chunked import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNK_VOCAB, ChunkedBackend
+from .filtering import filter_threshold
 from .reference import reference_token_logprobs
 
 IMPLS = ("auto", "triton", "chunked", "reference")
@@ -156,8 +157,9 @@ def token_logprobs(
         chunk_tokens, chunk_vocab: tile sizes of the chunked implementation (defaults 1024 x 4096).
         deterministic: Triton backward without float atomics (bit-reproducible; token tiles add to each
             grad_weight tile in turn).
-        grad_filter_eps: Triton backward skips tiles whose largest |onehot - p| is at most this value and
-            that hold no NaN (Cut Cross-Entropy's gradient filtering; independent of the loss scale);
+        grad_filter_eps: the backward skips tiles whose largest |onehot - p| is at most this value and
+            that hold no NaN (Cut Cross-Entropy's gradient filtering; independent of the loss scale): Triton
+            its tiles, chunked the same 64 x 128 blocks of its chunks (zeroed, for fidelity, not speed);
             ``"auto"`` uses the input dtype's unit roundoff (bf16 2^-8, fp16 2^-11, fp32 2^-24);
             ``None`` (default) computes every tile.
         autotune: Triton kernels time their candidate configurations once per shape bucket and keep the
@@ -213,7 +215,7 @@ def linear_cross_entropy(
     num_targets = (labels != ignore_index).sum()
     with _autocast_off(autocast_device):
         if impl == "chunked":
-            backend = _chunked_backend(chunk_tokens, chunk_vocab)
+            backend = _chunked_backend(chunk_tokens, chunk_vocab, grad_filter_eps, hidden.dtype)
             # without grad mode (evaluation) the forward alone is one product on either path
             if backend.nll_with_grads_fits(weight, torch.is_grad_enabled() and weight.requires_grad):
                 count = int(num_targets)
@@ -232,10 +234,12 @@ def _autocast_off(device_type: Optional[str]):
     return torch.autocast(device_type, enabled=False) if device_type is not None else contextlib.nullcontext()
 
 
-def _chunked_backend(chunk_tokens: Optional[int], chunk_vocab: Optional[int]) -> ChunkedBackend:
+def _chunked_backend(chunk_tokens: Optional[int], chunk_vocab: Optional[int], grad_filter_eps,
+                     dtype: torch.dtype) -> ChunkedBackend:
     return ChunkedBackend(
         DEFAULT_CHUNK_TOKENS if chunk_tokens is None else int(chunk_tokens),
         DEFAULT_CHUNK_VOCAB if chunk_vocab is None else int(chunk_vocab),
+        None if grad_filter_eps is None else filter_threshold(grad_filter_eps, dtype),
     )
 
 
@@ -247,7 +251,7 @@ def _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, 
     if impl == "reference":
         return reference_token_logprobs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index)
     if impl == "chunked":
-        backend = _chunked_backend(chunk_tokens, chunk_vocab)
+        backend = _chunked_backend(chunk_tokens, chunk_vocab, grad_filter_eps, hidden.dtype)
     else:
         if hidden.dtype == torch.float64:
             raise TypeError("impl='triton' supports fp16, bf16 and fp32 inputs, not float64; use impl='chunked'")

@@ -26,6 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .filtering import drop_small_blocks
 from .rows import accumulate_dtype
 
 DEFAULT_CHUNK_TOKENS = 1024
@@ -128,7 +129,7 @@ def _forward_lse(hidden, weight, bias, labels, logit_scale, softcap, chunk_token
 
 
 def _backward_tiles(hidden, weight, bias, labels, lse, grad_token, logit_scale, softcap,
-                    chunk_tokens, chunk_vocab, need_hidden, need_weight, need_bias):
+                    chunk_tokens, chunk_vocab, need_hidden, need_weight, need_bias, filter_eps=None):
     """Gradients for the given rows (all with non-zero upstream gradient), accumulated in fp32.
 
     hidden: [n, D], labels/lse/grad_token: [n]. Returns grad_hidden [n, D] and grad_bias [V] in the compute
@@ -136,6 +137,7 @@ def _backward_tiles(hidden, weight, bias, labels, lse, grad_token, logit_scale, 
     outer loop: each vocabulary chunk's weight gradient is complete after one sweep over the tokens, so it
     is accumulated in an fp32 [chunk_vocab, D] buffer and written once into its slice of grad_weight. For a
     bf16 / fp16 head this avoids a full fp32 [V, D] buffer next to the copy in the parameter's dtype.
+    With ``filter_eps`` the two products skip the blocks the Triton backward would skip (filtering.py).
     """
     compute_dtype = lse.dtype
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
@@ -163,12 +165,14 @@ def _backward_tiles(hidden, weight, bias, labels, lse, grad_token, logit_scale, 
             grad_logits[rows, local[rows]] += g_chunk[rows]
             if tanh is not None:
                 grad_logits.mul_(1.0 - tanh * tanh)
+            if grad_bias is not None:  # never filtered
+                grad_bias[v0:v1] += grad_logits.sum(dim=0)
+            if filter_eps is not None:
+                drop_small_blocks(grad_logits, g_chunk, filter_eps)
             if grad_hidden is not None:
                 grad_hidden[t0:t1].addmm_(grad_logits, weight_chunk, alpha=logit_scale)
             if grad_weight_chunk is not None:
                 grad_weight_chunk.addmm_(grad_logits.T, hidden_chunk, alpha=logit_scale)
-            if grad_bias is not None:
-                grad_bias[v0:v1] += grad_logits.sum(dim=0)
         if grad_weight is not None:
             grad_weight[v0:v1] = grad_weight_chunk
     return grad_hidden, grad_weight, grad_bias
@@ -236,6 +240,8 @@ class ChunkedBackend:
 
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     chunk_vocab: int = DEFAULT_CHUNK_VOCAB
+    # gradient filtering's threshold on |onehot - p| (filtering.py), None: off
+    grad_filter_eps: Optional[float] = None
 
     def __post_init__(self):
         if self.chunk_tokens < 1 or self.chunk_vocab < 1:
@@ -256,7 +262,7 @@ class ChunkedBackend:
         here, where the recompute path sums it one vocabulary slice at a time; and fewer rows per chunk
         re-read the whole weight for a handful of tokens.
         """
-        if not weight_trains or weight.dtype not in (torch.float32, torch.float64):
+        if not weight_trains or weight.dtype not in (torch.float32, torch.float64) or self.grad_filter_eps is not None:
             return False
         return self.nll_rows(weight.shape[0]) >= MIN_NLL_ROWS
 
@@ -277,5 +283,5 @@ class ChunkedBackend:
                  need_hidden, need_weight, need_bias):
         return _backward_tiles(
             hidden, weight, bias, labels, lse, grad_token, logit_scale, softcap,
-            self.chunk_tokens, self.chunk_vocab, need_hidden, need_weight, need_bias,
+            self.chunk_tokens, self.chunk_vocab, need_hidden, need_weight, need_bias, self.grad_filter_eps,
         )

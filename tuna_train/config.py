@@ -122,6 +122,8 @@ class TrainConfig:
     impl: str = option("auto", "fused kernels: triton on CUDA, chunked torch elsewhere (auto)", TRAIN_IMPLS)
     kernel_autotune: bool = option(False, "Triton: time the candidate kernel configurations once per shape "
                                           "(or TUNA_AUTOTUNE=1)")
+    grad_filter_eps: float = option(0.0, "gradient filtering: the backward skips logit tiles whose largest "
+                                         "|onehot - p| is at most this (bf16's unit roundoff: 0.00390625; 0: off)")
 
     # optimisation
     optimizer: str = option("adamw", "optimizer (paged_adamw_8bit: bitsandbytes, for QLoRA)", OPTIMIZERS)
@@ -170,6 +172,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"config field '{name}' must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.grad_filter_eps < 1.0:
+            raise ValueError(f"config field 'grad_filter_eps' must be in [0, 1), got {self.grad_filter_eps}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"config field 'eval_fraction' must be in [0, 1), got {self.eval_fraction}")
         if self.load_in_4bit and not self.lora:

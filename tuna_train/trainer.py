@@ -94,7 +94,8 @@ class Trainer:
         self.loss_fn = TunaLoss(loss=config.loss, margin=config.margin, alpha=config.alpha,
                                 mle_weight=config.mle_weight, mle_on=config.mle_on, skip_ties=config.skip_ties,
                                 beta=config.beta, gamma=config.gamma, impl=config.impl,
-                                autotune=config.kernel_autotune or None)
+                                autotune=config.kernel_autotune or None,
+                                grad_filter_eps=config.grad_filter_eps or None)
         # the causal LM and the fused loss in one module: the one DDP / FSDP / ZeRO-3 wraps
         fused = FusedCausalLM(self.model, self.loss_fn, impl=config.impl, autotune=config.kernel_autotune or None)
         self.sharded = config.sharding == "fsdp"

@@ -13,6 +13,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import triton
 
+from ..filtering import filter_threshold
 from .autotune import TUNER, token_bucket
 from .backward_atomic import logprob_backward_atomic_kernel
 from .backward_ordered import logprob_backward_ordered_kernel
@@ -73,20 +74,6 @@ def _common_args(hidden, weight, bias, logit_scale, softcap):
 def _tiles(config):
     return dict(BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
                 num_warps=config.num_warps, num_stages=config.num_stages)
-
-
-# Gradient filtering's "auto" threshold per input dtype: the unit roundoff, below which |onehot - p| times
-# any upstream gradient is lost when the product's result is rounded to the parameter's dtype anyway.
-FILTER_EPS = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
-
-
-def filter_threshold(grad_filter_eps, dtype: torch.dtype) -> float:
-    """The threshold on |onehot - p| for ``grad_filter_eps`` (None: filtering off, 0 returned but unused)."""
-    if grad_filter_eps is None:
-        return 0.0
-    if grad_filter_eps == "auto":
-        return FILTER_EPS[dtype]
-    return float(grad_filter_eps)
 
 
 def _unit_stride(vector: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
