@@ -81,6 +81,8 @@ def check_against_naive(name, loss_fn, hidden, weight, labels, frozen: bool) -> 
         loss = fn(h, w, labels)
         loss.backward()
         results.append([loss.detach()] + [t.grad for t in (h, w) if t.grad is not None])
+    if len(results[0]) != len(results[1]):
+        raise AssertionError(f"{name}: gradients for {len(results[1]) - 1} inputs, naive {len(results[0]) - 1}")
     for expected, got in zip(*results):
         error = float((got - expected).norm() / expected.norm())
         if not error <= 1e-4:

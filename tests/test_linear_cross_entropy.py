@@ -116,13 +116,21 @@ def test_no_gradient_work_without_grad_mode_and_a_second_backward_agrees(monkeyp
     first = [grad.clone() for grad in torch.autograd.grad(loss, leaves, retain_graph=True)]
     second = torch.autograd.grad(loss, leaves)  # the gradients held since the forward are not scaled in place
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+    with pytest.raises(RuntimeError, match="freed"):
+        torch.autograd.grad(loss, leaves)  # the held gradients were freed with the graph after the backward
 
 
-def test_mean_of_no_target_is_nan_and_a_bad_reduction_is_named():
+def test_mean_of_no_target_is_nan_with_zero_gradients_and_a_bad_reduction_is_named(sweeps):
+    """As F.cross_entropy: an all-ignored batch (padding, a rank with no target) gives a NaN mean but zero
+    gradients, which cannot poison an all-reduce or an optimizer step."""
     hidden, weight, _, labels, _ = make_problem(40, 64, 301, False, 0.0, torch.float32, seed=9)
     labels[:] = -100
     for impl in ("chunked", "reference"):
-        assert torch.isnan(linear_cross_entropy(hidden, weight, labels, impl=impl, **chunk_options(301)))
-        assert float(linear_cross_entropy(hidden, weight, labels, impl=impl, reduction="sum")) == 0.0
+        for reduction in ("mean", "sum"):
+            leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+            loss = linear_cross_entropy(*leaves, labels, impl=impl, reduction=reduction, **chunk_options(301))
+            assert torch.isnan(loss) if reduction == "mean" else float(loss.detach()) == 0.0
+            assert all(bool((grad == 0).all()) for grad in torch.autograd.grad(loss, leaves)), (impl, reduction)
+    assert sweeps["nll_with_grads"] == 2
     with pytest.raises(ValueError, match="reduction must be one of .*'none'"):
         linear_cross_entropy(hidden, weight, labels, reduction="none")

@@ -72,7 +72,7 @@ def test_triton_deterministic_mode_is_bitwise_reproducible():
 
 def test_deterministic_backward_recomputes_each_tile_once_and_splits_the_vocabulary(monkeypatch):
     """Deterministic mode is one kernel, one program per (token tile, vocabulary split): each logit tile is
-    recomputed once (grid x split width covers the vocabulary once per token tile), grad_hidden goes to fp32
+    recomputed once (the splits cover the vocabulary once per token tile), grad_hidden goes to fp32
     partial rows summed in a fixed order (a GPU is filled at small N), and the token tiles take their turns
     at every grad_weight tile (each ticket ends at the number of token tiles). Right against float64, and
     the same to rounding as the whole vocabulary in one split."""
@@ -93,13 +93,16 @@ def test_deterministic_backward_recomputes_each_tile_once_and_splits_the_vocabul
     (grid, vocab_per_split, vocab_size, tickets), = launches
     problem = make_problem(45, 64, 301, True, 0.2, torch.float32, seed=5)
     target_rows = int((problem[3] != -100).sum())  # the rows with a target (and a non-zero gradient)
-    assert grid[0] == -(-target_rows // launch.launch_config("backward_ordered", None).block_n) >= 2
-    assert grid[1] >= 2 and (grid[1] - 1) * vocab_per_split < vocab_size <= grid[1] * vocab_per_split
-    assert tickets.tolist() == [grid[0]] * len(tickets)
+    token_tiles = -(-target_rows // launch.launch_config("backward_ordered", None).block_n)
+    splits = grid[0] // token_tiles
+    assert token_tiles >= 2 and grid == (token_tiles * splits,)
+    assert splits >= 2 and (splits - 1) * vocab_per_split < vocab_size <= splits * vocab_per_split
+    # every program started once, and every token tile took its turn at every vocabulary tile
+    assert tickets.tolist() == [grid[0]] + [token_tiles] * (len(tickets) - 1)
     split = logprobs_and_grads("triton", *problem, deterministic=True)
     monkeypatch.setattr(launch, "SPLIT_ROWS_BYTES", 0)  # no room for partial rows: one split
     whole = logprobs_and_grads("triton", *problem, deterministic=True)
-    assert launches[-1][0][1] == 1
+    assert launches[-1][0][0] == token_tiles  # one split
     for got, expected in zip(split, whole):
         assert rel_err(got, expected) < 1e-6
 

@@ -41,6 +41,7 @@ def check_rows(rows):
             # deterministic: no gradient added by an atomic; one fence, the ticket hand-over's release per tile
             assert row["float_atomics"] == 0, f"float atomics in {where}"
             assert row["fenced_atomics"] == HANDOVER_FENCES["backward_ordered"] == 1, f"fences in {where}"
+            assert row["l1_invalidates"] >= 1, f"no acquire (CCTL.IVALL) in {where}: a turn could read stale sums"
         else:
             assert row["fenced_atomics"] == 0, f"fenced (acq_rel) atomics, MEMBAR in the SASS of {where}"
         if row["kernel"] == "backward_atomic":

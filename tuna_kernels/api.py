@@ -219,9 +219,11 @@ def linear_cross_entropy(
             # without grad mode (evaluation) the forward alone is one product on either path
             if backend.nll_with_grads_fits(weight, torch.is_grad_enabled() and weight.requires_grad):
                 count = int(num_targets)
-                loss_scale = 1.0 if reduction == "sum" else (1.0 / count if count else float("nan"))
-                return FusedLinearNll.apply(backend, hidden, weight, bias, labels, float(logit_scale),
+                loss_scale = 1.0 if reduction == "sum" or count == 0 else 1.0 / count
+                loss = FusedLinearNll.apply(backend, hidden, weight, bias, labels, float(logit_scale),
                                             None if softcap is None else float(softcap), ignore_index, loss_scale)
+                # a mean over no target: NaN, with zero gradients (as F.cross_entropy), not NaN gradients
+                return loss + float("nan") if reduction == "mean" and count == 0 else loss
         token_lp = _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl,
                              chunk_tokens, chunk_vocab, deterministic, grad_filter_eps, autotune)
     loss = -token_lp.sum()

@@ -119,7 +119,7 @@ def _forward_lse(hidden, weight, bias, labels, logit_scale, softcap, chunk_token
             running_max = new_max
             if expected is not None:
                 if tanh is not None:
-                    probs.mul_(1.0 - tanh * tanh)
+                    probs.mul_(tanh.mul_(tanh).neg_().add_(1.0))  # tanh is spent: 1 - tanh^2 in place
                 expected[t0:t1].mul_(rescale[:, None]).addmm_(probs, weight_chunk)
         lse[t0:t1] = running_max + running_sum.log()
         target_logit[t0:t1] = running_target
@@ -164,7 +164,7 @@ def _backward_tiles(hidden, weight, bias, labels, lse, grad_token, logit_scale, 
             rows = inside.nonzero().squeeze(1)
             grad_logits[rows, local[rows]] += g_chunk[rows]
             if tanh is not None:
-                grad_logits.mul_(1.0 - tanh * tanh)
+                grad_logits.mul_(tanh.mul_(tanh).neg_().add_(1.0))  # tanh is spent: 1 - tanh^2 in place
             if grad_bias is not None:  # never filtered
                 grad_bias[v0:v1] += grad_logits.sum(dim=0)
             if filter_eps is not None:
@@ -218,7 +218,7 @@ def _nll_rows_with_grads(hidden, weight, bias, labels, logit_scale, softcap, row
         inv_sum = row_sum.reciprocal()
         target_slope = torch.ones_like(target_logit)  # dz/dz_raw at the target: 1, or 1 - tanh^2 with softcap
         if tanh is not None:
-            exps.mul_(1.0 - tanh * tanh)
+            exps.mul_(tanh.mul_(tanh).neg_().add_(1.0))  # tanh is spent: 1 - tanh^2 in place
             ratio = target_logit / softcap
             target_slope = 1.0 - ratio * ratio
         if grad_hidden is not None:

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 # is lost when the product's result is rounded to the parameter's dtype anyway.
 FILTER_EPS = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24,
               torch.float64: 2.0 ** -53}
-# The chunked path filters blocks of the Triton kernels' 16-bit backward tile (64 tokens x 128 vocabulary
-# entries on every architecture, kernels/configs.py), so both paths drop the same gradient terms when the
-# chunk sizes are multiples of it (the defaults are).
+# The chunked path filters blocks of the Triton kernels' default 16-bit backward tile (64 tokens x 128
+# vocabulary entries on every architecture, kernels/configs.py), so both paths drop the same gradient terms
+# in that configuration when the chunk sizes are multiples of it (the defaults are); fp32 and autotuned
+# Triton configurations have other tiles.
 FILTER_BLOCK = (64, 128)
 
 

@@ -92,6 +92,7 @@ class ReportRow:
     fenced_atomics: int = 0  # GPU-scope MEMBARs in the SASS (an acq_rel atomic compiles to one each)
     atomics: int = 0  # RED / ATOM instructions
     float_atomics: int = 0  # of which on fp32 values (gradient sums)
+    l1_invalidates: int = 0  # CCTL.IVALL: what an acquire compiles to (with a strong load or atomic)
 
     @property
     def mma_expected(self) -> bool:
@@ -105,8 +106,8 @@ class ReportRow:
 
 
 # GPU-scope fences a kernel is built with: the deterministic backward's ticket hand-over releases once per
-# vocabulary tile (its acquire compiles to a strong load + L1 invalidate, no MEMBAR); it adds no gradient with
-# an atomic. Every other kernel: none (its atomics are relaxed).
+# vocabulary tile (its acquire compiles to a strong access + L1 invalidate, CCTL.IVALL, no MEMBAR); it adds no
+# gradient with an atomic. Every other kernel: none (its atomics are relaxed).
 HANDOVER_FENCES = {"backward_ordered": 1}
 
 
@@ -167,6 +168,7 @@ class Resources:
     fenced_atomics: int = 0
     atomics: int = 0
     float_atomics: int = 0
+    l1_invalidates: int = 0
 
 
 def compile_and_inspect(fn, signature: Dict[str, str], constexprs: Dict[str, object], attrs, arch: int,
@@ -199,6 +201,7 @@ def compile_and_inspect(fn, signature: Dict[str, str], constexprs: Dict[str, obj
         fenced_atomics=len(re.findall(r"\bMEMBAR\.\S*(?:GPU|SYS)\b", sass)),
         atomics=len(re.findall(r"\b(?:RED|REDG|ATOM|ATOMG)\b", sass)),
         float_atomics=len(re.findall(r"\b(?:RED|REDG|ATOM|ATOMG)\.\S*F32", sass)),
+        l1_invalidates=len(re.findall(r"\bCCTL\.IVALL\b", sass)),
     )
 
 
@@ -241,6 +244,7 @@ def compile_row(kernel: str, arch: int, dtype: str, config, default: bool = True
         mma=found.mma_instructions > 0, mma_instructions=found.mma_instructions, default=default,
         blocks_per_sm=resident_blocks(arch, found.registers, found.shared_bytes, config.num_warps),
         fenced_atomics=found.fenced_atomics, atomics=found.atomics, float_atomics=found.float_atomics,
+        l1_invalidates=found.l1_invalidates,
     )
 
 

@@ -20,7 +20,7 @@ def logprob_backward_ordered_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Grid (token tiles, vocabulary splits); ``vocab_per_split`` is a multiple of BLOCK_V.
+    """Grid (token tiles * vocabulary splits,); ``vocab_per_split`` is a multiple of BLOCK_V.
 
     Each program walks its split's vocabulary tiles in order, recomputes the tile's logits once and forms
     dz = g * (onehot - p), then:
@@ -28,17 +28,22 @@ def logprob_backward_ordered_kernel(
     - grad_hidden[split, n] (fp32 [num_splits, N, D]) += scale * dz @ W[v]: rows it alone owns, read, added
       to and written back; a torch sum over the splits (a fixed order) follows;
     - grad_weight[v] (fp32 [V, D]) += scale * dz.T @ H[n] and grad_bias[v] (fp32 [V]) += sum_n dz: shared by
-      the token tiles, so they take turns in token-tile order. ``tickets[v tile]`` (int32, zeroed) holds the
-      number of token tiles done with that tile; a program waits (acquire) until it equals its own index,
-      adds with plain loads and stores, and hands over (release) by writing index + 1.
+      the token tiles, so they take turns in token-tile order. ``tickets`` (int32 [1 + vocabulary tiles],
+      zeroed): ``tickets[1 + j]`` holds the number of token tiles done with vocabulary tile j; a program polls
+      it (volatile loads) until it equals its own token tile, acquires once, adds with plain loads and
+      stores, and hands over (barrier, then a release exchange of its token tile + 1).
 
-    So every sum is formed in a fixed order (bit-reproducible) from one recompute of each tile, as the atomic
-    kernel does, not two. The turns cannot deadlock: a program waits only on the program of the previous
-    token tile in the same split, launched before it (grid dimension 0 varies fastest), hence resident or
-    finished. The fences are one acquire and one release per vocabulary tile, not per element.
+    So every sum is formed in a fixed order (bit-reproducible for a given configuration) from one recompute of
+    each tile, as the atomic kernel does. The turns cannot deadlock: ``tickets[0]`` hands out the programs'
+    (token tile, split) in the order they start, token tiles fastest, so the program a turn waits for (the
+    previous token tile of the same split) has started before it, and is resident or finished, whatever
+    order the GPU dispatches blocks in. The fences are one acquire and one release per vocabulary tile.
     """
-    pid_n = tl.program_id(0)
-    pid_split = tl.program_id(1)
+    # the order programs start in, not their launch index: see the docstring
+    program = tl.atomic_add(tickets_ptr, 1, sem="relaxed")
+    num_token_tiles = tl.cdiv(num_tokens, BLOCK_N)
+    pid_n = program % num_token_tiles
+    pid_split = program // num_token_tiles
     vocab_start = pid_split * vocab_per_split
     vocab_end = tl.minimum(vocab_start + vocab_per_split, vocab_size)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -73,9 +78,10 @@ def logprob_backward_ordered_kernel(
                     partial += tl.dot(dz_dot, w, input_precision=DOT_PRECISION) * out_scale
                     tl.store(hidden_rows + cols64[None, :], partial, mask=mask_nd)
         if NEED_GRAD_WEIGHT or NEED_GRAD_BIAS:
-            ticket = tickets_ptr + v0 // BLOCK_V
-            while tl.atomic_add(ticket, 0, sem="acquire") != pid_n:
+            ticket = tickets_ptr + 1 + v0 // BLOCK_V
+            while tl.load(ticket, volatile=True) != pid_n:  # polls without fences or L1 invalidation
                 pass
+            tl.atomic_add(ticket, 0, sem="acquire")  # once: the previous turn's stores are visible from here
             if NEED_GRAD_BIAS:
                 bias_sums = tl.load(grad_bias_ptr + offs_v, mask=mask_v, other=0.0, cache_modifier=".cg")
                 tl.store(grad_bias_ptr + offs_v, bias_sums + tl.sum(dz, axis=0), mask=mask_v)
@@ -89,7 +95,7 @@ def logprob_backward_ordered_kernel(
                         mask_vd = mask_v[:, None] & mask_d[None, :]
                         h = tl.load(hidden_ptr + offs_n.to(tl.int64)[:, None] * stride_hn + cols64[None, :] * stride_hd,
                                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-                        # .cg: read past this SM's L1, which may hold the rows as an earlier turn left them
+                        # .cg: read at L2, where the previous turn's stores are (the acquire invalidated L1 too)
                         sums = tl.load(weight_rows + cols64[None, :], mask=mask_vd, other=0.0, cache_modifier=".cg")
                         sums += tl.dot(tl.trans(dz_dot), h, input_precision=DOT_PRECISION) * out_scale
                         tl.store(weight_rows + cols64[None, :], sums, mask=mask_vd)

@@ -248,8 +248,8 @@ class TritonBackend:
                 sums, bias_sums = weight_outputs(start, end)
                 splits, vocab_per_split = vocab_splits(num_tokens, end - start, 4 * hidden_dim if need_hidden else 0,
                                                        config, device)
-                tickets = torch.zeros(triton.cdiv(end - start, config.block_v), dtype=torch.int32, device=device)
-                logprob_backward_ordered_kernel[(triton.cdiv(num_tokens, config.block_n), splits)](
+                tickets = torch.zeros(1 + triton.cdiv(end - start, config.block_v), dtype=torch.int32, device=device)
+                logprob_backward_ordered_kernel[(triton.cdiv(num_tokens, config.block_n) * splits,)](
                     *slice_args(start, end), partial, sums, bias_sums, tickets,
                     num_tokens=num_tokens, vocab_size=end - start, hidden_dim=hidden_dim,
                     vocab_per_split=vocab_per_split, filter_eps=filter_eps, FILTER=use_filter, **common,
