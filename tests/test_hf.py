@@ -97,6 +97,20 @@ def test_fused_sft_loss_equals_the_model_loss_and_builds_no_logits():
     assert model(input_ids=input_ids).logits.shape[-1] == 8192  # without labels: the model's own forward
 
 
+def test_fused_sft_loss_without_a_target_is_nan_with_zero_gradients_like_the_model_loss():
+    """A batch whose labels are all ignored (truncation): the model's own loss is NaN with zero gradients; so is
+    the fused one, so one such step cannot turn the head into NaN."""
+    model = build_tiny_llama(vocab_size=1000, hidden_size=32, seed=4)
+    input_ids = torch.randint(3, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(input_ids, -100)
+    expected = model(input_ids=input_ids, labels=labels).loss
+    assert torch.isnan(expected)
+    loss = causal_lm_loss(model, input_ids, None, labels)
+    assert torch.isnan(loss)
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    assert all(g is None or bool((g == 0).all()) for g in grads)
+
+
 def test_fused_sft_loss_never_holds_an_eighth_of_the_logits():
     """The SFT loss is a scalar: its chunked path holds whole-vocabulary row chunks of at most two default
     tiles (2 x 1024 x 4096 fp32 = 32 MiB) whatever the number of tokens; here an eighth of the logits."""

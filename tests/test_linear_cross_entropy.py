@@ -134,3 +134,19 @@ def test_mean_of_no_target_is_nan_with_zero_gradients_and_a_bad_reduction_is_nam
     assert sweeps["nll_with_grads"] == 2
     with pytest.raises(ValueError, match="reduction must be one of .*'none'"):
         linear_cross_entropy(hidden, weight, labels, reduction="none")
+    for bad in (2.0, -1.0, float("nan"), "AUTO"):  # >= 1 would silently drop every gradient tile
+        with pytest.raises(ValueError, match="grad_filter_eps must be None, 'auto' or a number in"):
+            linear_cross_entropy(hidden, weight, labels, grad_filter_eps=bad)
+
+
+def test_an_input_changed_in_place_before_the_backward_is_an_error():
+    """The gradients are formed in the forward: changing the weight in place before the backward must raise (as
+    autograd does for a saved tensor), not give the gradients of the old weight."""
+    hidden, weight, _, labels, _ = make_problem(70, 64, 301, False, 0.2, torch.float32, seed=10)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    loss = linear_cross_entropy(hidden, weight, labels, impl="chunked", **chunk_options(301))
+    with torch.no_grad():
+        weight.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -107,6 +107,8 @@ def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: Optional[torc
     count = targets.numel() if num_items_in_batch is None else num_items_in_batch
     if torch.is_tensor(count):
         count = count.to(summed.device)
+    if int(count) == 0:  # as the model's own loss: a NaN mean with zero (not NaN) gradients
+        return summed * 0.0 + float("nan")
     return summed / count
 
 

@@ -25,7 +25,7 @@ import torch
 
 from .autograd import FusedLinearNll, FusedTokenLogprobs
 from .chunked import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNK_VOCAB, ChunkedBackend
-from .filtering import filter_threshold
+from .filtering import check_filter_eps, filter_threshold
 from .reference import reference_token_logprobs
 
 IMPLS = ("auto", "triton", "chunked", "reference")
@@ -171,6 +171,7 @@ def token_logprobs(
     """
     hidden, weight, bias, autocast_device = _follow_autocast(hidden, weight, bias)
     _check_inputs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index)
+    check_filter_eps(grad_filter_eps)
     impl = _resolve_impl(impl, hidden.device)
     with _autocast_off(autocast_device):
         return _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl,
@@ -197,12 +198,14 @@ def linear_cross_entropy(
     """Token cross-entropy ``-logp_t`` of :func:`token_logprobs`, averaged (``reduction="mean"``, over the
     target tokens; NaN when there is none, as ``F.cross_entropy``) or summed (``"sum"``) into one number.
 
-    Same arguments as :func:`token_logprobs`. Because the loss is a scalar, every token's upstream gradient
-    is known at the forward up to one number, and the chunked implementation forms the gradients while it
-    has each logit tile: three N x V x D products (logits, grad_hidden, grad_weight) against four for
-    ``token_logprobs(...).sum()`` (whose backward must recompute the logits). It does so when a chunk of whole
-    vocabulary rows holds enough tokens and a trainable head is fp32 (see ``ChunkedBackend.nll_with_grads_fits``);
-    otherwise, and for ``impl="triton"`` / ``"reference"``, it reduces :func:`token_logprobs`.
+    Same arguments as :func:`token_logprobs` (porting from ``F.linear_cross_entropy``: the bias is ``bias=``,
+    per-token losses are ``-token_logprobs(...)``; no label smoothing or class weights). Because the loss is a
+    scalar, every token's upstream gradient is known at the forward up to one number, and the chunked
+    implementation forms the gradients while it has each logit tile: three N x V x D products (logits,
+    grad_hidden, grad_weight) against four for ``token_logprobs(...).sum()`` (whose backward must recompute the
+    logits). It does so when a chunk of whole vocabulary rows holds enough tokens and a trainable head is fp32
+    (see ``ChunkedBackend.nll_with_grads_fits``); otherwise, and for ``impl="triton"`` / ``"reference"``, it
+    reduces :func:`token_logprobs`.
 
     Returns:
         [] float32 (float64 for float64 inputs), differentiable with respect to hidden, weight and bias.
@@ -211,6 +214,7 @@ def linear_cross_entropy(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     hidden, weight, bias, autocast_device = _follow_autocast(hidden, weight, bias)
     _check_inputs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index)
+    check_filter_eps(grad_filter_eps)
     impl = _resolve_impl(impl, hidden.device)
     num_targets = (labels != ignore_index).sum()
     with _autocast_off(autocast_device):

@@ -61,7 +61,7 @@ class FusedTokenLogprobs(torch.autograd.Function):
         return scatter_rows(target_logit - lse, rows, num_tokens)
 
     @staticmethod
-    @once_differentiable  # the backward's own matmuls are not differentiated (a clear error under create_graph)
+    @once_differentiable  # the backward's own matmuls are not differentiated: no second derivative
     def backward(ctx, grad_token_lp):
         # the backend's matmuls run in the dtypes they are given, whatever autocast the caller has on
         with torch.autocast(grad_token_lp.device.type, enabled=False):
@@ -118,8 +118,10 @@ class FusedLinearNll(torch.autograd.Function):
         )
         if grad_hidden is not None:
             grad_hidden = scatter_rows(grad_hidden, rows, hidden.shape[0])
-        # saved, not kept as attributes: autograd frees them after the backward (unless the graph is retained)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        # saved, not kept as attributes: autograd frees them after the backward (unless the graph is retained);
+        # hidden and weight are saved only for autograd's version check (an in-place change of either between
+        # forward and backward is an error, not stale gradients)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, hidden, weight)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.loss_scale = loss_scale
         return total * loss_scale
@@ -130,5 +132,5 @@ class FusedLinearNll(torch.autograd.Function):
         scale = grad_loss * ctx.loss_scale  # [] in the compute dtype, as the loss
         # out of place: a graph kept with retain_graph=True must give the same gradients on a second backward
         grad_hidden, grad_weight, grad_bias = (None if grad is None else (grad * scale).to(dtype)
-                                               for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes))
+                                               for grad, dtype in zip(ctx.saved_tensors[:3], ctx.dtypes))
         return None, grad_hidden, grad_weight, grad_bias, None, None, None, None, None

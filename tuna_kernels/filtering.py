@@ -23,6 +23,16 @@ FILTER_EPS = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float3
 FILTER_BLOCK = (64, 128)
 
 
+def check_filter_eps(grad_filter_eps) -> None:
+    """Raise a ValueError naming ``grad_filter_eps`` unless it is None, "auto" or a number in [0, 1) (at 1 or
+    above every tile would be dropped: |onehot - p| <= 1 always)."""
+    if grad_filter_eps is None or grad_filter_eps == "auto":
+        return
+    if isinstance(grad_filter_eps, bool) or not isinstance(grad_filter_eps, (int, float)) \
+            or not 0.0 <= grad_filter_eps < 1.0:
+        raise ValueError(f"grad_filter_eps must be None, 'auto' or a number in [0, 1), got {grad_filter_eps!r}")
+
+
 def filter_threshold(grad_filter_eps, dtype: torch.dtype) -> float:
     """The threshold on |onehot - p| for ``grad_filter_eps`` (None: filtering off, 0 returned but unused)."""
     if grad_filter_eps is None:
