@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import make_problem
-from tuna_kernels import GroupLayout, TunaLoss, sequence_logprobs, token_logprobs
+from tuna_kernels import GroupLayout, TunaLoss, linear_cross_entropy, sequence_logprobs, token_logprobs
 
 # bf16 tl.dot is wrong under the Triton interpreter, so the Triton path is checked with fp16 autocast.
 CASES = [("chunked", torch.bfloat16), ("chunked", torch.float16), ("triton", torch.float16)]
@@ -52,6 +52,14 @@ def test_sequence_logprobs_under_autocast_equal_lowered_inputs(impl, dtype):
         return sequence_logprobs(h, w, labels, seq_index, 4, bias=b, impl=impl, chunk_tokens=16, chunk_vocab=64)[0]
 
     assert_same_path(fn, impl, dtype)
+
+
+@pytest.mark.parametrize("impl,dtype", CASES)
+def test_linear_cross_entropy_under_autocast_equals_lowered_inputs(impl, dtype):
+    """The SFT loss of the Hugging Face drop-in, as a bf16-autocast user runs it (a 16-bit head: the
+    recompute path)."""
+    assert_same_path(lambda h, w, b, labels: linear_cross_entropy(h, w, labels, bias=b, impl=impl,
+                                                                  chunk_tokens=16, chunk_vocab=64), impl, dtype)
 
 
 @pytest.mark.parametrize("impl,dtype", CASES)

@@ -101,15 +101,14 @@ def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: Optional[torc
     """
     hidden, targets, _ = shifted_targets(model, input_ids, attention_mask, labels, position_ids)
     head = lm_head_spec(model).cast(hidden.dtype)
-    # a scalar loss: the chunked path forms its gradients in the forward (no recompute in the backward)
-    summed = linear_cross_entropy(hidden, head.weight, targets, reduction="sum", bias=head.bias,
-                                  logit_scale=head.logit_scale, softcap=head.softcap, **logprob_options)
-    count = targets.numel() if num_items_in_batch is None else num_items_in_batch
-    if torch.is_tensor(count):
-        count = count.to(summed.device)
-    if int(count) == 0:  # as the model's own loss: a NaN mean with zero (not NaN) gradients
-        return summed * 0.0 + float("nan")
-    return summed / count
+    # a scalar loss: the chunked path forms its gradients in the forward (no recompute in the backward); a mean
+    # over no target is NaN with zero gradients, as the model's own loss
+    loss = linear_cross_entropy(hidden, head.weight, targets, reduction="mean" if num_items_in_batch is None else "sum",
+                                bias=head.bias, logit_scale=head.logit_scale, softcap=head.softcap, **logprob_options)
+    if num_items_in_batch is None:
+        return loss
+    count = num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+    return loss / count
 
 
 @dataclass

@@ -169,10 +169,8 @@ def token_logprobs(
         [N] float32 (float64 for float64 inputs) log p(labels[t]), 0 at ignored positions.
         Differentiable with respect to ``hidden``, ``weight`` and ``bias`` for any upstream gradient.
     """
-    hidden, weight, bias, autocast_device = _follow_autocast(hidden, weight, bias)
-    _check_inputs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index)
-    check_filter_eps(grad_filter_eps)
-    impl = _resolve_impl(impl, hidden.device)
+    hidden, weight, bias, impl, autocast_device = _prepare(hidden, weight, labels, bias, logit_scale, softcap,
+                                                           ignore_index, impl, grad_filter_eps)
     with _autocast_off(autocast_device):
         return _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl,
                          chunk_tokens, chunk_vocab, deterministic, grad_filter_eps, autotune)
@@ -212,26 +210,33 @@ def linear_cross_entropy(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    hidden, weight, bias, autocast_device = _follow_autocast(hidden, weight, bias)
-    _check_inputs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index)
-    check_filter_eps(grad_filter_eps)
-    impl = _resolve_impl(impl, hidden.device)
-    num_targets = (labels != ignore_index).sum()
+    hidden, weight, bias, impl, autocast_device = _prepare(hidden, weight, labels, bias, logit_scale, softcap,
+                                                           ignore_index, impl, grad_filter_eps)
+    total = None
     with _autocast_off(autocast_device):
         if impl == "chunked":
             backend = _chunked_backend(chunk_tokens, chunk_vocab, grad_filter_eps, hidden.dtype)
             # without grad mode (evaluation) the forward alone is one product on either path
             if backend.nll_with_grads_fits(weight, torch.is_grad_enabled() and weight.requires_grad):
-                count = int(num_targets)
-                loss_scale = 1.0 if reduction == "sum" or count == 0 else 1.0 / count
-                loss = FusedLinearNll.apply(backend, hidden, weight, bias, labels, float(logit_scale),
-                                            None if softcap is None else float(softcap), ignore_index, loss_scale)
-                # a mean over no target: NaN, with zero gradients (as F.cross_entropy), not NaN gradients
-                return loss + float("nan") if reduction == "mean" and count == 0 else loss
-        token_lp = _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl,
-                             chunk_tokens, chunk_vocab, deterministic, grad_filter_eps, autotune)
-    loss = -token_lp.sum()
-    return loss if reduction == "sum" else loss / num_targets
+                total = FusedLinearNll.apply(backend, hidden, weight, bias, labels, float(logit_scale),
+                                             None if softcap is None else float(softcap), ignore_index)
+        if total is None:
+            total = -_dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl,
+                               chunk_tokens, chunk_vocab, deterministic, grad_filter_eps, autotune).sum()
+    if reduction == "sum":
+        return total
+    # a mean over no target is NaN with zero (not NaN) gradients, as F.cross_entropy's; no host sync
+    num_targets = (labels != ignore_index).sum()
+    return torch.where(num_targets > 0, total / num_targets.clamp(min=1), float("nan"))
+
+
+def _prepare(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl, grad_filter_eps):
+    """The entry of every public function, before any kernel: the dtype policy, then argument checks naming
+    the argument at fault, then the implementation. Returns (hidden, weight, bias, impl, autocast device)."""
+    hidden, weight, bias, autocast_device = _follow_autocast(hidden, weight, bias)
+    _check_inputs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index)
+    check_filter_eps(grad_filter_eps)
+    return hidden, weight, bias, _resolve_impl(impl, hidden.device), autocast_device
 
 
 def _autocast_off(device_type: Optional[str]):

@@ -99,7 +99,7 @@ class FusedTokenLogprobs(torch.autograd.Function):
 
 
 class FusedLinearNll(torch.autograd.Function):
-    """[] ``loss_scale * sum_t -logp_t`` over the target tokens, from hidden [N, D], weight [V, D], bias [V] | None,
+    """[] ``sum_t -logp_t`` over the target tokens, from hidden [N, D], weight [V, D], bias [V] | None,
     with the gradients formed in the forward.
 
     A scalar loss gives every token the same upstream gradient, known at the forward up to the one number the
@@ -109,7 +109,7 @@ class FusedLinearNll(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, backend, hidden, weight, bias, labels, logit_scale, softcap, ignore_index, loss_scale):
+    def forward(ctx, backend, hidden, weight, bias, labels, logit_scale, softcap, ignore_index):
         rows = active_rows(labels != ignore_index)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[1:4]  # called with grad mode on only
         total, grad_hidden, grad_weight, grad_bias = backend.nll_with_grads(
@@ -123,14 +123,13 @@ class FusedLinearNll(torch.autograd.Function):
         # forward and backward is an error, not stale gradients)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, hidden, weight)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.loss_scale = loss_scale
-        return total * loss_scale
+        return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        scale = grad_loss * ctx.loss_scale  # [] in the compute dtype, as the loss
-        # out of place: a graph kept with retain_graph=True must give the same gradients on a second backward
-        grad_hidden, grad_weight, grad_bias = (None if grad is None else (grad * scale).to(dtype)
+        # grad_loss: [] in the compute dtype, as the loss. Out of place: a graph kept with retain_graph=True must
+        # give the same gradients on a second backward
+        grad_hidden, grad_weight, grad_bias = (None if grad is None else (grad * grad_loss).to(dtype)
                                                for grad, dtype in zip(ctx.saved_tensors[:3], ctx.dtypes))
-        return None, grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        return None, grad_hidden, grad_weight, grad_bias, None, None, None, None

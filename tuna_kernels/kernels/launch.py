@@ -233,21 +233,22 @@ class TritonBackend:
 
             run_atomic(self._config("backward_atomic", hidden, weight, flags, run_atomic))
             return grad_hidden, grad_weight, grad_bias
+
         def run_ordered(config: KernelConfig) -> None:
             # splits of the vocabulary fill the GPU when N is small; their fp32 grad_hidden rows are summed in
             # order afterwards. Every slice launch adds into the same partial rows (launches are ordered).
-            num_splits = max(vocab_splits(num_tokens, end - start, 4 * hidden_dim if need_hidden else 0, config,
-                                          device)[0] for start, end in slices)
+            row_bytes = 4 * hidden_dim if need_hidden else 0
+            plans = [(start, end) + vocab_splits(num_tokens, end - start, row_bytes, config, device)
+                     for start, end in slices]
+            num_splits = max(splits for _, _, splits, _ in plans)
             partial = unused
             if need_hidden:
                 partial = grad_hidden if num_splits == 1 else \
                     torch.empty(num_splits, num_tokens, hidden_dim, dtype=torch.float32, device=device)
                 partial.zero_()
             _zero(grad_bias)
-            for start, end in slices:
+            for start, end, splits, vocab_per_split in plans:
                 sums, bias_sums = weight_outputs(start, end)
-                splits, vocab_per_split = vocab_splits(num_tokens, end - start, 4 * hidden_dim if need_hidden else 0,
-                                                       config, device)
                 tickets = torch.zeros(1 + triton.cdiv(end - start, config.block_v), dtype=torch.int32, device=device)
                 logprob_backward_ordered_kernel[(triton.cdiv(num_tokens, config.block_n) * splits,)](
                     *slice_args(start, end), partial, sums, bias_sums, tickets,
