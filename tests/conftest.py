@@ -28,3 +28,28 @@ def tiny_model_dir(tmp_path_factory):
     build_tiny_llama(hidden_size=64, seed=5).save_pretrained(str(path))
     synthetic_tokenizer().save_pretrained(str(path))
     return path
+
+
+def _real_model(name):
+    """A prepared real checkpoint (tuna models prepare NAME), or a skip naming what to install. Under CI (where
+    the set-up installs the extra) a missing model fails instead: a green run must not hide it."""
+    from tuna_train.real_models import install_hint, prepare
+
+    try:
+        return prepare(name)
+    except (FileNotFoundError, ImportError) as error:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed on CI: {error}")
+        pytest.skip(f"{name} is not installed ({install_hint(name)})")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a Hugging Face directory (LlamaForCausalLM, tied, V 49152, chat template)."""
+    return _real_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir():
+    """Gemma 3 270M as a Hugging Face directory (Gemma3ForCausalLM, tied, V 262144, Gemma's turn format)."""
+    return _real_model("gemma3-270m")

@@ -150,3 +150,4 @@ def test_an_input_changed_in_place_before_the_backward_is_an_error():
         weight.mul_(2.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+

@@ -21,8 +21,8 @@ bnb = pytest.importorskip("bitsandbytes")
 def tuna_loss(model, batch):
     hidden = TargetHiddenStates(model)(batch.input_ids, batch.attention_mask, batch.position_ids,
                                        batch.target_positions)
-    head = lm_head_spec(model).cast(hidden.dtype)
-    loss, _ = TunaLoss()(hidden, head.weight, batch.labels, batch.layout)
+    hidden, weight, head_options = lm_head_spec(model).fused_inputs(hidden)
+    loss, _ = TunaLoss()(hidden, weight, batch.labels, batch.layout, **head_options)
     return loss
 
 

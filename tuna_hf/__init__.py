@@ -4,8 +4,10 @@ Needs torch, transformers and :mod:`tuna_kernels` only (not :mod:`tuna_train`).
 """
 
 from .losses import TunaOutput, apply_fused_losses, causal_lm_loss, tuna_loss
-from .model import (FusedCausalLM, LmHead, TargetHiddenStates, attention_implementation, base_model, decoder_of,
-                    fused_batch_forward, lm_head_spec, model_attention_mask)
+from .head import LmHead, LoraTerm, UnsupportedHead, base_model, lm_head_spec
+from .model import (FusedCausalLM, TargetHiddenStates, attention_implementation, decoder_of, fused_batch_forward,
+                    model_attention_mask)
 
-__all__ = ["TunaOutput", "apply_fused_losses", "causal_lm_loss", "fused_batch_forward", "tuna_loss", "FusedCausalLM", "LmHead", "TargetHiddenStates", "attention_implementation", "base_model", "decoder_of",
-           "lm_head_spec", "model_attention_mask"]
+__all__ = ["TunaOutput", "apply_fused_losses", "causal_lm_loss", "fused_batch_forward", "tuna_loss", "FusedCausalLM",
+           "LmHead", "LoraTerm", "TargetHiddenStates", "UnsupportedHead", "attention_implementation", "base_model",
+           "decoder_of", "lm_head_spec", "model_attention_mask"]

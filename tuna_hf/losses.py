@@ -9,7 +9,7 @@
   logits), and ``model(tuna_batch=packed)`` the Tuna loss; without either the model runs as before.
 
 All run the model body, keep the hidden states of positions that have a target, and hand them with the
-lm_head spec (weight, bias, logit scale, softcap; tied, peft-wrapped and 4-bit models alike) to
+lm_head spec (weight, bias, logit scale, softcap, LoRA on the lm_head; tied, peft-wrapped and 4-bit models alike) to
 :mod:`tuna_kernels`, which follows autocast like ``nn.Linear`` and accumulates in fp32.
 """
 
@@ -25,7 +25,8 @@ from transformers.utils import ModelOutput
 
 from tuna_kernels import GroupLayout, TunaLoss, linear_cross_entropy
 
-from .model import base_model, decoder_of, fused_batch_forward, lm_head_spec, model_attention_mask
+from .head import base_model, lm_head_spec
+from .model import decoder_of, fused_batch_forward, model_attention_mask
 
 IGNORE_INDEX = -100
 
@@ -85,9 +86,8 @@ def tuna_loss(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
     if sum(sizes) != num_seqs:
         raise ValueError(f"group_sizes {sizes} add up to {sum(sizes)}, but the batch has {num_seqs} candidates")
     layout = GroupLayout.from_group_sizes(seq_index, sizes, target_scores=target_scores)
-    head = lm_head_spec(model).cast(hidden.dtype)
-    return loss_fn(hidden, head.weight, targets, layout, bias=head.bias, logit_scale=head.logit_scale,
-                   softcap=head.softcap)
+    hidden, weight, head_options = lm_head_spec(model).fused_inputs(hidden)
+    return loss_fn(hidden, weight, targets, layout, **head_options)
 
 
 def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], labels: torch.Tensor, *,
@@ -100,11 +100,11 @@ def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: Optional[torc
     of this batch's targets in the mean.
     """
     hidden, targets, _ = shifted_targets(model, input_ids, attention_mask, labels, position_ids)
-    head = lm_head_spec(model).cast(hidden.dtype)
+    hidden, weight, head_options = lm_head_spec(model).fused_inputs(hidden)
     # a scalar loss: the chunked path forms its gradients in the forward (no recompute in the backward); a mean
     # over no target is NaN with zero gradients, as the model's own loss
-    loss = linear_cross_entropy(hidden, head.weight, targets, reduction="mean" if num_items_in_batch is None else "sum",
-                                bias=head.bias, logit_scale=head.logit_scale, softcap=head.softcap, **logprob_options)
+    loss = linear_cross_entropy(hidden, weight, targets, reduction="mean" if num_items_in_batch is None else "sum",
+                                **head_options, **logprob_options)
     if num_items_in_batch is None:
         return loss
     count = num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch

@@ -1,8 +1,7 @@
 """What the fused loss needs of a Hugging Face causal LM, for any model (plain, tied, peft-wrapped, 4-bit,
 with softcap or logit scale): its body, its lm_head as a spec, and the two modules that run them.
 
-- :func:`lm_head_spec` -> :class:`LmHead`: the lm_head weight [V, D] (tied or not), bias, logit scale, softcap;
-- :func:`decoder_of` / :func:`base_model`: the decoder stack under any wrapper;
+- :func:`decoder_of`: the decoder stack under any wrapper (the lm_head is read by :mod:`tuna_hf.head`);
 - :func:`model_attention_mask`: a prefix-shared 4D mask in the form the model's attention reads;
 - :class:`TargetHiddenStates`: the body's hidden states of target positions only ([N, D]);
 - :class:`FusedCausalLM`: body + fused head pass (+ loss) in one ``forward``, the module to wrap with DDP/FSDP.
@@ -10,40 +9,9 @@ with softcap or logit scale): its body, its lm_head as a spec, and the two modul
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
-from tuna_kernels import sequence_logprobs
-
-
-@dataclass
-class LmHead:
-    """What the fused loss needs of the lm_head: weight [V, D], bias [V] or None, scale and softcap."""
-
-    weight: torch.Tensor
-    bias: Optional[torch.Tensor]
-    logit_scale: float
-    softcap: Optional[float]
-
-    def cast(self, dtype: torch.dtype) -> "LmHead":
-        """The same head with weight and bias in ``dtype`` (the fused kernels take the hidden states' dtype)."""
-        return dataclasses.replace(self, weight=self.weight.to(dtype),
-                                   bias=None if self.bias is None else self.bias.to(dtype))
-
-    def sequence_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, seq_index: torch.Tensor, num_seqs: int,
-                          **options):
-        """:func:`tuna_kernels.sequence_logprobs` of ``hidden`` [N, D] under this head: (sums [S], counts [S])."""
-        head = self.cast(hidden.dtype)
-        return sequence_logprobs(hidden, head.weight, labels, seq_index, num_seqs, bias=head.bias,
-                                 logit_scale=head.logit_scale, softcap=head.softcap, **options)
-
-
-def base_model(model):
-    """The transformers model under a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+from .head import base_model, lm_head_spec
 
 
 def decoder_of(model):
@@ -54,18 +22,6 @@ def decoder_of(model):
         if decoder is not None:
             return decoder
     return getattr(base, base.base_model_prefix)
-
-
-def lm_head_spec(model) -> LmHead:
-    """The lm_head weight [V, D] (tied or not), its bias, and any final logit scale or softcap."""
-    base = base_model(model)
-    head = base.get_output_embeddings()
-    config = base.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    softcap = getattr(text_config, "final_logit_softcapping", None)
-    return LmHead(weight=head.weight, bias=getattr(head, "bias", None),
-                  logit_scale=float(getattr(text_config, "logit_scale", None) or 1.0),
-                  softcap=float(softcap) if softcap else None)
 
 
 def target_hidden_states(model, batch) -> torch.Tensor:
@@ -153,11 +109,11 @@ def fused_batch_forward(causal_lm, batch, loss_fn=None, scores_only: bool = Fals
     (``input_ids``, ``attention_mask``, ``position_ids``, ``target_positions``, ``labels``, ``layout``), or
     ``(sums [S], counts [S])`` with ``scores_only``."""
     hidden = target_hidden_states(causal_lm, batch)
-    head = lm_head_spec(causal_lm).cast(hidden.dtype)
+    head = lm_head_spec(causal_lm)
     if scores_only:
         return head.sequence_logprobs(hidden, batch.labels, batch.layout.seq_index, batch.layout.num_seqs,
                                       **logprob_options)
     if loss_fn is None:
         raise ValueError("no loss_fn was given: only scores_only=True is available")
-    return loss_fn(hidden, head.weight, batch.labels, batch.layout, bias=head.bias, logit_scale=head.logit_scale,
-                   softcap=head.softcap)
+    hidden, weight, head_options = head.fused_inputs(hidden)
+    return loss_fn(hidden, weight, batch.labels, batch.layout, **head_options)

@@ -178,7 +178,7 @@ def _backward_tiles(hidden, weight, bias, labels, lse, grad_token, logit_scale, 
     return grad_hidden, grad_weight, grad_bias
 
 
-def _nll_rows_with_grads(hidden, weight, bias, labels, logit_scale, softcap, rows_per_chunk,
+def _nll_rows_with_grads(hidden, weight, bias, labels, logit_scale, softcap, rows_per_chunk, slice_vocab,
                          need_hidden, need_weight, need_bias):
     """The summed negative log-likelihood of the given rows (all with a target) and its gradients in one
     sweep: three N x V x D products (logits, grad_hidden, grad_weight), no recompute.
@@ -189,8 +189,8 @@ def _nll_rows_with_grads(hidden, weight, bias, labels, logit_scale, softcap, row
         d(-logp)/dz = softmax(z) - onehot(y) = e / s - onehot(y),   e = exp(z - max), s = sum_v e
 
     The row scale 1 / s is applied to the small operands (the [rows, D] product and hidden rows) instead
-    of the [rows, V] tile, and the one-hot part is a row gather / index_add: the tile sees one matmul,
-    one max, one exp and one sum besides the two gradient matmuls. Returns (loss [] , grad_hidden [n, D],
+    of the [rows, V] tile, and the one-hot part is one scatter into the tile (e_y - s): the tile sees one
+    matmul, one max, one exp, one sum and one scatter besides the two gradient matmuls. Returns (loss [] , grad_hidden [n, D],
     grad_weight [V, D], grad_bias [V]) in the compute dtype, each gradient None when not needed.
     """
     compute_dtype = accumulate_dtype(hidden.dtype)
@@ -216,21 +216,23 @@ def _nll_rows_with_grads(hidden, weight, bias, labels, logit_scale, softcap, row
         if not (need_hidden or need_weight or need_bias):
             continue
         inv_sum = row_sum.reciprocal()
-        target_slope = torch.ones_like(target_logit)  # dz/dz_raw at the target: 1, or 1 - tanh^2 with softcap
-        if tanh is not None:
+        # the one-hot enters the tile before any product (e_y - s, so the row is s * (p - onehot)): the product
+        # of e alone less the target row afterwards cancels to a small difference of two rows when p_y is near 1
+        exps.scatter_add_(1, labels_chunk[:, None], -row_sum[:, None])
+        if tanh is not None:  # dz/dz_raw = 1 - tanh^2, at the target too
             exps.mul_(tanh.mul_(tanh).neg_().add_(1.0))  # tanh is spent: 1 - tanh^2 in place
-            ratio = target_logit / softcap
-            target_slope = 1.0 - ratio * ratio
         if grad_hidden is not None:
-            grad_rows = torch.mm(exps, weight_c).mul_(inv_sum[:, None])
-            grad_rows.sub_(weight_c[labels_chunk] * target_slope[:, None])
-            grad_hidden[t0:t1] = grad_rows.mul_(logit_scale)
+            # summed over vocabulary slices, each product apart: on CPU, a product over all V (262k) or addmm_
+            # into the sum lost 1e-4 of the rows beyond a multiple of 4 in a chunk (seen on Gemma 3's head)
+            grad_rows = grad_hidden[t0:t1].zero_()
+            slice_product = torch.empty_like(grad_rows)
+            for v0 in range(0, vocab_size, slice_vocab):
+                grad_rows += torch.mm(exps[:, v0:v0 + slice_vocab], weight_c[v0:v0 + slice_vocab], out=slice_product)
+            grad_rows.mul_(inv_sum[:, None] * logit_scale)
         if grad_weight is not None:
             grad_weight.addmm_(exps.T, hidden_chunk * inv_sum[:, None], alpha=logit_scale)
-            grad_weight.index_add_(0, labels_chunk, hidden_chunk * target_slope[:, None], alpha=-logit_scale)
         if grad_bias is not None:
             grad_bias.addmv_(exps.T, inv_sum)
-            grad_bias.index_add_(0, labels_chunk, target_slope, alpha=-1.0)
     return total, grad_hidden, grad_weight, grad_bias
 
 
@@ -277,7 +279,7 @@ class ChunkedBackend:
         """(summed -logp [], grad_hidden [n, D], grad_weight [V, D], grad_bias [V]) in one sweep; see
         :func:`_nll_rows_with_grads`."""
         return _nll_rows_with_grads(hidden, weight, bias, labels, logit_scale, softcap, self.nll_rows(weight.shape[0]),
-                                    need_hidden, need_weight, need_bias)
+                                    self.chunk_vocab, need_hidden, need_weight, need_bias)
 
     def backward(self, hidden, weight, bias, labels, lse, grad_token, logit_scale, softcap,
                  need_hidden, need_weight, need_bias):

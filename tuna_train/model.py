@@ -24,6 +24,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from .real_models import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def build_tiny_llama(vocab_size: int = 384, hidden_size: int = 64, num_layers: i
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The tokenizer of a local model directory, or of an adapter directory's base model when it has none."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(path), local_files_only=True,
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(resolve_model(path)), local_files_only=True,
                                               trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -118,6 +119,7 @@ def load_model(path: str, *, load_in_4bit: bool = False, compute_dtype: str = "b
     - ``"merge"``: the adapter merged into the base weights (a plain model; not with ``load_in_4bit``: merge
       into the float model with ``tuna merge`` first, then quantise the merged directory).
     """
+    path = resolve_model(path)
     base_path = adapter_base_path(path)
     options = dict(load_in_4bit=load_in_4bit, compute_dtype=compute_dtype, double_quant=double_quant,
                    torch_dtype=torch_dtype, attn_implementation=attn_implementation,

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-from tuna_hf.model import base_model, lm_head_spec
+from tuna_hf.head import base_model, lm_head_spec
 
 SHARDINGS = ("none", "fsdp", "deepspeed_zero3")
 
@@ -96,10 +96,8 @@ def register_for_zero3(module: torch.nn.Module) -> None:
     weight in the root's forward instead, so it is registered there as an external parameter."""
     import deepspeed
 
-    head = lm_head_spec(module.causal_lm)
-    deepspeed.zero.register_external_parameter(module, head.weight)
-    if head.bias is not None:
-        deepspeed.zero.register_external_parameter(module, head.bias)
+    for tensor in lm_head_spec(module.causal_lm).parameters():
+        deepspeed.zero.register_external_parameter(module, tensor)
 
 
 def local_fraction(module: torch.nn.Module) -> float:

@@ -19,7 +19,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from tuna_hf.model import FusedCausalLM, base_model
+from tuna_hf.head import base_model, lm_head_spec
+from tuna_hf.model import FusedCausalLM
 from tuna_kernels import TunaLoss
 
 from .build import build_model, build_optimizer, build_scheduler, load_datasets, release_single_process_state
@@ -90,6 +91,7 @@ class Trainer:
                                     self.rank, config.seed)
         self.total_steps = self.sampler.total_steps(config.max_steps, config.num_epochs)
         self.model, self.tokenizer = build_model(config) if model is None else (model, tokenizer)
+        lm_head_spec(self.model)  # an lm_head the fused loss cannot reproduce is refused before any step
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.loss_fn = TunaLoss(loss=config.loss, margin=config.margin, alpha=config.alpha,
                                 mle_weight=config.mle_weight, mle_on=config.mle_on, skip_ties=config.skip_ties,
