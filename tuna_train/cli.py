@@ -199,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "Every --model (and --teacher) then takes the short name.")
     models.add_argument("action", choices=("prepare", "list"), help="prepare: make the directory; list: show the "
                                                                      "models, whether installed and where prepared")
-    models.add_argument("names", nargs="*", choices=tuple(REAL_MODELS) + ("all",), default=["all"],
-                        help="the models to prepare (default: all)")
+    models.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"models to prepare or list: {', '.join(REAL_MODELS)} or all (default: all)")
     models.add_argument("--force", action="store_true", help="prepare again even when the directory exists")
 
     pipeline = commands.add_parser("pipeline", help="score -> train Tuna_p -> generate -> rank -> train Tuna_c")
@@ -237,11 +237,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _models(args) -> int:
-    names = list(REAL_MODELS) if "all" in args["names"] else args["names"]
+    names = list(REAL_MODELS) if not args["names"] or "all" in args["names"] else args["names"]
+    unknown = [name for name in names if name not in REAL_MODELS]
+    if unknown:
+        raise ValueError(f"unknown model {unknown[0]!r}: the real models are {', '.join(REAL_MODELS)} (or all)")
     if args["action"] == "list":
         for name in names:
             where = models_dir() / name
-            state = f"prepared in {where}" if is_prepared(where) else f"not prepared (install: {install_hint(name)})"
+            state = f"prepared in {where}" if is_prepared(where) else \
+                f"not prepared (tuna models prepare {name}; it needs: {install_hint(name)})"
             print(f"{name}: {state}")
         return 0
     for name in names:

@@ -157,8 +157,9 @@ def convert_gguf(gguf: Path, out: Path, name: str, chat_template: Optional[str] 
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    missing = [key for key in missing if key not in getattr(model, "_tied_weights_keys", None) or ()]
-    if unexpected or [key for key in missing if not key.endswith("lm_head.weight")]:
+    tied = getattr(model, "_tied_weights_keys", None) or ()
+    missing = [key for key in missing if key not in tied and not key.endswith("lm_head.weight")]  # tied heads
+    if unexpected or missing:
         raise ValueError(f"{gguf}: weights do not match the model built from its config "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     del loaded
