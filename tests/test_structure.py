@@ -13,7 +13,8 @@ from tuna_train.workflow import PipelineConfig, load_pipeline_config
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("tuna_kernels", "tuna_hf", "tuna_train")
 # imported where they are needed: absent on some machines (GPU-only, other platforms) or plotting only
-OPTIONAL = ("bitsandbytes", "flash_attn", "deepspeed", "matplotlib", "triton", "tuna_kernels.kernels.launch")
+OPTIONAL = ("bitsandbytes", "flash_attn", "deepspeed", "matplotlib", "triton", "tuna_kernels.kernels.launch",
+            "gguf", "peft")  # peft: optional for tuna_hf (torch + transformers only); gguf: tuna models only
 
 
 def modules():

@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "tuna_model.json"  # written last: a directory without it is an unfinished preparation
@@ -147,9 +150,6 @@ def convert_gguf(gguf: Path, out: Path, name: str, chat_template: Optional[str] 
         import gguf as _gguf  # noqa: F401  (transformers reads GGUF through it)
     except ImportError:
         raise ImportError("reading a .gguf file needs the gguf package: pip install gguf") from None
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
     logger.info("preparing %s from %s (dequantising to float32)", name, gguf)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
