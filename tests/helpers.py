@@ -4,9 +4,11 @@
 """
 
 import torch
+from peft import LoraConfig, get_peft_model
 
 from tuna_kernels import token_logprobs
 from tuna_train.collate import tokenize_group
+from tuna_train.model import build_tiny_llama
 from tuna_train.pipeline.score import as_example
 
 #: relative error allowed against the float64 reference, per input dtype
@@ -73,3 +75,41 @@ def naive_sums(model, tokenizer, record):
         sums.append(float(sum(picked)))
         counts.append(len(response))
     return sums, counts
+
+
+# tiny Llamas with peft adapters where users put them (test_lm_head_adapters.py, test_reference.py)
+def tiny(tied: bool):
+    model = build_tiny_llama(vocab_size=384, hidden_size=32, seed=3)
+    if tied:  # tie as transformers does for tie_word_embeddings models
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def with_adapters(model, **config):
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, **config))
+    with torch.no_grad():  # a trained-looking adapter: lora_B is zero at initialisation
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    return peft_model
+
+
+def batch(seed=0, vocab_size=384):
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab_size, (4, 12), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 9:] = 0
+    labels = input_ids.clone()
+    labels[:, :4] = -100
+    labels[attention_mask == 0] = -100
+    return input_ids, attention_mask, labels
+
+
+def own_logits(model, input_ids, attention_mask, labels):
+    """The model's own logits at target positions in float64, their targets and rows (independent of tuna_hf)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != -100
+    rows = torch.arange(input_ids.shape[0])[:, None].expand_as(targets)
+    return logits[keep].double(), targets[keep], rows[keep]

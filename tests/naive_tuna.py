@@ -71,6 +71,47 @@ def pairwise_logistic(scores, valid, beta, ref=None, gamma=0.0, target=None, ski
     return sum(losses) / len(losses) if losses else 0.0
 
 
+def plackett_luce(scores, valid, beta, ref=None, target=None, skip_ties=False):
+    """DPO's Plackett-Luce loss: -sum_k log(exp(r_k) / sum_{j >= k} exp(r_j)), r = beta (s - ref), mean over
+    groups with >= 2 candidates."""
+    losses = []
+    for g in range(len(scores)):
+        existing = [k for k, ok in enumerate(valid[g]) if ok]
+        if len(existing) < 2:
+            continue
+        reward = {k: beta * (scores[g][k] - (ref[g][k] if ref is not None else 0.0)) for k in existing}
+        nll = 0.0
+        for a, k in enumerate(existing):
+            rest = [j for j in existing[a:] if j == k or not (skip_ties and target[g][j] == target[g][k])]
+            nll -= reward[k] - math.log(sum(math.exp(reward[j]) for j in rest))
+        losses.append(nll)
+    return sum(losses) / len(losses) if losses else 0.0
+
+
+def lipo_lambda(scores, valid, beta, ref=None, target=None):
+    """LiPO-lambda by a double loop over the pairs of each group: weight |G_i - G_j| |1/D(tau_i) - 1/D(tau_j)|,
+    G = 2^label - 1 (labels: target, else n - 1 - index), D = log2(1 + rank by the model's rewards)."""
+    per_group = []
+    for g in range(len(scores)):
+        existing = [k for k, ok in enumerate(valid[g]) if ok]
+        if len(existing) < 2:
+            continue
+        n = len(existing)
+        reward = {k: beta * (scores[g][k] - (ref[g][k] if ref is not None else 0.0)) for k in existing}
+        label = {k: (target[g][k] if target is not None else n - 1 - i) for i, k in enumerate(existing)}
+        by_reward = sorted(existing, key=lambda k: (-reward[k], k))
+        rank = {k: by_reward.index(k) + 1 for k in existing}
+        total = 0.0
+        for a in range(n):
+            for b in range(a + 1, n):
+                i, j = existing[a], existing[b]
+                weight = abs((2 ** label[i] - 1) - (2 ** label[j] - 1)) * abs(
+                    1 / math.log2(1 + rank[i]) - 1 / math.log2(1 + rank[j]))
+                total += weight * math.log1p(math.exp(-(reward[i] - reward[j])))
+        per_group.append(total)
+    return sum(per_group) / len(per_group) if per_group else 0.0
+
+
 def tuna_objective_from_logits(logits, labels, seq_of_row, group_rank, margin=0.1, alpha=1.0, mle_weight=1.0,
                                mle_on="all", ignore_index=-100):
     """The whole Tuna objective from materialised logits.

@@ -51,8 +51,9 @@ def sweeps(monkeypatch):
 
 
 def chunk_options(vocab_size):
-    """Chunk sizes that give the gradients-in-forward sweep 32 whole-vocabulary rows per chunk (its minimum),
-    so every problem below spans two or three chunks, the last one partial."""
+    """Chunk sizes that give the gradients-in-forward sweep 32 whole-vocabulary rows per chunk (two 16-token
+    tiles of the whole vocabulary; more than D / 4 for every D below), so every problem below spans two or three
+    chunks, the last one partial."""
     return dict(chunk_tokens=16, chunk_vocab=vocab_size)
 
 
@@ -64,7 +65,7 @@ def test_gradients_formed_in_forward_match_the_float64_reference(sweeps, shape, 
     hidden, weight, bias, labels, _ = make_problem(num_tokens, hidden_dim, vocab_size, with_bias, ignored,
                                                    dtype, SHAPES.index(shape))
     head = dict(logit_scale=logit_scale, softcap=softcap)
-    assert ChunkedBackend(**chunk_options(vocab_size)).nll_rows(vocab_size) == 32 < num_tokens
+    assert ChunkedBackend(**chunk_options(vocab_size)).nll_rows(vocab_size, hidden_dim) == 32 < num_tokens
     got = fused_loss(hidden, weight, bias, labels, reduction, impl="chunked", **chunk_options(vocab_size), **head)
     want = reference_loss(hidden, weight, bias, labels, reduction, **head)
     assert sweeps == {"nll_with_grads": 1, "backward": 0}
@@ -75,15 +76,15 @@ def test_gradients_formed_in_forward_match_the_float64_reference(sweeps, shape, 
     assert [t.dtype for t in got[1:]] == [dtype] * (len(got) - 1)
 
 
-@pytest.mark.parametrize("case", ["frozen head", "bf16 head", "too few rows", "triton"])
+@pytest.mark.parametrize("case", ["frozen head", "bf16 head", "filtered", "triton"])
 def test_other_heads_reduce_the_token_logprobs_and_still_match(sweeps, case):
     """A frozen head (two products already), a 16-bit trainable head (its gradient would need a full fp32
-    [V, D] buffer), a chunk of fewer than 32 whole rows, and the Triton kernels all take token_logprobs."""
+    [V, D] buffer), gradient filtering (a recompute-path feature) and the Triton kernels take token_logprobs."""
     dtype = {"bf16 head": torch.bfloat16, "triton": torch.float16}.get(case, torch.float32)
     hidden, weight, bias, labels, _ = make_problem(50, 64, 301, True, 0.2, dtype, seed=7)
     options = dict(impl="triton") if case == "triton" else dict(impl="chunked", **chunk_options(301))
-    if case == "too few rows":
-        options["chunk_tokens"] = 15  # 2 * 15 * 301 // 301 = 30 rows < 32
+    if case == "filtered":
+        options["grad_filter_eps"] = 0.0  # filters nothing, so the reference still holds
     want = reference_loss(hidden, weight, bias, labels, "mean", softcap=3.0)
     if case == "frozen head":
         h = hidden.clone().requires_grad_()
@@ -92,9 +93,25 @@ def test_other_heads_reduce_the_token_logprobs_and_still_match(sweeps, case):
     else:
         got = fused_loss(hidden, weight, bias, labels, "mean", softcap=3.0, **options)
     assert sweeps["nll_with_grads"] == 0
-    assert sweeps["backward"] == (1 if case in ("bf16 head", "too few rows") else 0)
+    assert sweeps["backward"] == (1 if case in ("bf16 head", "filtered") else 0)
     for actual, expected in zip(got, want):
         assert rel_err(actual, expected) <= TOLERANCE[dtype], case
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_large_vocabulary_keeps_the_sweep_with_at_least_a_quarter_of_d_rows(sweeps, dtype):
+    """Where the tile budget holds few whole vocabulary rows (Gemma 3's V = 262144 leaves 32 of the default
+    budget; here 2 * 8 * 64 // 509 = 2), the sweep still runs, on D / 4 rows a chunk, and matches the reference."""
+    num_tokens, hidden_dim, vocab_size = 70, 96, 509
+    options = dict(chunk_tokens=8, chunk_vocab=64)
+    assert ChunkedBackend(**options).nll_rows(vocab_size, hidden_dim) == hidden_dim // 4 == 24  # 3 chunks of 70
+    hidden, weight, bias, labels, _ = make_problem(num_tokens, hidden_dim, vocab_size, True, 0.2, dtype, seed=11)
+    got = fused_loss(hidden, weight, bias, labels, "sum", impl="chunked", softcap=2.0, **options)
+    want = reference_loss(hidden, weight, bias, labels, "sum", softcap=2.0)
+    assert sweeps == {"nll_with_grads": 1, "backward": 0}
+    tolerance = 1e-12 if dtype == torch.float64 else TOLERANCE[dtype]
+    for name, actual, expected in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, want):
+        assert rel_err(actual, expected) <= tolerance, name
 
 
 def test_no_gradient_work_without_grad_mode_and_a_second_backward_agrees(monkeypatch):

@@ -7,51 +7,13 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from helpers import rel_err
+from helpers import batch, own_logits, rel_err, tiny, with_adapters
 from naive_tuna import tuna_objective_from_logits
 from tuna_hf import UnsupportedHead, causal_lm_loss, lm_head_spec, tuna_loss
 from tuna_train.config import load_config
-from tuna_train.model import build_tiny_llama
 from tuna_train.trainer import Trainer
 
 TARGETS = ["q_proj", "v_proj", "lm_head"]
-
-
-def tiny(tied: bool):
-    model = build_tiny_llama(vocab_size=384, hidden_size=32, seed=3)
-    if tied:  # tie as transformers does for tie_word_embeddings models
-        model.config.tie_word_embeddings = True
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model
-
-
-def with_adapters(model, **config):
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, **config))
-    with torch.no_grad():  # a trained-looking adapter: lora_B is zero at initialisation
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
-    return peft_model
-
-
-def batch(seed=0, vocab_size=384):
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, vocab_size, (4, 12), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[2, 9:] = 0
-    labels = input_ids.clone()
-    labels[:, :4] = -100
-    labels[attention_mask == 0] = -100
-    return input_ids, attention_mask, labels
-
-
-def own_logits(model, input_ids, attention_mask, labels):
-    """The model's own logits at target positions in float64, their targets and rows (independent of tuna_hf)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-    targets = labels[:, 1:]
-    keep = targets != -100
-    rows = torch.arange(input_ids.shape[0])[:, None].expand_as(targets)
-    return logits[keep].double(), targets[keep], rows[keep]
 
 
 def model_own_loss(model, input_ids, attention_mask, labels):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import naive_tuna as naive
-from tuna_kernels import (LOSSES, RankingOptions, listmle_loss, ordered_pairs, pairwise_accuracy,
-                          pairwise_logistic_loss, rrhf_loss, tuna_margin_loss)
+from tuna_kernels import (LOSSES, RankingOptions, lipo_lambda_loss, listmle_loss, ordered_pairs, pairwise_accuracy,
+                          pairwise_logistic_loss, plackett_luce_loss, rrhf_loss, tuna_margin_loss)
 
 
 def random_batch(seed, num_groups=7, num_candidates=5, with_ties=True):
@@ -58,6 +58,47 @@ def test_losses_match_naive(seed, skip_ties):
           naive.pairwise_logistic(s, v, 2.0, None, 0.5, t, skip_ties))
     close(pairwise_logistic_loss(scores, valid, options(beta=0.3), target_scores=target, ref_scores=ref),
           naive.pairwise_logistic(s, v, 0.3, r, 0.0, t, skip_ties))
+    for beta, reference in ((0.5, None), (1.7, ref)):
+        ref_lists = None if reference is None else r
+        close(plackett_luce_loss(scores, valid, options(beta=beta), target_scores=target, ref_scores=reference),
+              naive.plackett_luce(s, v, beta, ref_lists, t, skip_ties))
+        # LiPO's weights keep ties as ties (weight 0) whatever skip_ties says; labels from the ranks without targets
+        close(lipo_lambda_loss(scores, valid, options(beta=beta), target_scores=target, ref_scores=reference),
+              naive.lipo_lambda(s, v, beta, ref_lists, t))
+        close(lipo_lambda_loss(scores, valid, options(beta=beta), ref_scores=reference),
+              naive.lipo_lambda(s, v, beta, ref_lists, None))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plackett_luce_with_two_candidates_is_dpo(seed):
+    """K = 2: -log sigmoid(beta * [(s_0 - ref_0) - (s_1 - ref_1)]), DPO's sigmoid loss, written out here."""
+    generator = torch.Generator().manual_seed(seed)
+    scores, ref = (torch.randn(6, 2, generator=generator, dtype=torch.float64) * 3 for _ in range(2))
+    valid = torch.ones(6, 2, dtype=torch.bool)
+    beta = 0.1 + seed
+    margin = beta * ((scores[:, 0] - ref[:, 0]) - (scores[:, 1] - ref[:, 1]))
+    dpo = torch.log1p(torch.exp(-margin)).mean()
+    got = plackett_luce_loss(scores, valid, RankingOptions(beta=beta), ref_scores=ref)
+    assert abs(float(got) - float(dpo)) <= 1e-12 * max(1.0, float(dpo))
+
+
+def test_lipo_lambda_weights_follow_the_model_ranking_and_carry_no_gradient_through_it():
+    """A group the model already orders as the labels still has weights (|1/D| differs by rank), its gradient
+    is that of the weighted logistic terms with the weights held fixed (float64 autograd of the naive form)."""
+    scores = torch.tensor([[3.0, 1.0, -1.0], [0.0, 2.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    target = torch.tensor([[2.0, 1.0, 0.0], [2.0, 2.0, 0.0]], dtype=torch.float64)
+    loss = lipo_lambda_loss(scores, valid, RankingOptions(beta=1.0), target_scores=target)
+    (grad,) = torch.autograd.grad(loss, scores)
+    close(loss.detach(), naive.lipo_lambda(scores.tolist(), valid.tolist(), 1.0, None, target.tolist()))
+    eps = 1e-6  # central differences: the ranks do not change within eps here, so the weights stay fixed
+    for g in range(2):
+        for k in range(3):
+            bumped = [scores.detach().clone() for _ in range(2)]
+            bumped[0][g, k] += eps
+            bumped[1][g, k] -= eps
+            up, down = (naive.lipo_lambda(b.tolist(), valid.tolist(), 1.0, None, target.tolist()) for b in bumped)
+            assert abs(float(grad[g, k]) - (up - down) / (2 * eps)) <= 1e-6
 
 
 def test_every_registered_loss_has_the_one_signature():

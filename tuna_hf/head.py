@@ -118,7 +118,7 @@ def lm_head_spec(model) -> LmHead:
 
 def _resolve_head(head) -> Tuple[torch.nn.Module, Tuple[LoraTerm, ...]]:
     """(the linear module whose weight the head multiplies by, its active LoRA terms), as peft's forward runs."""
-    peft = _peft_types()
+    peft = peft_types()
     if peft is None:  # no peft, no adapters
         return head, ()
     tuner_layer, lora_linear, modules_to_save, auxiliary_wrapper = peft
@@ -150,7 +150,7 @@ def _resolve_head(head) -> Tuple[torch.nn.Module, Tuple[LoraTerm, ...]]:
     return module, inner + tuple(terms)
 
 
-def _peft_types():
+def peft_types():
     """peft's (tuner layer, LoRA Linear, ModulesToSaveWrapper, auxiliary wrapper) classes, or None without peft."""
     try:
         from peft.tuners.lora.layer import Linear

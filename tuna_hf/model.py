@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .head import base_model, lm_head_spec
+from .reference import adapter_reference_scores, check_reference
 
 
 def decoder_of(model):
@@ -94,26 +95,38 @@ class FusedCausalLM(torch.nn.Module):
     per-sequence ``(sums [S], counts [S])`` of the target log-probabilities (evaluation, scoring).
     """
 
-    def __init__(self, causal_lm, loss_fn=None, **logprob_options) -> None:
+    def __init__(self, causal_lm, loss_fn=None, reference: str = "none", **logprob_options) -> None:
         super().__init__()
+        check_reference(reference)
         self.causal_lm = causal_lm
         self.loss_fn = loss_fn
+        self.reference = reference
         self.logprob_options = logprob_options
 
     def forward(self, batch, scores_only: bool = False):
-        return fused_batch_forward(self.causal_lm, batch, self.loss_fn, scores_only, **self.logprob_options)
+        return fused_batch_forward(self.causal_lm, batch, self.loss_fn, scores_only, reference=self.reference,
+                                   **self.logprob_options)
 
 
-def fused_batch_forward(causal_lm, batch, loss_fn=None, scores_only: bool = False, **logprob_options):
+def fused_batch_forward(causal_lm, batch, loss_fn=None, scores_only: bool = False, reference: str = "none",
+                        **logprob_options):
     """What :class:`FusedCausalLM` computes, as a function: ``(loss, metrics)`` of ``loss_fn`` on a packed batch
     (``input_ids``, ``attention_mask``, ``position_ids``, ``target_positions``, ``labels``, ``layout``), or
-    ``(sums [S], counts [S])`` with ``scores_only``."""
-    hidden = target_hidden_states(causal_lm, batch)
+    ``(sums [S], counts [S])`` with ``scores_only``. ``reference="adapter"`` gives the loss the scores of the
+    same model with its adapters off as ``ref_scores`` (:func:`tuna_hf.reference.adapter_reference_scores`)."""
     head = lm_head_spec(causal_lm)
     if scores_only:
+        hidden = target_hidden_states(causal_lm, batch)
         return head.sequence_logprobs(hidden, batch.labels, batch.layout.seq_index, batch.layout.num_seqs,
                                       **logprob_options)
     if loss_fn is None:
         raise ValueError("no loss_fn was given: only scores_only=True is available")
-    hidden, weight, head_options = head.fused_inputs(hidden)
-    return loss_fn(hidden, weight, batch.labels, batch.layout, **head_options)
+    check_reference(reference)
+    # the reference pass first: it switches the adapters off and on, which must not happen inside the policy's graph
+    ref_scores = None
+    if reference == "adapter":
+        ref_scores = adapter_reference_scores(causal_lm, lambda: target_hidden_states(causal_lm, batch), batch.labels,
+                                              batch.layout, loss_fn)
+    hidden, weight, head_options = head.fused_inputs(target_hidden_states(causal_lm, batch))
+    return loss_fn(hidden, weight, batch.labels, batch.layout, ref_scores=ref_scores, **head_options)
+

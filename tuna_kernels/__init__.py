@@ -8,10 +8,13 @@ from .api import IMPLS, linear_cross_entropy, sequence_logprobs, token_logprobs
 from .layout import GroupLayout
 from .losses import (
     LOSSES,
+    REFERENCE_LOSSES,
     RankingOptions,
+    lipo_lambda_loss,
     listmle_loss,
     ordered_pairs,
     pairwise_logistic_loss,
+    plackett_luce_loss,
     register_loss,
     rrhf_loss,
     tuna_margin_loss,
@@ -20,9 +23,9 @@ from .metrics import pairwise_accuracy, ranking_counts, ranking_summary
 from .module import TunaLoss
 
 __all__ = [
-    "IMPLS", "LOSSES", "GroupLayout", "RankingOptions", "TunaLoss",
-    "linear_cross_entropy", "listmle_loss", "ordered_pairs", "pairwise_accuracy", "pairwise_logistic_loss",
-    "ranking_counts", "ranking_summary", "register_loss", "rrhf_loss", "sequence_logprobs", "token_logprobs",
+    "IMPLS", "LOSSES", "REFERENCE_LOSSES", "GroupLayout", "RankingOptions", "TunaLoss",
+    "linear_cross_entropy", "lipo_lambda_loss", "listmle_loss", "ordered_pairs", "pairwise_accuracy",
+    "pairwise_logistic_loss", "plackett_luce_loss", "ranking_counts", "ranking_summary", "register_loss", "rrhf_loss", "sequence_logprobs", "token_logprobs",
     "tuna_margin_loss",
 ]
 __version__ = "0.1.0"

@@ -201,9 +201,9 @@ def linear_cross_entropy(
     scalar, every token's upstream gradient is known at the forward up to one number, and the chunked
     implementation forms the gradients while it has each logit tile: three N x V x D products (logits,
     grad_hidden, grad_weight) against four for ``token_logprobs(...).sum()`` (whose backward must recompute the
-    logits). It does so when a chunk of whole vocabulary rows holds enough tokens and a trainable head is fp32
-    (see ``ChunkedBackend.nll_with_grads_fits``); otherwise, and for ``impl="triton"`` / ``"reference"``, it
-    reduces :func:`token_logprobs`.
+    logits). It does so for a trainable fp32/fp64 head at any vocabulary size (see
+    ``ChunkedBackend.nll_with_grads_fits`` and ``nll_rows``); otherwise, and for ``impl="triton"`` /
+    ``"reference"``, it reduces :func:`token_logprobs`.
 
     Returns:
         [] float32 (float64 for float64 inputs), differentiable with respect to hidden, weight and bias.

@@ -16,7 +16,7 @@ reference code does: it sorts and applies the hinge regardless of ties.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Set
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +44,13 @@ class RankingOptions:
 RankingLoss = Callable[..., torch.Tensor]
 #: name -> ranking loss, filled by :func:`register_loss` (insertion order = the order choices are listed in)
 LOSSES: Dict[str, RankingLoss] = {}
+#: the names in LOSSES whose loss reads ``ref_scores`` (a reference model's scores)
+REFERENCE_LOSSES: Set[str] = set()
 
 
-def register_loss(name: str) -> Callable[[RankingLoss], RankingLoss]:
-    """Decorator: make ``fn`` selectable as ``TunaLoss(loss=name)`` and ``tuna train --loss name``."""
+def register_loss(name: str, *, uses_reference: bool = False) -> Callable[[RankingLoss], RankingLoss]:
+    """Decorator: make ``fn`` selectable as ``TunaLoss(loss=name)`` and ``tuna train --loss name``;
+    ``uses_reference``: it reads ``ref_scores`` (so ``--reference`` may be set with it)."""
     def register(fn: RankingLoss) -> RankingLoss:
         previous = LOSSES.get(name)
         redefined = previous is not None and (previous.__module__, previous.__qualname__) == (fn.__module__,
@@ -55,6 +58,10 @@ def register_loss(name: str) -> Callable[[RankingLoss], RankingLoss]:
         if previous is not None and previous is not fn and not redefined:  # a re-run cell may redefine its own
             raise ValueError(f"a ranking loss named {name!r} is registered already ({LOSSES[name].__name__})")
         LOSSES[name] = fn
+        if uses_reference:
+            REFERENCE_LOSSES.add(name)
+        else:
+            REFERENCE_LOSSES.discard(name)
         return fn
     return register
 
@@ -121,24 +128,36 @@ def listmle_loss(scores: torch.Tensor, valid: torch.Tensor, options: RankingOpti
     Reads ``options.temperature`` (T) and ``options.skip_ties``.
     """
     _check(scores, valid)
-    temperature = options.temperature
-    num_candidates = scores.shape[1]
-    positions = torch.arange(num_candidates, device=scores.device)
+    return _plackett_luce_nll(scores / options.temperature, valid, target_scores, options.skip_ties)
+
+
+def _plackett_luce_nll(utilities: torch.Tensor, valid: torch.Tensor, target_scores: Optional[torch.Tensor],
+                       skip_ties: bool) -> torch.Tensor:
+    """Mean over groups with >= 2 candidates of the negative Plackett-Luce log-likelihood of the given order:
+    ``-sum_j [u_j - logsumexp_{l >= j} u_l]``, from utilities: [G, K]; with ``skip_ties``, a candidate tied with
+    j (placed after it) is left out of j's denominator."""
+    num_candidates = utilities.shape[1]
+    positions = torch.arange(num_candidates, device=utilities.device)
     competes = (positions[None, :] >= positions[:, None]) & valid[:, None, :] & valid[:, :, None]
-    if options.skip_ties:
+    if skip_ties:
         if target_scores is None:
             raise ValueError("skip_ties=True needs target_scores (the ranking's own scores) to find ties")
         pairs = ordered_pairs(valid, target_scores, skip_ties=False)
         tied = pairs & (target_scores[:, :, None] == target_scores[:, None, :])
         competes = competes & ~tied
-    scaled = scores / temperature
     log_denominator = torch.logsumexp(
-        torch.where(competes, scaled[:, None, :], torch.full_like(competes, float("-inf"), dtype=scores.dtype)), dim=2)
-    terms = torch.where(valid, scaled - torch.where(valid, log_denominator, torch.zeros_like(scaled)),
-                        torch.zeros_like(scaled))
+        torch.where(competes, utilities[:, None, :],
+                    torch.full_like(competes, float("-inf"), dtype=utilities.dtype)), dim=2)
+    terms = torch.where(valid, utilities - torch.where(valid, log_denominator, torch.zeros_like(utilities)),
+                        torch.zeros_like(utilities))
     has_order = valid.sum(dim=1) >= 2
     per_group = -terms.sum(dim=1)
     return torch.where(has_order, per_group, torch.zeros_like(per_group)).sum() / has_order.sum().clamp(min=1)
+
+
+def implicit_rewards(scores: torch.Tensor, ref_scores: Optional[torch.Tensor], beta: float) -> torch.Tensor:
+    """[G, K] ``r = beta * (s - s_ref)`` (DPO's implicit reward; ``beta * s`` without a reference)."""
+    return beta * (scores if ref_scores is None else scores - ref_scores)
 
 
 @register_loss("rrhf")
@@ -159,7 +178,7 @@ def rrhf_loss(scores: torch.Tensor, valid: torch.Tensor, options: RankingOptions
     return hinge.sum(dim=(1, 2)).sum() / has_pair.sum().clamp(min=1)
 
 
-@register_loss("pairwise_logistic")
+@register_loss("pairwise_logistic", uses_reference=True)
 def pairwise_logistic_loss(scores: torch.Tensor, valid: torch.Tensor, options: RankingOptions = DEFAULT_OPTIONS, *,
                            target_scores: Optional[torch.Tensor] = None,
                            ref_scores: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -180,3 +199,65 @@ def pairwise_logistic_loss(scores: torch.Tensor, valid: torch.Tensor, options: R
     losses = -F.logsigmoid(beta * better_minus_worse - gamma)
     losses = torch.where(pairs, losses, torch.zeros_like(losses))
     return losses.sum() / pairs.sum().clamp(min=1)
+
+
+@register_loss("plackett_luce", uses_reference=True)
+def plackett_luce_loss(scores: torch.Tensor, valid: torch.Tensor, options: RankingOptions = DEFAULT_OPTIONS, *,
+                       target_scores: Optional[torch.Tensor] = None,
+                       ref_scores: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """DPO under the Plackett-Luce model of the whole ranking (Rafailov et al. 2023, DPO, appendix A.3).
+
+        r_k = beta * (s_k - ref_k)
+        L_g = - sum_k log( exp(r_k) / sum_{j >= k, j valid} exp(r_j) ),   L = mean over groups with >= 2
+
+    With K = 2 this is DPO's sigmoid loss ``-log sigmoid(r_0 - r_1)`` exactly; without ``ref_scores`` it is
+    ListMLE at temperature 1 / beta. Ties as in ``listmle`` (``skip_ties``). Reads ``options.beta``.
+    """
+    _check(scores, valid)
+    return _plackett_luce_nll(implicit_rewards(scores, ref_scores, options.beta), valid, target_scores,
+                              options.skip_ties)
+
+
+def _rank_discounts(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[G, K] ``1 / log2(1 + rank)``, rank (from 1) of each valid candidate among its group's valid ones when
+    sorted by ``rewards`` descending (ties by position); 0 where invalid. No gradient flows through the sort."""
+    rewards = rewards.detach()
+    num_candidates = rewards.shape[1]
+    positions = torch.arange(num_candidates, device=rewards.device)
+    # ahead[g, k, j]: candidate j sorts before candidate k
+    ahead = (rewards[:, None, :] > rewards[:, :, None]) | (
+        (rewards[:, None, :] == rewards[:, :, None]) & (positions[None, :] < positions[:, None]))
+    rank = 1 + (ahead & valid[:, None, :]).sum(dim=2)
+    return torch.where(valid, 1.0 / torch.log2(1.0 + rank.to(rewards.dtype)), torch.zeros_like(rewards))
+
+
+@register_loss("lipo_lambda", uses_reference=True)
+def lipo_lambda_loss(scores: torch.Tensor, valid: torch.Tensor, options: RankingOptions = DEFAULT_OPTIONS, *,
+                     target_scores: Optional[torch.Tensor] = None,
+                     ref_scores: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """LiPO-lambda (Liu et al. 2024, LiPO, eq. 8; the LambdaLoss weights of Wang et al. 2018).
+
+        r_k = beta * (s_k - ref_k)
+        w_jl = |G_j - G_l| * |1 / D(tau_j) - 1 / D(tau_l)|,   G = 2 ** psi - 1,   D(tau) = log2(1 + tau)
+        L_g = sum_{j < l, pair exists} w_jl * -log sigmoid(r_j - r_l),   L = mean over groups with a pair
+
+    psi are the labels: ``target_scores`` (the ranking's own scores) when given, else the ranks themselves
+    (``n - 1 - position`` for a group of n candidates, best highest); tau_k is the rank of candidate k when its
+    group is sorted by the model's current rewards (no gradient through it). Pairs with equal labels weigh 0,
+    so ties are kept as ties whatever ``skip_ties`` says. Reads ``options.beta``.
+    """
+    _check(scores, valid)
+    rewards = implicit_rewards(scores, ref_scores, options.beta)
+    pairs = ordered_pairs(valid)
+    if target_scores is None:
+        # n - 1 - (index among the group's valid candidates)
+        labels = (valid.sum(dim=1, keepdim=True) - valid.long().cumsum(dim=1)).to(scores.dtype)
+    else:
+        labels = target_scores.to(scores.dtype)
+    gains = torch.where(valid, torch.exp2(labels) - 1.0, torch.zeros_like(labels))
+    discounts = _rank_discounts(rewards, valid)
+    weights = (gains[:, :, None] - gains[:, None, :]).abs() * (discounts[:, :, None] - discounts[:, None, :]).abs()
+    losses = -F.logsigmoid(rewards[:, :, None] - rewards[:, None, :])  # [G, j, l]: j above l
+    per_pair = torch.where(pairs, weights * losses, torch.zeros_like(losses))
+    has_pair = pairs.flatten(1).any(dim=1)
+    return per_pair.sum(dim=(1, 2)).sum() / has_pair.sum().clamp(min=1)

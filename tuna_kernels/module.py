@@ -79,7 +79,8 @@ class TunaLoss(nn.Module):
                 positions may be dropped beforehand, or kept with ignore_index labels).
             weight: [V, D] lm_head weight; labels: [N]; layout: the :class:`GroupLayout` of the batch.
             bias, logit_scale, softcap: the lm_head's, as in :func:`tuna_kernels.token_logprobs`.
-            ref_scores: [G, K] reference-model scores (``pairwise_logistic`` as DPO).
+            ref_scores: [G, K] reference-model scores, as :meth:`sequence_scores` gives them (``plackett_luce``,
+                ``lipo_lambda``, ``pairwise_logistic`` as DPO), no gradient needed.
 
         Returns:
             (loss, metrics) with metrics: ``rank_loss``, ``mle_loss``, ``pair_accuracy`` (fraction of
@@ -90,8 +91,7 @@ class TunaLoss(nn.Module):
         sums, _ = sequence_logprobs(hidden, weight, labels, layout.seq_index, layout.num_seqs, bias=bias,
                                     logit_scale=logit_scale, softcap=softcap, ignore_index=self.ignore_index,
                                     impl=self.impl, **self.logprob_options)
-        seq_scores = sums / counts.to(sums.dtype) ** self.alpha
-        scores = layout.to_matrix(seq_scores)
+        scores = layout.to_matrix(self.sequence_scores(sums, counts))
         valid = layout.valid()
         rank_loss = self.ranking_loss(scores, valid, layout.target_scores, ref_scores)
         if self.mle_on == "all":
@@ -101,6 +101,11 @@ class TunaLoss(nn.Module):
             mle_loss = -sums[best].sum() / counts[best].sum()
         loss = rank_loss + self.mle_weight * mle_loss
         return loss, self._metrics(scores.detach(), valid, layout, rank_loss, mle_loss)
+
+    def sequence_scores(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """[S] length-normalised scores ``sums / counts ** alpha`` of the sequences' log-likelihood sums [S] and
+        target counts [S] (every count >= 1: ``GroupLayout.validate``)."""
+        return sums / counts.to(sums.dtype) ** self.alpha
 
     @staticmethod
     def best_sequences(layout: GroupLayout) -> torch.Tensor:

@@ -12,7 +12,8 @@ from typing import Any, Collection, Dict, Mapping, Optional
 
 import yaml
 
-from tuna_kernels import IMPLS, LOSSES
+from tuna_hf import REFERENCES
+from tuna_kernels import IMPLS, LOSSES, REFERENCE_LOSSES
 
 from .collate import LAYOUTS
 from .data import FORMATS
@@ -117,8 +118,12 @@ class TrainConfig:
     mle_on: str = option("all", "the cross-entropy term covers every candidate's tokens, or the best one's",
                          ("all", "best"))
     skip_ties: bool = option(False, "drop pairs tied in the ranking's own scores")
-    beta: float = option(0.1, "pairwise_logistic: inverse temperature")
+    beta: float = option(0.1, "pairwise_logistic, plackett_luce, lipo_lambda: the reward scale (r = beta * "
+                              "(score - reference score))")
     gamma: float = option(0.0, "pairwise_logistic: target reward margin")
+    reference: str = option("none", "reference scores of plackett_luce, lipo_lambda, pairwise_logistic: none, or "
+                                    "adapter (the model with its LoRA adapters off, computed in the same step; "
+                                    "needs lora)", REFERENCES)
     impl: str = option("auto", "fused kernels: triton on CUDA, chunked torch elsewhere (auto)", TRAIN_IMPLS)
     kernel_autotune: bool = option(False, "Triton: time the candidate kernel configurations once per shape "
                                           "(or TUNA_AUTOTUNE=1)")
@@ -185,6 +190,10 @@ class TrainConfig:
         if self.overwrite and (self.resume_with_new_settings or self.resume not in ("auto", "never")):
             raise ValueError("config field 'overwrite' starts afresh: it cannot go with 'resume_with_new_settings' "
                              f"or a checkpoint to resume (resume: {self.resume!r})")
+        if self.reference != "none" and (not self.lora or self.loss not in REFERENCE_LOSSES):
+            raise ValueError(f"config field 'reference' {self.reference!r} needs 'lora' (the reference is the model "
+                             f"with its adapters off) and a loss that reads reference scores "
+                             f"({', '.join(sorted(REFERENCE_LOSSES))}); got lora={self.lora}, loss={self.loss!r}")
         if self.load_in_4bit and self.model is None:
             raise ValueError("config field 'load_in_4bit' needs 'model' (a local model directory to quantise)")
         return self

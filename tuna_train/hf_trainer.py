@@ -22,8 +22,8 @@ from typing import Any, Dict, List, Sequence
 import torch
 from transformers import Trainer, TrainingArguments
 
-from tuna_hf import apply_fused_losses
-from tuna_kernels import TunaLoss
+from tuna_hf import REFERENCES, apply_fused_losses
+from tuna_kernels import LOSSES, TunaLoss
 
 from .collate import LAYOUTS, pack, tokenize_group
 from .data import RankedExample, examples_from_records
@@ -35,8 +35,14 @@ LOGGED_METRICS = ("rank_loss", "mle_loss", "pair_accuracy", "score_gap")
 class TunaTrainingArguments(TrainingArguments):
     """``TrainingArguments`` plus the Tuna loss and the packing of groups (same meaning as in ``tuna train``)."""
 
-    loss: str = field(default="tuna_margin", metadata={"help": "tuna_margin | listmle | rrhf | pairwise_logistic"})
+    loss: str = field(default="tuna_margin", metadata={"help": "ranking loss, one of tuna_kernels.LOSSES",
+                                                       "choices": tuple(LOSSES)})
     margin: float = field(default=0.1, metadata={"help": "tuna_margin: margin per rank gap"})
+    beta: float = field(default=0.1, metadata={"help": "pairwise_logistic, plackett_luce, lipo_lambda: reward scale"})
+    gamma: float = field(default=0.0, metadata={"help": "pairwise_logistic: target reward margin"})
+    temperature: float = field(default=1.0, metadata={"help": "listmle: temperature"})
+    reference: str = field(default="none", metadata={"help": "reference scores: none, or adapter (the model with "
+                                                             "its peft adapters off)", "choices": REFERENCES})
     alpha: float = field(default=1.0, metadata={"help": "score = sum of log-probs / tokens ** alpha"})
     mle_weight: float = field(default=1.0, metadata={"help": "weight of the token cross-entropy term"})
     mle_on: str = field(default="all", metadata={"help": "all | best: whose tokens the MLE term covers"})
@@ -85,8 +91,8 @@ class TunaTrainer(Trainer):
             raise ValueError("TunaTrainer needs processing_class (the tokenizer) or a data_collator")
         self.tuna_loss_fn = TunaLoss(loss=args.loss, margin=args.margin, alpha=args.alpha,
                                      mle_weight=args.mle_weight, mle_on=args.mle_on, skip_ties=args.skip_ties,
-                                     impl=args.impl)
-        apply_fused_losses(model, self.tuna_loss_fn, impl=args.impl)
+                                     beta=args.beta, gamma=args.gamma, temperature=args.temperature, impl=args.impl)
+        apply_fused_losses(model, self.tuna_loss_fn, reference=args.reference, impl=args.impl)
         if data_collator is None:
             data_collator = GroupCollator(processing_class, args.template, args.max_length, args.packing,
                                           args.max_candidates)

@@ -99,7 +99,8 @@ class Trainer:
                                 autotune=config.kernel_autotune or None,
                                 grad_filter_eps=config.grad_filter_eps or None)
         # the causal LM and the fused loss in one module: the one DDP / FSDP / ZeRO-3 wraps
-        fused = FusedCausalLM(self.model, self.loss_fn, impl=config.impl, autotune=config.kernel_autotune or None)
+        fused = FusedCausalLM(self.model, self.loss_fn, reference=config.reference, impl=config.impl,
+                              autotune=config.kernel_autotune or None)
         self.sharded = config.sharding == "fsdp"
         if self.sharded:  # shard first: the optimizer holds the shards
             fused = shard_fsdp(fused, config.fsdp_cpu_offload)

@@ -1,0 +1,129 @@
+"""The reference model of the listwise preference losses (plackett_luce, lipo_lambda, pairwise_logistic as DPO):
+``reference="adapter"``, the same model with its LoRA adapters off, computed in the same step without gradients.
+Checked against the base model's own float64 scores (a copy taken before the adapters were added), the loss
+against the naive float64 formulas of those scores, the adapters' state after the pass, refusals, and a
+`tuna train --reference adapter` run that resumes bit for bit."""
+
+import copy
+
+import pytest
+import torch
+
+import naive_tuna as naive
+from helpers import batch, own_logits, rel_err, tiny, with_adapters
+from test_resume import TINY, assert_resumed_exactly
+from tuna_hf import adapters_disabled, tuna_loss
+from tuna_kernels import TunaLoss
+from tuna_train.config import load_config
+
+TARGETS = ["q_proj", "v_proj", "lm_head"]
+GROUPS = [3, 1]  # rows 0-2 one instruction's candidates, best first; row 3 alone
+
+
+class RecordingLoss(TunaLoss):
+    """TunaLoss that keeps the reference scores it was given."""
+
+    def forward(self, *args, ref_scores=None, **kwargs):
+        self.seen_ref_scores = ref_scores
+        return super().forward(*args, ref_scores=ref_scores, **kwargs)
+
+
+def float64_scores(model, input_ids, attention_mask, labels):
+    """[4] mean token log-prob of each row under the model's own logits, float64."""
+    logits, targets, rows = own_logits(model, input_ids, attention_mask, labels)
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+    return torch.stack([logprobs[rows == r].mean() for r in range(input_ids.shape[0])])
+
+
+def as_matrix(scores):
+    """[4] row scores -> [G, K] lists in GROUPS' layout (row 3's missing candidates as 0, invalid)."""
+    return [scores[:3].tolist(), [float(scores[3]), 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("loss_name", ["plackett_luce", "lipo_lambda", "pairwise_logistic"])
+def test_the_adapter_reference_is_the_base_model_and_carries_no_gradient(loss_name):
+    base = tiny(tied=False)
+    frozen_copy = copy.deepcopy(base)
+    model = with_adapters(base, target_modules=TARGETS)
+    inputs = batch()
+    loss_fn = RecordingLoss(loss=loss_name, beta=2.0, impl="chunked")
+    loss, _ = tuna_loss(model, *inputs, group_sizes=GROUPS, reference="adapter", loss_fn=loss_fn)
+    ref = loss_fn.seen_ref_scores
+    expected_ref = float64_scores(frozen_copy, *inputs)
+    assert not ref.requires_grad
+    assert rel_err(ref[0], expected_ref[:3]) <= 1e-6 and rel_err(ref[1, :1], expected_ref[3:]) <= 1e-6
+    # the adapters are back on, and trainable: the policy differs from the base, and its loss is the formula's
+    policy = float64_scores(model, *inputs)
+    assert rel_err(policy, expected_ref) > 1e-3
+    valid = [[True] * 3, [True, False, False]]
+    naive_loss = {"plackett_luce": lambda s, r: naive.plackett_luce(s, valid, 2.0, r),
+                  "lipo_lambda": lambda s, r: naive.lipo_lambda(s, valid, 2.0, r),
+                  "pairwise_logistic": lambda s, r: naive.pairwise_logistic(s, valid, 2.0, r)}[loss_name]
+    mle = -sum(torch.log_softmax(l, -1)[t].item() for l, t in zip(*own_logits(model, *inputs)[:2])) / \
+        int((inputs[2][:, 1:] != -100).sum())
+    want = naive_loss(as_matrix(policy), as_matrix(expected_ref)) + mle
+    assert abs(float(loss) - want) <= 1e-5 * abs(want)
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert adapters and all(p.requires_grad for p in adapters)
+    # gradients: those of the same loss with the reference scores given as constants
+    grads = torch.autograd.grad(loss, adapters)
+    again, _ = tuna_loss(model, *inputs, group_sizes=GROUPS, ref_scores=ref.clone(),
+                         loss_fn=TunaLoss(loss=loss_name, beta=2.0, impl="chunked"))
+    for got, want_grad in zip(grads, torch.autograd.grad(again, adapters)):
+        assert rel_err(got, want_grad) <= 1e-6
+
+
+def test_adapters_disabled_restores_each_layers_state_and_refuses_a_model_without_adapters():
+    model = with_adapters(tiny(tied=True), target_modules=TARGETS)
+    lora = [m for m in model.modules() if hasattr(m, "lora_A") and m.lora_A]
+    lora[0].enable_adapters(False)  # a layer the user switched off stays off
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    with adapters_disabled(model):
+        assert all(layer.disable_adapters for layer in lora)
+    assert lora[0].disable_adapters and not any(layer.disable_adapters for layer in lora[1:])
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == trainable
+    with pytest.raises(ValueError, match="needs a model with peft adapters"):
+        tuna_loss(tiny(tied=False), *batch(), group_sizes=GROUPS, reference="adapter", loss="plackett_luce")
+    with pytest.raises(ValueError, match="reference must be one of"):
+        tuna_loss(model, *batch(), group_sizes=GROUPS, reference="model", loss="plackett_luce")
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (dict(reference="adapter", loss="plackett_luce"), "needs 'lora'"),
+    (dict(reference="adapter", loss="tuna_margin", lora=True), "a loss that reads reference scores"),
+    (dict(reference="frozen"), "reference"),
+])
+def test_train_refuses_a_reference_it_cannot_use(tmp_path, overrides, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        load_config(None, dict(output_dir=str(tmp_path / "run"), **overrides))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_name", ["plackett_luce", "lipo_lambda"])
+def test_tuna_train_with_the_adapter_reference_resumes_bit_for_bit(tmp_path, loss_name):
+    assert_resumed_exactly(tmp_path, stop_after=2, total=4, loss=loss_name, reference="adapter", lora=True,
+                           lora_r=4, lora_dropout=0.1)
+
+
+def test_the_trainer_hands_the_adapter_reference_to_the_loss(tmp_path, monkeypatch):
+    """Through `tuna train`'s fused module: every loss call gets reference scores without gradient; on the first
+    step LoRA's B is zero, so the reference (adapters off) equals the policy: its mean score per rank is the
+    policy's ``score_per_rank`` metric."""
+    from tuna_train.trainer import Trainer
+
+    calls = []
+    original = TunaLoss.forward
+
+    def recording(self, hidden, weight, labels, layout, **kwargs):
+        loss, metrics = original(self, hidden, weight, labels, layout, **kwargs)
+        calls.append((kwargs.get("ref_scores"), layout.valid(), metrics["score_per_rank"]))
+        return loss, metrics
+
+    monkeypatch.setattr(TunaLoss, "forward", recording)
+    overrides = dict(loss="plackett_luce", reference="adapter", lora=True, lora_r=4, max_steps=1)
+    Trainer(load_config(None, dict(TINY, output_dir=str(tmp_path / "run"), **overrides))).run()
+    assert calls
+    ref, valid, policy_per_rank = calls[0]
+    assert ref is not None and not ref.requires_grad
+    ref_per_rank = torch.where(valid, ref, torch.zeros_like(ref)).sum(0) / valid.sum(0).clamp(min=1)
+    assert rel_err(ref_per_rank, policy_per_rank) <= 1e-6

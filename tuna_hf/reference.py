@@ -1,0 +1,73 @@
+"""Reference-model scores for the losses that compare with one (``plackett_luce``, ``lipo_lambda``,
+``pairwise_logistic`` as DPO): ``r_k = beta * (s_k - s_ref_k)``.
+
+``reference="adapter"``: under LoRA / QLoRA the reference is the same model with its adapters switched off
+(what the adapters started from), so no second model is held in memory. Its scores come from the same packed
+batch, the same fused pass and the same length normalisation as the policy's, under ``torch.no_grad()``: they
+cost one forward without activations kept for a backward, and carry no gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+
+from .head import lm_head_spec, peft_types
+
+#: the values of ``reference``: none, or the model with its adapters off
+REFERENCES = ("none", "adapter")
+
+
+def check_reference(reference: str) -> None:
+    """Raise a ValueError naming ``reference`` unless it is one of :data:`REFERENCES`."""
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+
+
+def _adapter_layers(model) -> list:
+    """Every peft layer of ``model`` that can switch its adapters off (LoRA layers, modules_to_save copies)."""
+    peft = peft_types()
+    if peft is None:
+        return []
+    tuner_layer, _, _, auxiliary_wrapper = peft
+    return [module for module in model.modules() if isinstance(module, (tuner_layer, auxiliary_wrapper))]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model) -> Iterator[None]:
+    """Within the block, ``model``'s peft adapters are off (the base model's outputs); each layer's own state
+    (and the adapters' ``requires_grad``, which peft turns off with them) comes back after it.
+
+    Raises a ValueError when the model has no adapter: its "reference" would be the policy itself.
+    """
+    layers = _adapter_layers(model)
+    if not layers:
+        raise ValueError("reference='adapter' needs a model with peft adapters (LoRA / QLoRA: tuna train --lora); "
+                         "without them the reference would be the trained model itself")
+    enabled = [(layer, not layer.disable_adapters) for layer in layers]
+    trainable = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    try:
+        for layer, _ in enabled:
+            layer.enable_adapters(False)
+        yield
+    finally:
+        for layer, was_enabled in enabled:
+            layer.enable_adapters(was_enabled)
+        for parameter, requires_grad in trainable:  # enable_adapters(True) re-enables only the active adapters
+            parameter.requires_grad_(requires_grad)
+
+
+def adapter_reference_scores(causal_lm, hidden_of: Callable[[], torch.Tensor], labels: torch.Tensor, layout,
+                             loss_fn) -> torch.Tensor:
+    """[G, K] the scores ``loss_fn`` (a :class:`tuna_kernels.TunaLoss`) gives the candidates under ``causal_lm``
+    with its peft adapters off: ``hidden_of()`` runs the model body on the batch ([N, D] hidden states of the
+    targets ``labels`` [N], laid out by ``layout``), then the same fused pass (``loss_fn``'s implementation and
+    options) and length normalisation as the policy's scores, all under ``torch.no_grad()`` (no gradient, no
+    activations kept)."""
+    with torch.no_grad(), adapters_disabled(causal_lm):
+        hidden = hidden_of()
+        sums, counts = lm_head_spec(causal_lm).sequence_logprobs(hidden, labels, layout.seq_index, layout.num_seqs,
+                                                                 impl=loss_fn.impl, **loss_fn.logprob_options)
+    return layout.to_matrix(loss_fn.sequence_scores(sums, counts))
