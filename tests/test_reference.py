@@ -127,3 +127,61 @@ def test_the_trainer_hands_the_adapter_reference_to_the_loss(tmp_path, monkeypat
     assert ref is not None and not ref.requires_grad
     ref_per_rank = torch.where(valid, ref, torch.zeros_like(ref)).sum(0) / valid.sum(0).clamp(min=1)
     assert rel_err(ref_per_rank, policy_per_rank) <= 1e-6
+
+
+def test_record_reference_scores_follow_their_responses_and_are_checked():
+    from tuna_train.data import DataError, parse_record
+
+    record = {"instruction": "i", "responses": ["b", "a", "c"], "scores": [1.0, 2.0, 0.0], "ref_scores": [-1, -2, -3]}
+    example = parse_record(record, "native", "f.jsonl:1")
+    assert example.responses == ["a", "b", "c"] and example.ref_scores == [-2.0, -1.0, -3.0]
+    ranked = parse_record({"instruction": "i", "responses": ["b", "a", "c"], "ranking": [1, 0],
+                           "ref_scores": [-1, -2, -3]}, "native", "f.jsonl:2")
+    assert ranked.responses == ["a", "b"] and ranked.ref_scores == [-2.0, -1.0]
+    for bad, pattern in (([-1, -2], "'ref_scores' has 2 entries for 3 responses"),
+                         ([-1, float("nan"), 0], r"'ref_scores\[1\]' must be a finite number")):
+        with pytest.raises(DataError, match=pattern):
+            parse_record(dict(record, ref_scores=bad), "native", "f.jsonl:3")
+
+
+def test_precomputed_reference_scores_train_as_the_adapter_reference(tmp_path):
+    """Records whose ref_scores are the start model's own scores (written here through the adapters-off pass of
+    the model the trainer built) train exactly as the on-the-fly adapter reference: the same losses each step;
+    training records without ref_scores are refused naming one, before any step."""
+    import json
+
+    from tuna_hf import fused_batch_forward
+    from tuna_train.data import DataError, examples_from_records
+    from tuna_train.synthetic import make_records
+    from tuna_train.trainer import Trainer
+
+    records = make_records(24)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    common = dict(TINY, data=str(data), loss="plackett_luce", lora=True, lora_r=4, max_steps=3, learning_rate=0.05,
+                  lora_dropout=0.0)
+    on_the_fly = Trainer(load_config(None, dict(common, reference="adapter", output_dir=str(tmp_path / "adapter"))))
+    with torch.no_grad(), adapters_disabled(on_the_fly.model):
+        for record in records:
+            batch = on_the_fly.make_batch(examples_from_records([record]))
+            sums, counts = fused_batch_forward(on_the_fly.model, batch, scores_only=True, impl="chunked")
+            best_first = (sums / counts).tolist()  # alpha = 1: mean token log-prob, best first
+            order = sorted(range(len(best_first)), key=lambda i: -record["scores"][i])  # the loader's (stable) order
+            record["ref_scores"] = [best_first[order.index(i)] for i in range(len(best_first))]  # the file's order
+    with_refs = tmp_path / "with_refs.jsonl"
+    with_refs.write_text("".join(json.dumps(r) + "\n" for r in records))
+    rows = {}
+    for name, trainer in (("adapter", on_the_fly), ("field", Trainer(load_config(None, dict(
+            common, data=str(with_refs), reference="field", output_dir=str(tmp_path / "field")))))):
+        trainer.run()
+        rows[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                      if json.loads(line)["split"] == "train"]
+    assert len(rows["adapter"]) == len(rows["field"]) == 3
+    for a, f in zip(rows["adapter"], rows["field"]):
+        assert abs(a["loss"] - f["loss"]) <= 1e-5 * abs(a["loss"]) and abs(a["rank_loss"] - f["rank_loss"]) <= 1e-5
+    for record in records[1:]:
+        record.pop("ref_scores")
+    with_refs.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(DataError, match=r"with_refs.jsonl.*'ref_scores' is missing"):
+        Trainer(load_config(None, dict(common, data=str(with_refs), reference="field",
+                                       output_dir=str(tmp_path / "missing"))))

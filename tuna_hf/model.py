@@ -113,7 +113,8 @@ def fused_batch_forward(causal_lm, batch, loss_fn=None, scores_only: bool = Fals
     """What :class:`FusedCausalLM` computes, as a function: ``(loss, metrics)`` of ``loss_fn`` on a packed batch
     (``input_ids``, ``attention_mask``, ``position_ids``, ``target_positions``, ``labels``, ``layout``), or
     ``(sums [S], counts [S])`` with ``scores_only``. ``reference="adapter"`` gives the loss the scores of the
-    same model with its adapters off as ``ref_scores`` (:func:`tuna_hf.reference.adapter_reference_scores`)."""
+    same model with its adapters off as ``ref_scores`` (:func:`tuna_hf.reference.adapter_reference_scores`);
+    ``reference="field"`` the batch's own ``ref_scores`` ([G, K]; a ValueError when it has none)."""
     head = lm_head_spec(causal_lm)
     if scores_only:
         hidden = target_hidden_states(causal_lm, batch)
@@ -124,7 +125,12 @@ def fused_batch_forward(causal_lm, batch, loss_fn=None, scores_only: bool = Fals
     check_reference(reference)
     # the reference pass first: it switches the adapters off and on, which must not happen inside the policy's graph
     ref_scores = None
-    if reference == "adapter":
+    if reference == "field":
+        ref_scores = getattr(batch, "ref_scores", None)
+        if ref_scores is None:
+            raise ValueError("reference='field' needs reference scores in the batch: a 'ref_scores' field (one "
+                             "number per response) in every record")
+    elif reference == "adapter":
         ref_scores = adapter_reference_scores(causal_lm, lambda: target_hidden_states(causal_lm, batch), batch.labels,
                                               batch.layout, loss_fn)
     hidden, weight, head_options = head.fused_inputs(target_hidden_states(causal_lm, batch))

@@ -1,6 +1,9 @@
 """Reference-model scores for the losses that compare with one (``plackett_luce``, ``lipo_lambda``,
 ``pairwise_logistic`` as DPO): ``r_k = beta * (s_k - s_ref_k)``.
 
+``reference="field"``: the scores a batch carries (``batch.ref_scores`` [G, K], e.g. from the records'
+``ref_scores`` field, precomputed by a frozen model with the same length normalisation).
+
 ``reference="adapter"``: under LoRA / QLoRA the reference is the same model with its adapters switched off
 (what the adapters started from), so no second model is held in memory. Its scores come from the same packed
 batch, the same fused pass and the same length normalisation as the policy's, under ``torch.no_grad()``: they
@@ -16,8 +19,8 @@ import torch
 
 from .head import lm_head_spec, peft_types
 
-#: the values of ``reference``: none, or the model with its adapters off
-REFERENCES = ("none", "adapter")
+#: the values of ``reference``: none, the model with its adapters off, or scores the batch carries
+REFERENCES = ("none", "adapter", "field")
 
 
 def check_reference(reference: str) -> None:

@@ -157,7 +157,7 @@ def _plackett_luce_nll(utilities: torch.Tensor, valid: torch.Tensor, target_scor
 
 def implicit_rewards(scores: torch.Tensor, ref_scores: Optional[torch.Tensor], beta: float) -> torch.Tensor:
     """[G, K] ``r = beta * (s - s_ref)`` (DPO's implicit reward; ``beta * s`` without a reference)."""
-    return beta * (scores if ref_scores is None else scores - ref_scores)
+    return beta * (scores if ref_scores is None else scores - ref_scores.to(scores.dtype))
 
 
 @register_loss("rrhf")

@@ -12,7 +12,7 @@ from accelerate.state import AcceleratorState, PartialState
 from transformers import get_scheduler
 
 from .config import LR_SCHEDULES, TrainConfig
-from .data import RankedExample, examples_from_records, load_ranked, select_examples
+from .data import DataError, RankedExample, examples_from_records, load_ranked, select_examples
 from .model import adapter_base_path, add_lora, build_tiny_llama, load_model, load_tokenizer, synthetic_tokenizer
 from .synthetic import make_records
 
@@ -51,6 +51,15 @@ def load_datasets(config: TrainConfig) -> Datasets:
     random.Random(config.seed).shuffle(order)
     num_eval = int(round(len(examples) * config.eval_fraction))
     return Datasets(select_examples(examples, order[num_eval:]), select_examples(examples, order[:num_eval]), skipped)
+
+
+def check_ref_scores(examples: Sequence[RankedExample]) -> None:
+    """Raise a DataError naming the first example without reference scores (``reference="field"`` needs them
+    in every training record), before any model is loaded."""
+    for example in examples:
+        if example.ref_scores is None:
+            raise DataError(f"{example.source}: field 'ref_scores' is missing (reference 'field' reads one reference "
+                            "score per response from every training record)")
 
 
 def build_model(config: TrainConfig):

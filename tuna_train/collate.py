@@ -34,6 +34,7 @@ class TokenizedGroup:
     scores: List[float]
     prompt_truncated: bool = False
     responses_truncated: int = 0
+    ref_scores: Optional[List[float]] = None
 
 
 @dataclass
@@ -42,7 +43,8 @@ class PackedBatch:
 
     input_ids, position_ids: [R, L]; attention_mask: [R, L] (per_candidate) or [R, 1, L, L] bool (shared);
     target_positions: [N] flat indices into the [R * L] hidden states; labels: [N] target ids;
-    layout: the GroupLayout over the N targets (its ``target_scores`` are the ranking's scores).
+    layout: the GroupLayout over the N targets (its ``target_scores`` are the ranking's scores);
+    ref_scores: [G, K] float64, the records' reference scores when every group has them, else None.
     """
 
     input_ids: torch.Tensor
@@ -52,6 +54,7 @@ class PackedBatch:
     labels: torch.Tensor
     layout: GroupLayout
     stats: Dict[str, int] = field(default_factory=dict)
+    ref_scores: Optional[torch.Tensor] = None
 
     def to(self, device) -> "PackedBatch":
         layout = self.layout
@@ -60,7 +63,8 @@ class PackedBatch:
                             None if layout.target_scores is None else layout.target_scores.to(device),
                             None if layout.lengths is None else layout.lengths.to(device))
         return PackedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
-                           self.target_positions.to(device), self.labels.to(device), moved, dict(self.stats))
+                           self.target_positions.to(device), self.labels.to(device), moved, dict(self.stats),
+                           None if self.ref_scores is None else self.ref_scores.to(device))
 
 
 def tokenize_group(example: RankedExample, tokenizer, template: str = "alpaca", max_length: int = 512,
@@ -87,7 +91,9 @@ def tokenize_group(example: RankedExample, tokenizer, template: str = "alpaca", 
         if len(ids) > budget:
             ids, truncated = ids[:budget], truncated + 1
         response_ids.append(ids)
-    return TokenizedGroup(prompt_ids, response_ids, list(example.scores[:len(responses)]), prompt_truncated, truncated)
+    ref_scores = None if example.ref_scores is None else list(example.ref_scores[:len(responses)])
+    return TokenizedGroup(prompt_ids, response_ids, list(example.scores[:len(responses)]), prompt_truncated, truncated,
+                          ref_scores)
 
 
 def pack(groups: Sequence[TokenizedGroup], layout: str = "shared", pad_id: int = 0) -> PackedBatch:
@@ -149,6 +155,11 @@ def pack(groups: Sequence[TokenizedGroup], layout: str = "shared", pad_id: int =
     target_scores = torch.zeros(num_groups, num_candidates, dtype=torch.float64)
     for g, group in enumerate(groups):
         target_scores[g, :len(group.scores)] = torch.tensor(group.scores, dtype=torch.float64)
+    ref_scores = None
+    if all(group.ref_scores is not None for group in groups):
+        ref_scores = torch.zeros(num_groups, num_candidates, dtype=torch.float64)
+        for g, group in enumerate(groups):
+            ref_scores[g, :len(group.ref_scores)] = torch.tensor(group.ref_scores, dtype=torch.float64)
     index = torch.tensor(seq_index, dtype=torch.long)
     group_layout = GroupLayout(index, torch.tensor(seq_group), torch.tensor(seq_rank), num_groups, num_candidates,
                                target_scores=target_scores)
@@ -163,7 +174,7 @@ def pack(groups: Sequence[TokenizedGroup], layout: str = "shared", pad_id: int =
     }
     flat = torch.tensor([r * length + p for r, p in targets], dtype=torch.long)
     return PackedBatch(input_ids, attention_mask, position_ids, flat, torch.tensor(labels, dtype=torch.long),
-                       group_layout, stats)
+                       group_layout, stats, ref_scores)
 
 
 def _shared_mask(spans, row_lengths: List[int], length: int) -> torch.Tensor:

@@ -121,9 +121,9 @@ class TrainConfig:
     beta: float = option(0.1, "pairwise_logistic, plackett_luce, lipo_lambda: the reward scale (r = beta * "
                               "(score - reference score))")
     gamma: float = option(0.0, "pairwise_logistic: target reward margin")
-    reference: str = option("none", "reference scores of plackett_luce, lipo_lambda, pairwise_logistic: none, or "
+    reference: str = option("none", "reference scores of plackett_luce, lipo_lambda, pairwise_logistic: none; "
                                     "adapter (the model with its LoRA adapters off, computed in the same step; "
-                                    "needs lora)", REFERENCES)
+                                    "needs lora); field (each record's ref_scores)", REFERENCES)
     impl: str = option("auto", "fused kernels: triton on CUDA, chunked torch elsewhere (auto)", TRAIN_IMPLS)
     kernel_autotune: bool = option(False, "Triton: time the candidate kernel configurations once per shape "
                                           "(or TUNA_AUTOTUNE=1)")
@@ -190,10 +190,12 @@ class TrainConfig:
         if self.overwrite and (self.resume_with_new_settings or self.resume not in ("auto", "never")):
             raise ValueError("config field 'overwrite' starts afresh: it cannot go with 'resume_with_new_settings' "
                              f"or a checkpoint to resume (resume: {self.resume!r})")
-        if self.reference != "none" and (not self.lora or self.loss not in REFERENCE_LOSSES):
-            raise ValueError(f"config field 'reference' {self.reference!r} needs 'lora' (the reference is the model "
-                             f"with its adapters off) and a loss that reads reference scores "
-                             f"({', '.join(sorted(REFERENCE_LOSSES))}); got lora={self.lora}, loss={self.loss!r}")
+        if self.reference != "none" and self.loss not in REFERENCE_LOSSES:
+            raise ValueError(f"config field 'reference' {self.reference!r} needs a loss that reads reference scores "
+                             f"({', '.join(sorted(REFERENCE_LOSSES))}), got loss={self.loss!r}")
+        if self.reference == "adapter" and not self.lora:
+            raise ValueError("config field 'reference' 'adapter' needs 'lora': the reference is the model with its "
+                             "adapters off")
         if self.load_in_4bit and self.model is None:
             raise ValueError("config field 'load_in_4bit' needs 'model' (a local model directory to quantise)")
         return self

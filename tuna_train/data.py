@@ -58,6 +58,9 @@ class RankedExample:
     responses: List[str]
     scores: List[float]
     input: Optional[str] = None
+    # a reference model's scores of the responses (same order, same length normalisation as training uses),
+    # from the records' ``ref_scores`` field: the losses' reference with ``reference="field"``
+    ref_scores: Optional[List[float]] = None
     prompt_is_formatted: bool = False
     source: str = ""
     meta: Dict[str, Any] = field(default_factory=dict)
@@ -152,10 +155,11 @@ def _ranking_scores(ranking, num_responses: int, name: str, where: str, drop: Se
     return scores
 
 
-def _example(instruction, responses, scores, where, **kwargs) -> RankedExample:
+def _example(instruction, responses, scores, where, ref_scores=None, **kwargs) -> RankedExample:
     order = sorted(range(len(responses)), key=lambda i: -scores[i])  # stable: equal scores keep file order
     return RankedExample(instruction=instruction, responses=[responses[i] for i in order],
-                         scores=[scores[i] for i in order], source=where, **kwargs)
+                         scores=[scores[i] for i in order], source=where,
+                         ref_scores=None if ref_scores is None else [ref_scores[i] for i in order], **kwargs)
 
 
 # "###Response 0:" ... : how the judge's prompt shows each candidate (the templated "### Response:" has no number)
@@ -194,15 +198,18 @@ def parse_record(record: Any, data_format: str, where: str, include_judge_respon
         if input_text is not None and not isinstance(input_text, str):
             raise DataError(f"{where}: field 'input' must be a string, got {type(input_text).__name__}")
         responses = _responses(record, "responses", where)
+        ref_scores = _scores(record, "ref_scores", len(responses), where) if "ref_scores" in record else None
         if "scores" in record:
             scores = _scores(record, "scores", len(responses), where)
         elif "ranking" in record:
             by_index = _ranking_scores(record["ranking"], len(responses), "ranking", where)
             responses = [responses[i] for i in sorted(by_index)]
             scores = [by_index[i] for i in sorted(by_index)]
+            ref_scores = None if ref_scores is None else [ref_scores[i] for i in sorted(by_index)]
         else:
             raise DataError(f"{where}: field 'scores' (or 'ranking') is missing")
-        return _example(instruction, responses, scores, where, input=input_text, prompt_is_formatted=formatted)
+        return _example(instruction, responses, scores, where, ref_scores, input=input_text,
+                        prompt_is_formatted=formatted)
     if data_format == "tuna_formatted":
         prompt = _field(record, "instruction", str, where)
         responses = _responses(record, "output", where)

@@ -23,7 +23,8 @@ from tuna_hf.head import base_model, lm_head_spec
 from tuna_hf.model import FusedCausalLM
 from tuna_kernels import TunaLoss
 
-from .build import build_model, build_optimizer, build_scheduler, load_datasets, release_single_process_state
+from .build import (build_model, build_optimizer, build_scheduler, check_ref_scores, load_datasets,
+                    release_single_process_state)
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .collate import pack, tokenize_group
 from .config import TrainConfig
@@ -87,6 +88,8 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
         self.data = load_datasets(config)
+        if config.reference == "field":
+            check_ref_scores(self.data.train)
         self.sampler = GroupSampler(len(self.data.train), config.batch_groups, config.grad_accum, self.world_size,
                                     self.rank, config.seed)
         self.total_steps = self.sampler.total_steps(config.max_steps, config.num_epochs)
@@ -171,7 +174,7 @@ class Trainer:
             batch = self.make_batch(mine[start:start + self.config.batch_groups])
             with self.accelerator.autocast():  # the dtype path of training: the fused pass follows autocast
                 sums, counts = self.wrapped(batch, scores_only=True)
-            scores = batch.layout.to_matrix(sums / counts.to(sums.dtype) ** self.config.alpha)
+            scores = batch.layout.to_matrix(self.loss_fn.sequence_scores(sums, counts))
             for key, value in batch_counts(scores, batch.layout.valid(), batch.layout.target_scores,
                                            sums, counts).items():
                 totals[key] += value
