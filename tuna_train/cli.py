@@ -37,7 +37,7 @@ from .run_dir import RESUME_HELP
 from .step import NonFiniteLossError
 from .templates import TEMPLATES
 from .trainer import Trainer
-from .workflow import PipelineConfig, load_pipeline_config, run_pipeline
+from .workflow import PipelineConfig, PipelineStopped, load_pipeline_config, run_pipeline
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, config_class: type = TrainConfig) -> None:
@@ -352,7 +352,11 @@ def _merge(args) -> int:
 def _pipeline(args) -> int:
     config_file = args.pop("config_file")
     overrides = {key: value for key, value in args.items() if value is not None}
-    report = run_pipeline(load_pipeline_config(config_file, overrides))
+    try:
+        report = run_pipeline(load_pipeline_config(config_file, overrides))
+    except PipelineStopped as stopped:  # Ctrl-C in a training stage: saved, nothing after it can run yet
+        print(f"tuna pipeline: {stopped}", file=sys.stderr)
+        return 3  # as `tuna train` stopped before its last step
     accuracy = report["pair_accuracy"]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     print(f"tuna pipeline: held-out pairwise ranking accuracy: before {fmt(accuracy['before'])}, "
