@@ -129,3 +129,88 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path):
     assert changed.returncode != 0 and "num_candidates: 4 -> 3" in changed.stderr
     assert "Traceback" not in changed.stderr
     assert (root / "train_p" / "metrics.jsonl").read_text() == metrics_before
+
+
+def generation_inputs(count, seed=4):
+    """Instructions with task fields (the rule judge grades them), as `tuna generate` reads them."""
+    from tuna_train.synthetic import make_task_records
+
+    return [dict(r, id=i) for i, r in enumerate(make_task_records(count, seed=seed))]
+
+
+def test_resumed_generate_writes_the_records_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    """27.10: a run interrupted in the middle of a batch and resumed writes byte for byte what an uninterrupted run
+    with the same seed writes (the seed was the record's place in the pending list, so 35 of 40 differed)."""
+    from tuna_train.model import build_tiny_llama, synthetic_tokenizer
+    from tuna_train.pipeline import store
+
+    model, tokenizer = build_tiny_llama(hidden_size=64, seed=5), synthetic_tokenizer()
+    records = generation_inputs(12)
+    run = dict(k=3, template="none", max_new_tokens=6, batch_size=4, seed=11)
+    generate_records(model, tokenizer, records, tmp_path / "straight.jsonl", **run)
+
+    put, done = store.JsonlStore.put, []
+
+    def interrupted_put(self, key, entry):  # Ctrl-C after the 7th record: in the middle of the second batch
+        if len(done) == 7:
+            raise KeyboardInterrupt
+        put(self, key, entry)
+        done.append(key)
+
+    monkeypatch.setattr(store.JsonlStore, "put", interrupted_put)
+    with pytest.raises(KeyboardInterrupt):
+        generate_records(model, tokenizer, records, tmp_path / "resumed.jsonl", **run)
+    monkeypatch.setattr(store.JsonlStore, "put", put)
+    stats = generate_records(model, tokenizer, records, tmp_path / "resumed.jsonl", **run)
+    assert stats == {"records": 12, "generated": 5}
+    assert (tmp_path / "resumed.jsonl").read_bytes() == (tmp_path / "straight.jsonl").read_bytes()
+    other_seed = generate_records(model, tokenizer, records, tmp_path / "other.jsonl", **dict(run, seed=12))
+    assert other_seed["generated"] == 12  # and the seed does decide the samples
+    assert (tmp_path / "other.jsonl").read_bytes() != (tmp_path / "straight.jsonl").read_bytes()
+
+
+def test_generated_records_say_which_responses_max_new_tokens_cut(tmp_path):
+    """23.3: finish_reasons[j] is "stop" (EOS) or "length" (cut by max_new_tokens), and rank keeps each with its
+    response. Reference: the same run with room to finish (each record's draws do not depend on the cap), where
+    a response that stopped is the same and one that was cut goes on."""
+    import torch
+
+    from tuna_train.model import build_tiny_llama, synthetic_tokenizer
+    from tuna_train.pipeline.judge import make_judge
+    from tuna_train.pipeline.rank import rank_records
+
+    model, tokenizer = build_tiny_llama(hidden_size=64, seed=5), synthetic_tokenizer()
+    with torch.no_grad():  # EOS made likely enough that a cap of 3 cuts some responses, not all (7 of 24 stop)
+        model.lm_head.weight[tokenizer.eos_token_id] *= 10
+    records = generation_inputs(8)
+    run = dict(k=3, template="none", max_tries=1, seed=3)
+    generate_records(model, tokenizer, records, tmp_path / "short.jsonl", max_new_tokens=3, **run)
+    generate_records(model, tokenizer, records, tmp_path / "long.jsonl", max_new_tokens=64, **run)
+    short = [json.loads(line) for line in (tmp_path / "short.jsonl").read_text().splitlines()]
+    long = [json.loads(line) for line in (tmp_path / "long.jsonl").read_text().splitlines()]
+    reasons = [reason for record in short for reason in record["finish_reasons"]]
+    assert set(reasons) == {"stop", "length"}, reasons
+    for cut, whole in zip(short, long):
+        assert len(cut["finish_reasons"]) == len(cut["responses"]) == 3
+        for text, reason, full_text, full_reason in zip(cut["responses"], cut["finish_reasons"], whole["responses"],
+                                                        whole["finish_reasons"]):
+            assert full_text.startswith(text)
+            if reason == "stop":
+                assert (full_text, full_reason) == (text, "stop")
+            else:
+                assert reason == "length"
+    # with room, some of the cut responses end with EOS
+    assert sum(reason == "stop" for record in long for reason in record["finish_reasons"]) > reasons.count("stop")
+
+    rank_records(short, make_judge("rule"), tmp_path / "ranked.jsonl", include_judge_response=True)
+    ranked = [json.loads(line) for line in (tmp_path / "ranked.jsonl").read_text().splitlines()]
+    assert ranked
+    sources = {record["id"]: record for record in short}
+    for record in ranked:  # the judge's ranking names the generated responses 0..2 and its own 3
+        source, order = sources[record["id"]], record["judge"]["ranking"]
+        if len(record["responses"]) < len(order):  # its own response is kept only when it is not a sample
+            order = [i for i in order if i < 3]
+        assert record["responses"] == [source["responses"][i] if i < 3 else record["responses"][j]
+                                       for j, i in enumerate(order)]
+        assert record["finish_reasons"] == [source["finish_reasons"][i] if i < 3 else None for i in order]
+    assert any(None in record["finish_reasons"] for record in ranked)  # the judge's own answer was generated by none
