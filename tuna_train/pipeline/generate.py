@@ -28,7 +28,13 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from rouge_score import rouge_scorer
-from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from ..progress import progress_bar
 from .score import as_example
@@ -58,13 +64,14 @@ class SeededSampling(LogitsProcessor):
     """Sampling with one random stream per prompt, as Gumbel-max (``generate`` then runs greedy).
 
     The logits of prompt i's k rows (rows i*k .. i*k+k-1 of the [B*k, V] scores) are divided by the temperature,
-    filtered by top-p and perturbed by Gumbel noise from ``generators[i]``; their argmax is a draw from the softmax
-    of the processed logits. Each step draws [k, V] from every stream, so what a prompt gets depends only on its
-    stream, not on the other prompts of the batch.
+    filtered by top-k and top-p (in ``generate``'s order) and perturbed by Gumbel noise from ``generators[i]``;
+    their argmax is a draw from the softmax of the processed logits. Each step draws [k, V] from every stream, so
+    what a prompt gets depends only on its stream, not on the other prompts of the batch.
     """
 
-    def __init__(self, temperature: float, top_p: float, seeds: List[int], k: int, device) -> None:
-        self.warpers = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+    def __init__(self, temperature: float, top_p: float, seeds: List[int], k: int, device, top_k: int = 0) -> None:
+        self.warpers = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + \
+            ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         self.k = k
 
@@ -98,8 +105,10 @@ def decode_with_reasons(model, tokenizer, prompts: List[str], k: int, temperatur
         sampling = dict(do_sample=False, num_return_sequences=k)
     elif seeds is not None:  # greedy over perturbed logits: generate takes no k for it, so the rows are repeated
         input_ids, attention = input_ids.repeat_interleave(k, 0), attention.repeat_interleave(k, 0)
+        # the top-k that generate(do_sample=True) applies: the model's, else transformers' default (50)
+        top_k = getattr(model.generation_config, "top_k", None)
         sampling = dict(do_sample=False, logits_processor=LogitsProcessorList(
-            [SeededSampling(temperature, top_p, seeds, k, device)]))
+            [SeededSampling(temperature, top_p, seeds, k, device, 50 if top_k is None else top_k)]))
     else:
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, num_return_sequences=k)
     out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
