@@ -181,6 +181,11 @@ class PipelineStopped(Exception):
     stages after it need its ``final/`` model, so the pipeline stops too. The message says how to resume."""
 
 
+def resume_hint(root) -> str:
+    """How a stopped pipeline resumes: every stage skips what it finished (see the module docstring)."""
+    return f"run the same tuna pipeline command (same --output-dir {root} and settings) to resume"
+
+
 def _accuracy(result: Optional[Dict]) -> Optional[float]:
     return None if not result else result.get("pair_accuracy")
 
@@ -231,8 +236,7 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
                         outputs=[str(summary_path), str(out / "final")], steps=summary["steps"])
         if not finished:  # no final/ yet: the next stage would load a model that does not exist
             raise PipelineStopped(f"stage {stage} stopped at step {summary['steps']} of {summary['total_steps']} "
-                                  f"(checkpoint in {out / 'checkpoints'}); run the same tuna pipeline command "
-                                  f"(same --output-dir {root} and settings) to resume it there")
+                                  f"(checkpoint in {out / 'checkpoints'}); {resume_hint(root)} it there")
         return summary
 
     start_model = config.model
