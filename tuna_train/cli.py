@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-tries", type=int, default=3,
                           help="samplings per instruction at most; the most diverse set is kept (default: 3)")
     generate.add_argument("--batch-size", type=int, default=8, help="instructions sampled together (default: 8)")
-    generate.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed: with each record's id (or text) it seeds "
+                          "that record's draws, so a resumed run writes what an uninterrupted one does (default: 0)")
     _add_placement_flags(generate)
 
     rank = commands.add_parser("rank", help="contextual ranking of responses by a judge")
