@@ -407,3 +407,52 @@ def test_a_failed_load_leaves_no_file(tmp_path, monkeypatch):
     examples, _ = load_ranked(path, skip_bad_records=True)
     assert len(examples) == 5000 and examples[4999].responses == ["4", "5", "22"]
     assert list(store.iterdir()) == []  # the store of the good load is unlinked too, yet still readable
+
+
+# --- 27.11: a file that cannot be read; a ranking that contradicts the scores ---
+
+def test_unreadable_file_is_a_one_line_error_naming_it(tmp_path, monkeypatch, capsys):
+    """Read permission refused (a PermissionError traceback before): a DataError naming the file, and one line
+    from the CLI. As root chmod 000 still reads, so `open` is refused in the reader instead."""
+    import builtins
+    import os
+
+    from tuna_train import cli, records
+
+    paths = [write_jsonl(tmp_path / "locked.jsonl", NATIVE), write_json(tmp_path / "locked.json", NATIVE)]
+    for path in paths:
+        os.chmod(path, 0)
+    if os.access(paths[0], os.R_OK):  # root: refuse the open as the system would
+        def refusing_open(file, *args, **kwargs):
+            if str(file) in paths:
+                raise PermissionError(13, "Permission denied", str(file))
+            return builtins.open(file, *args, **kwargs)
+
+        monkeypatch.setattr(records, "open", refusing_open, raising=False)
+    for path in paths:
+        with pytest.raises(DataError, match=re.escape(path) + r": cannot be read \(Permission denied\)"):
+            load_ranked(path)
+    code = cli.main(["train", "--data", paths[0], "--output-dir", str(tmp_path / "run"), "--progress", "false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if "error" in line] == \
+        [f"tuna train: error: {paths[0]}: cannot be read (Permission denied)"]
+
+
+def test_a_ranking_that_contradicts_the_scores_is_named_once_per_file(tmp_path, caplog):
+    agreeing = {"instruction": "a", "responses": ["x", "y", "z"], "scores": [1.0, 3.0, 3.0], "ranking": [2, 1, 0]}
+    contradicting = {"instruction": "b", "responses": ["x", "y"], "scores": [2.0, 1.0], "ranking": [1, 0]}
+    not_an_order = {"instruction": "c", "responses": ["x", "y"], "scores": [2.0, 1.0], "ranking": [0, 0]}
+    path = write_jsonl(tmp_path / "both.jsonl", [agreeing, contradicting, not_an_order, contradicting])
+    with caplog.at_level("WARNING", logger="tuna_train.data"):
+        examples, report = load_ranked(path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and path in warnings[0] and "3 record(s)" in warnings[0]
+    assert "the scores decide" in warnings[0] and report.ranking_overruled == 3
+    assert examples[1].responses == ["x", "y"] and examples[1].scores == [2.0, 1.0]  # the scores' order
+    assert examples[0].responses[2] == "x"  # tied y and z: either order agrees with the scores
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tuna_train.data"):
+        _, report = load_ranked(write_jsonl(tmp_path / "agree.jsonl", [agreeing, NATIVE[0]]))
+    assert report.ranking_overruled == 0 and not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -1,5 +1,6 @@
 """Sharded training with FSDP2 on CPU processes (gloo): two processes follow the one-process trajectory and
-end at the same weights, each holding about half of the parameters."""
+end at the same weights, each holding about half of the parameters. The runs keep the default trackers
+(TensorBoard on), as a user's run does."""
 
 import json
 import subprocess
@@ -11,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 RUN = dict(synthetic_examples=200, batch_groups=4, tiny_hidden_size=32, eval_groups=8, progress=False,
-           tensorboard=False, eval_every=0, log_every=1, max_steps=4, save_every=100, warmup_steps=0,
+           eval_every=0, log_every=1, max_steps=4, save_every=100, warmup_steps=0,
            learning_rate=1e-3, lr_schedule="constant")
 
 
@@ -30,7 +31,31 @@ def run_two_processes(output_dir, **overrides):
                            *flags(**dict(RUN, output_dir=str(output_dir), **overrides))],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+    assert "error" not in done.stderr.lower(), done.stderr[-4000:]
     return json.loads((Path(output_dir) / "summary.json").read_text())
+
+
+def tensorboard_steps(output_dir):
+    """The train/loss steps TensorBoard holds for a run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = set()
+    for events_file in (Path(output_dir) / "tensorboard").rglob("events.out.tfevents.*"):
+        events = EventAccumulator(str(events_file.parent))
+        events.Reload()
+        if "train/loss" in events.Tags()["scalars"]:
+            steps.update(event.step for event in events.Scalars("train/loss"))
+    return steps
+
+
+@pytest.mark.slow
+def test_fsdp_run_with_default_trackers_exits_cleanly(tmp_path):
+    """27.1: with TensorBoard on (the default) both ranks used to exit 1 after writing final/: closing the trackers
+    destroyed the process group the run still synchronised on."""
+    summary = run_two_processes(tmp_path, max_steps=2, sharding="fsdp")
+    assert summary["status"] == "finished" and summary["steps"] == 2 and summary["world_size"] == 2
+    assert (tmp_path / "final" / "model.safetensors").is_file() and (tmp_path / "final" / "config.json").is_file()
+    assert tensorboard_steps(tmp_path) == {step for step, _ in train_losses(tmp_path)} == {1, 2}
 
 
 @pytest.mark.slow

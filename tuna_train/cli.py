@@ -37,7 +37,7 @@ from .run_dir import RESUME_HELP
 from .step import NonFiniteLossError
 from .templates import TEMPLATES
 from .trainer import Trainer
-from .workflow import PipelineConfig, load_pipeline_config, run_pipeline
+from .workflow import PipelineConfig, PipelineStopped, load_pipeline_config, resume_hint, run_pipeline
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, config_class: type = TrainConfig) -> None:
@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-tries", type=int, default=3,
                           help="samplings per instruction at most; the most diverse set is kept (default: 3)")
     generate.add_argument("--batch-size", type=int, default=8, help="instructions sampled together (default: 8)")
-    generate.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed: with each record's id (or text) it seeds "
+                          "that record's draws, so a resumed run writes what an uninterrupted one does (default: 0)")
     _add_placement_flags(generate)
 
     rank = commands.add_parser("rank", help="contextual ranking of responses by a judge")
@@ -352,7 +353,15 @@ def _merge(args) -> int:
 def _pipeline(args) -> int:
     config_file = args.pop("config_file")
     overrides = {key: value for key, value in args.items() if value is not None}
-    report = run_pipeline(load_pipeline_config(config_file, overrides))
+    config = load_pipeline_config(config_file, overrides)
+    try:
+        report = run_pipeline(config)
+    except PipelineStopped as stopped:  # Ctrl-C in a training stage: saved, nothing after it can run yet
+        print(f"tuna pipeline: {stopped}", file=sys.stderr)
+        return 3  # as `tuna train` stopped before its last step
+    except KeyboardInterrupt:  # Ctrl-C elsewhere (generate, rank, eval keep every finished record)
+        print(f"tuna pipeline: interrupted; {resume_hint(config.output_dir)}", file=sys.stderr)
+        return 130
     accuracy = report["pair_accuracy"]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     print(f"tuna pipeline: held-out pairwise ranking accuracy: before {fmt(accuracy['before'])}, "

@@ -4,7 +4,8 @@ to :class:`RankedExample` (a prompt and its candidates, best first).
 Formats (detected from the first record, or named with ``data_format``):
 
 - ``native``: ``{"prompt" | "instruction" [+ "input"], "responses": [...], "scores": [...] | "ranking": [...]}``;
-  ``ranking`` lists response indices best first.
+  ``ranking`` lists response indices best first. With both, the scores decide; records whose ranking
+  contradicts them are counted (``LoadReport.ranking_overruled``) and named in one warning per file.
 - ``tuna_formatted``: the public Tuna training file, ``{"id", "instruction": <templated prompt>,
   "output": [...], "score": [...]}``.
 - ``tuna_probabilistic``: raw probabilistic-ranking records, ``{"orig": {"instruction", "input", "output"},
@@ -30,6 +31,7 @@ each access. Split it with :func:`select_examples` (a view), not a list comprehe
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -38,6 +40,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from .example_store import ExampleStoreBuilder, RankedExamples
 from .records import DataError, iter_records, read_records, record_where
 from .templates import format_prompt
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DataError", "FORMATS", "LoadReport", "RankedExample", "RankedExamples", "check_text", "detect_format",
            "examples_from_records", "load_ranked", "parse_record", "read_records",
@@ -78,6 +82,8 @@ class LoadReport:
     loaded: int = 0
     skipped: int = 0
     first_errors: List[str] = field(default_factory=list)
+    #: native records with both ``scores`` and a ``ranking`` that orders them otherwise (the scores decided)
+    ranking_overruled: int = 0
 
 
 def detect_format(record: Any) -> str:
@@ -153,6 +159,20 @@ def _ranking_scores(ranking, num_responses: int, name: str, where: str, drop: Se
         if index not in drop:
             scores[index] = -float(position)
     return scores
+
+
+def ranking_contradicts_scores(record: Any) -> bool:
+    """Whether a native record has both ``scores`` and a ``ranking`` that puts some response above one its scores
+    put higher, or that is not an order of its responses at all. ``parse_record`` uses the scores then; the
+    ranking is ignored. Tied scores may be ranked either way."""
+    if not isinstance(record, dict) or "scores" not in record or "ranking" not in record:
+        return False
+    scores, ranking = record["scores"], record["ranking"]
+    if not isinstance(ranking, list) or len(set(map(repr, ranking))) != len(ranking) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(scores) for i in ranking):
+        return True
+    ranked = [scores[i] for i in ranking]
+    return any(better < worse for better, worse in zip(ranked, ranked[1:]))
 
 
 def _example(instruction, responses, scores, where, ref_scores=None, **kwargs) -> RankedExample:
@@ -301,6 +321,8 @@ def load_ranked(path: str, data_format: str = "auto", skip_bad_records: bool = F
                     report.data_format = detect_format(record)
                 example = parse_record(record, report.data_format, where, include_judge_response)
                 check_text(example, record, where)
+                if report.data_format == "native" and ranking_contradicts_scores(record):
+                    report.ranking_overruled += 1
             except DataError as error:
                 message = str(error) if str(error).startswith(str(path)) else f"{where}: {error}"
             except (TypeError, ValueError, OverflowError, RecursionError, AttributeError, KeyError,
@@ -320,6 +342,9 @@ def load_ranked(path: str, data_format: str = "auto", skip_bad_records: bool = F
         raise
     examples = store.finish()
     report.loaded = len(examples)
+    if report.ranking_overruled:  # once per file: both fields may be meant, but only one can order the group
+        logger.warning("%s: %d record(s) have a 'ranking' that contradicts their 'scores'; the scores decide the "
+                       "order of their responses (the ranking is ignored)", path, report.ranking_overruled)
     if not examples:
         raise DataError(f"{path}: no usable record" + (f" ({report.skipped} skipped)" if report.skipped else ""))
     return examples, report

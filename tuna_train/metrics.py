@@ -72,5 +72,10 @@ class MetricsLog:
                                                                              math.isnan(value))}, step=step)
 
     def close(self) -> None:
+        """Flush and close the trackers. Not ``accelerator.end_training()``: that also destroys the default
+        process group, and the run still synchronises its processes after this (and a pipeline trains
+        again in the same processes), so a multi-process run with trackers ended in "Default process group
+        has not been initialized" after writing ``final/``."""
         if self.accelerator is not None:
-            self.accelerator.end_training()
+            for tracker in self.accelerator.trackers:  # the main process's only: others hold none
+                tracker.finish()

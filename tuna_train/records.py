@@ -74,22 +74,25 @@ def iter_records(path: str) -> Iterator[RawRecord]:
     """Every record of ``path`` in order; a record that cannot be decoded is yielded as its DataError (so the
     caller may skip it); a file that cannot be read at all raises DataError."""
     file = Path(path)
-    if file.is_dir():
-        yield from _saved_dataset_records(path)
-    elif file.is_file():
-        suffix = file.suffix.lower()
-        if suffix == ".parquet":
-            yield from _parquet_records(path)
-        elif suffix == ".csv":
-            yield from _csv_records(path)
-        elif _first_byte(file) == b"[":
-            yield from _json_list_records(path)
+    try:
+        if file.is_dir():
+            yield from _saved_dataset_records(path)
+        elif file.is_file():
+            suffix = file.suffix.lower()
+            if suffix == ".parquet":
+                yield from _parquet_records(path)
+            elif suffix == ".csv":
+                yield from _csv_records(path)
+            elif _first_byte(file) == b"[":
+                yield from _json_list_records(path)
+            else:
+                yield from _json_lines_records(path)
+        elif _is_hub_name(path):
+            yield from _hub_records(path)
         else:
-            yield from _json_lines_records(path)
-    elif _is_hub_name(path):
-        yield from _hub_records(path)
-    else:
-        raise DataError(f"{path}: no such file")
+            raise DataError(f"{path}: no such file")
+    except OSError as error:  # no read permission, an I/O error: the file named, not a traceback
+        raise DataError(f"{path}: cannot be read ({error.strerror or error})") from None
 
 
 def record_where(path: str, number: int, line_no: Optional[int]) -> str:

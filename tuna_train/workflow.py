@@ -176,6 +176,16 @@ class Manifest:
         write_atomic(self.path, json.dumps({"settings": self.settings, "stages": self.stages}, indent=1))
 
 
+class PipelineStopped(Exception):
+    """A training stage stopped before its last step (SIGINT or SIGTERM: the trainer saved a checkpoint); the
+    stages after it need its ``final/`` model, so the pipeline stops too. The message says how to resume."""
+
+
+def resume_hint(root) -> str:
+    """How a stopped pipeline resumes: every stage skips what it finished (see the module docstring)."""
+    return f"run the same tuna pipeline command (same --output-dir {root} and settings) to resume"
+
+
 def _accuracy(result: Optional[Dict]) -> Optional[float]:
     return None if not result else result.get("pair_accuracy")
 
@@ -221,8 +231,12 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
             return json.loads(summary_path.read_text())
         settings = dict(dict(template=config.prompt_template, seed=config.seed), **overrides)
         summary = Trainer(load_config(None, dict(settings, output_dir=str(out)))).run()
-        manifest.record(stage, "done" if summary["status"] == "finished" else "partial",
+        finished = summary["status"] == "finished"
+        manifest.record(stage, "done" if finished else "partial",
                         outputs=[str(summary_path), str(out / "final")], steps=summary["steps"])
+        if not finished:  # no final/ yet: the next stage would load a model that does not exist
+            raise PipelineStopped(f"stage {stage} stopped at step {summary['steps']} of {summary['total_steps']} "
+                                  f"(checkpoint in {out / 'checkpoints'}); {resume_hint(root)} it there")
         return summary
 
     start_model = config.model

@@ -4,19 +4,37 @@ Sampling uses top-p (1.0) and a temperature that starts at ``temperature``; if a
 responses have ROUGE-L F >= ``rouge_threshold``, the instruction is sampled again with the temperature
 raised by ``temperature_step``, up to ``max_tries``, and the most diverse set seen (lowest largest
 pairwise ROUGE-L) is kept. Instructions are sampled in batches; every finished record is stored at once,
-so a killed run resumes where it stopped. Output records: ``{"id", "instruction", "input", "responses",
-"generation": {"temperature", "tries", "max_rouge_l"}}`` plus the input's other fields.
+so a killed run resumes where it stopped.
+
+Each record's draws come from its own random stream, seeded by its key (:func:`record_key`: its id, or a hash of
+its text), the run's ``seed`` and the attempt, not by where it sits in a batch: a resumed run (whose batches
+hold other records) writes the records an uninterrupted run writes. Sampling is done as Gumbel-max, the argmax
+of the temperature- and top-p-processed logits plus Gumbel noise drawn from that stream (a draw of the same
+distribution as multinomial sampling from their softmax), since ``generate`` samples a whole batch from one
+generator.
+
+Output records: ``{"id", "instruction", "input", "responses", "finish_reasons", "generation": {"temperature",
+"tries", "max_rouge_l"}}`` plus the input's other fields; ``finish_reasons[j]`` is ``"stop"`` when response j
+ended with EOS and ``"length"`` when ``max_new_tokens`` cut it.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from rouge_score import rouge_scorer
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from ..progress import progress_bar
 from .score import as_example
@@ -33,10 +51,47 @@ def max_pairwise_rouge_l(responses: List[str]) -> float:
     return max((scorer.score(a, b)["rougeL"].fmeasure for a, b in itertools.combinations(responses, 2)), default=0.0)
 
 
+#: why a response ended: EOS produced, or max_new_tokens reached
+FINISH_STOP, FINISH_LENGTH = "stop", "length"
+
+
+def record_seed(key: str, seed: int, attempt: int) -> int:
+    """The seed of one record's draws on one attempt: a hash of its key, the run's seed and the attempt."""
+    return int.from_bytes(hashlib.sha256(f"{seed}|{attempt}|{key}".encode()).digest()[:8], "little") >> 1
+
+
+class SeededSampling(LogitsProcessor):
+    """Sampling with one random stream per prompt, as Gumbel-max (``generate`` then runs greedy).
+
+    The logits of prompt i's k rows (rows i*k .. i*k+k-1 of the [B*k, V] scores) are divided by the temperature,
+    filtered by top-k and top-p (in ``generate``'s order) and perturbed by Gumbel noise from ``generators[i]``;
+    their argmax is a draw from the softmax of the processed logits. Each step draws [k, V] from every stream, so
+    what a prompt gets depends only on its stream, not on the other prompts of the batch.
+    """
+
+    def __init__(self, temperature: float, top_p: float, seeds: List[int], k: int, device, top_k: int = 0) -> None:
+        self.warpers = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + \
+            ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.k = k
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.float()
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        vocab = scores.shape[-1]
+        uniform = torch.cat([torch.rand((self.k, vocab), generator=g, device=scores.device) for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
+        return scores + gumbel
+
+
 @torch.no_grad()
-def decode_batch(model, tokenizer, prompts: List[str], k: int, temperature: Optional[float], top_p: float,
-                 max_new_tokens: int) -> List[List[str]]:
-    """k continuations of each prompt (left-padded batch): sampled, or greedy when temperature is None."""
+def decode_with_reasons(model, tokenizer, prompts: List[str], k: int, temperature: Optional[float], top_p: float,
+                        max_new_tokens: int, seeds: Optional[List[int]] = None
+                        ) -> List[List[Tuple[str, str]]]:
+    """k (continuation, finish reason) of each prompt (left-padded batch): sampled, or greedy when temperature
+    is None. ``seeds`` (one per prompt): sample prompt i from its own stream seeded ``seeds[i]`` (see
+    :class:`SeededSampling`); none = from torch's global generator."""
     device = next(model.parameters()).device
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     if tokenizer.bos_token_id is not None:
@@ -46,12 +101,32 @@ def decode_batch(model, tokenizer, prompts: List[str], k: int, temperature: Opti
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)  # left padding
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature is not None else \
-        dict(do_sample=False)
+    if temperature is None:
+        sampling = dict(do_sample=False, num_return_sequences=k)
+    elif seeds is not None:  # greedy over perturbed logits: generate takes no k for it, so the rows are repeated
+        input_ids, attention = input_ids.repeat_interleave(k, 0), attention.repeat_interleave(k, 0)
+        # the top-k that generate(do_sample=True) applies: the model's, else transformers' default (50)
+        top_k = getattr(model.generation_config, "top_k", None)
+        sampling = dict(do_sample=False, logits_processor=LogitsProcessorList(
+            [SeededSampling(temperature, top_p, seeds, k, device, 50 if top_k is None else top_k)]))
+    else:
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, num_return_sequences=k)
     out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                         num_return_sequences=k, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **sampling)
-    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
+                         pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **sampling)
+    new_tokens = out[:, width:]
+    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    # a row that produced EOS stopped there (generate pads it afterwards); one without EOS ran into the cap
+    reasons = [FINISH_STOP if tokenizer.eos_token_id is not None and bool((row == tokenizer.eos_token_id).any())
+               else FINISH_LENGTH for row in new_tokens]
+    pairs = list(zip(texts, reasons))
+    return [pairs[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+
+def decode_batch(model, tokenizer, prompts: List[str], k: int, temperature: Optional[float], top_p: float,
+                 max_new_tokens: int) -> List[List[str]]:
+    """k continuations of each prompt (:func:`decode_with_reasons` without the reasons)."""
+    return [[text for text, _ in row] for row in decode_with_reasons(model, tokenizer, prompts, k, temperature,
+                                                                       top_p, max_new_tokens)]
 
 
 def pending_batches(records: List[Dict[str, Any]], keys: List[str], store: JsonlStore, tokenizer, template: str,
@@ -83,15 +158,17 @@ def generate_records(model, tokenizer, records: List[Dict[str, Any]], out: Path,
         for attempt in range(max_tries):
             if not waiting:
                 break
-            torch.manual_seed(seed + 1009 * indices[0] + attempt)
             heat = temperature + temperature_step * attempt
-            samples = decode_batch(model, tokenizer, [prompts[indices.index(i)] for i in waiting], k, heat, top_p,
-                                   max_new_tokens)
+            samples = decode_with_reasons(model, tokenizer, [prompts[indices.index(i)] for i in waiting], k, heat,
+                                          top_p, max_new_tokens, seeds=[record_seed(keys[i], seed, attempt)
+                                                                        for i in waiting])
             still = []
-            for i, responses in zip(waiting, samples):
+            for i, pairs in zip(waiting, samples):
+                responses = [text for text, _ in pairs]
                 overlap = max_pairwise_rouge_l(responses)
                 if best[i] is None or overlap < best[i]["max_rouge_l"]:
-                    best[i] = {"responses": responses, "max_rouge_l": overlap, "temperature": heat}
+                    best[i] = {"responses": responses, "finish_reasons": [reason for _, reason in pairs],
+                               "max_rouge_l": overlap, "temperature": heat}
                 best[i]["tries"] = attempt + 1
                 if overlap >= rouge_threshold:
                     still.append(i)
@@ -103,7 +180,10 @@ def generate_records(model, tokenizer, records: List[Dict[str, Any]], out: Path,
         entry = store.entries[key]
         generated = {name: record[name] for name in ("id", "instruction", "input", "prompt", "task", "length")
                      if name in record}
-        generated.update(responses=entry["responses"], generation={
+        generated["responses"] = entry["responses"]
+        if "finish_reasons" in entry:  # a progress file of an earlier version has none
+            generated["finish_reasons"] = entry["finish_reasons"]
+        generated.update(generation={
             "temperature": entry["temperature"], "tries": entry["tries"], "max_rouge_l": entry["max_rouge_l"]})
         results.append(generated)
     write_jsonl(out, results)

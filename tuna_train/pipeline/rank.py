@@ -108,6 +108,9 @@ def ranked_record(record: Dict[str, Any], entry: Dict[str, Any], judge_name: str
     ranked = [i for i in entry["ranking"] if i in candidates]
     out = {key: record[key] for key in ("id", "instruction", "input", "task", "length") if key in record}
     out.update(responses=[candidates[i] for i in ranked], ranking=list(range(len(ranked))))
+    reasons = record.get("finish_reasons")  # tuna generate's ("stop" / "length"): each stays with its response
+    if isinstance(reasons, list) and len(reasons) == k:  # None for the judge's own response: not generated
+        out["finish_reasons"] = [reasons[i] if i < k else None for i in ranked]
     scores = parse_scores(answer)
     in_order = [scores.get(i) for i in ranked]
     if None not in in_order and all(a >= b for a, b in zip(in_order, in_order[1:])):
