@@ -8,6 +8,7 @@ ENOSPC; the partial checkpoint is removed, and a resume removes a killed run's b
 """
 
 import errno
+import io
 import json
 import os
 import re
@@ -229,29 +230,31 @@ def test_a_checkpoint_records_the_settings_it_was_written_with(stopped_run):
 
 
 # ------------------------------------------------------------------------------------ 27.8: a full disk
-class FullDisk:
-    """A file on a disk with ``room`` bytes left: a write past it writes what fits, then raises ENOSPC."""
+class FullDisk(io.RawIOBase):
+    """A file on a disk with ``room`` bytes left, as the kernel writes it: a write past the room writes what fits,
+    the next raises ENOSPC. Opened buffered, as ``open`` does, so the error surfaces where it would for real
+    (torch.save then reports it as 'unexpected pos ...', without the errno)."""
 
-    def __init__(self, handle, room):
-        self.handle, self.room = handle, room
+    def __init__(self, path, room):
+        super().__init__()
+        self.file, self.room = io.FileIO(path, "w"), room
+
+    def writable(self):
+        return True
 
     def write(self, data):
-        data = bytes(data)
-        if len(data) > self.room:
-            self.handle.write(data[:self.room])
-            self.room = 0
+        if self.room == 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.room -= len(data)
-        return self.handle.write(data)
+        written = self.file.write(bytes(data[:self.room]))
+        self.room -= written
+        return written
 
-    def __getattr__(self, name):
-        return getattr(self.handle, name)
+    def fileno(self):
+        return self.file.fileno()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.close()
+    def close(self):
+        self.file.close()
+        super().close()
 
 
 @pytest.mark.parametrize("target", ["optimizer.pt", "scheduler.pt", "state.json", "manifest.json", "rng-0.json",
@@ -266,8 +269,9 @@ def test_a_full_disk_is_one_line_naming_enospc_and_the_path_and_the_run_resumes(
     real_open = open
 
     def open_on_a_full_disk(path, mode="r", *args, **kwargs):
-        handle = real_open(path, mode, *args, **kwargs)
-        return FullDisk(handle, 4) if Path(path).name == target and "w" in mode else handle
+        if Path(path).name == target and "w" in mode:
+            return io.BufferedWriter(FullDisk(path, 4))
+        return real_open(path, mode, *args, **kwargs)
 
     monkeypatch.setattr(files, "open", open_on_a_full_disk, raising=False)
     assert main(["train", "--output-dir", str(root), *cli_flags(max_steps=4)]) == 2

@@ -77,21 +77,24 @@ class _Recorder:
 def write_stream(path: Path, write_to: Callable[[Any], None]) -> None:
     """``write_to(handle)`` writes ``path`` (binary), which is then fsynced; a failed write is
     :class:`WriteFailed` and removes the partial file."""
+    handle = open(path, "wb")
+    recorder = _Recorder(handle)
     try:
-        with open(path, "wb") as handle:
-            recorder = _Recorder(handle)
-            try:
-                write_to(recorder)
-                handle.flush()
-                os.fsync(handle.fileno())
-            except Exception as error:
-                code = error_code(recorder.error) if recorder.error is not None else error_code(error)
-                if code is None:
-                    raise
-                raise WriteFailed(path, code) from None
-    except BaseException:
+        write_to(recorder)
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
+    except BaseException as error:
+        # the errno of the write that failed: torch.save's RuntimeError has lost it, the recorder has not
+        code = error_code(recorder.error) if recorder.error is not None else error_code(error)
+        try:
+            handle.close()  # flushes what is buffered: on a full disk that fails again (the file is closed anyway)
+        except OSError:
+            pass
         path.unlink(missing_ok=True)
-        raise
+        if code is None or not isinstance(error, Exception):
+            raise
+        raise WriteFailed(path, code) from None
 
 
 def fsync_file(path: Path) -> None:
