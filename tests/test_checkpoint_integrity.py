@@ -283,6 +283,7 @@ def test_a_full_disk_is_one_line_naming_enospc_and_the_path_and_the_run_resumes(
     assert not list((root / "checkpoints").glob(".tmp*")) and not list((root / "checkpoints").glob(".*.tmp"))
     if target == ".latest.tmp":  # the checkpoint was complete: only the pointer to it failed
         assert (root / "checkpoints" / "step-0000004" / "manifest.json").exists()
+        assert "step-0000004 is complete, but latest still names the checkpoint before it" in error
     else:
         assert not (root / "checkpoints" / "step-0000004").exists() and "step 4 not written" in error
     assert (root / "checkpoints" / "latest").read_text() == "step-0000002"

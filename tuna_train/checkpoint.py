@@ -54,7 +54,17 @@ from .checkpoint_check import (
     model_specs,
     read_manifest,
 )
-from .files import WriteFailed, atomic_tmp, fsync_dir, fsync_file, read_json, write_atomic, write_stream, writing
+from .files import (
+    WriteFailed,
+    atomic_tmp,
+    error_code,
+    fsync_dir,
+    fsync_file,
+    read_json,
+    write_atomic,
+    write_stream,
+    writing,
+)
 
 LATEST = "latest"
 #: the run's settings, in a checkpoint as in its run directory
@@ -138,18 +148,21 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: D
                 shutil.rmtree(final)
             os.replace(tmp, final)
             fsync_dir(checkpoints)
-    except WriteFailed as failed:
+    except BaseException as error:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise WriteFailed(failed.filename, failed.errno,
+        code = error_code(error) if isinstance(error, Exception) else None
+        if code is None:
+            raise
+        raise WriteFailed(getattr(error, "filename", None) or tmp, code,
                           f"; checkpoint step {step} not written, {tmp} removed; make room and rerun: the run "
                           "resumes from its last complete checkpoint") from None
-    except BaseException:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if rank == 0:
-        write_atomic(checkpoints / LATEST, final.name)
+        try:
+            write_atomic(checkpoints / LATEST, final.name)
+        except WriteFailed as failed:
+            raise WriteFailed(failed.filename, failed.errno, f"; {final} is complete, but {LATEST} still names the "
+                              "checkpoint before it, which a rerun resumes from") from None
         _prune(checkpoints, keep)
     if barrier:
         barrier()
@@ -182,7 +195,7 @@ def remove_partial_checkpoints(root: Path) -> List[str]:
     the paths removed. Only under the run's lock: a live run's temporary files would go too."""
     checkpoints = root / "checkpoints"
     stale = sorted(checkpoints.glob(".tmp-step-*")) + [atomic_tmp(checkpoints / LATEST)]
-    stale += [atomic_tmp(root / name) for name in ("config.json", "metrics.jsonl", "summary.json")]
+    stale += [atomic_tmp(root / name) for name in (SETTINGS, "metrics.jsonl", "summary.json")]
     removed = []
     for path in stale:
         if path.is_dir():
