@@ -1,5 +1,5 @@
 """Faults and bad inputs of the judge client, the judgement cache and the stores (issue 15, points 2 and 4-8),
-against real HTTP servers on 127.0.0.1 (nothing leaves the machine)."""
+against real HTTP servers on 127.0.0.1 (nothing leaves the machine); a damaged pipeline manifest (issue 27.11)."""
 
 import json
 import time
@@ -11,6 +11,7 @@ from tuna_train.pipeline.http import JsonClient, RequestFailed
 from tuna_train.pipeline.judge import ChatJudge
 from tuna_train.pipeline.rank import rank_records
 from tuna_train.pipeline.store import JsonlStore
+from tuna_train.workflow import Manifest
 
 
 def records(names, responses=("alpha", "beta", "gamma")):
@@ -195,3 +196,19 @@ def test_killed_run_against_a_faulty_server_resumes_without_judging_twice(tmp_pa
     assert sorted(r["id"] for r in ranked + failed) == sorted(names)  # none lost
     assert {f["id"] for f in failed} == {"rint", "rbytes", "rstatus", "rgarbage"}
     assert all(f["judge_failure"] for f in failed)
+
+
+@pytest.mark.parametrize("content", [b"{\"stages\":", b"\xff\xfe", b"[]", b"{\"stages\": []}",
+                                     b"{\"stages\": {\"score\": \"done\"}}",
+                                     b"{\"stages\": {\"score\": {\"status\": \"done\", \"outputs\": \"a.jsonl\"}}}",
+                                     b"{\"settings\": 3}"])
+def test_a_damaged_pipeline_manifest_is_one_line_naming_it(tmp_path, content):
+    """Issue 27.11: not JSON, not UTF-8, or of another shape, the pipeline's manifest.json is refused naming it
+    (before: a JSONDecodeError naming nothing, an AttributeError, or a TypeError in a later stage); the file
+    is left as it was."""
+    path = tmp_path / "manifest.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"^{path}: ") as refused:
+        Manifest(path)
+    assert "\n" not in str(refused.value) and "--output-dir" in str(refused.value)
+    assert path.read_bytes() == content

@@ -24,6 +24,7 @@ from peft import PeftModel
 from . import evaluation
 from .config import TrainConfig, choices_of, config_fields, load_config
 from .data import load_ranked
+from .files import WriteFailed
 from .model import PLACEMENT_DEVICES, PLACEMENT_DTYPES, Placement, load_tokenizer, merge_adapter
 from .pipeline.generate import generate_records
 from .pipeline.http import JsonClient
@@ -232,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if command == "models":
             return _models(args)
         return _pipeline(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, WriteFailed) as error:  # WriteFailed: a full disk, named
         print(f"tuna {command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -44,20 +44,36 @@ class MetricsLog:
         self.path = output_dir / "metrics.jsonl"
         self.enabled = enabled
         self.accelerator = accelerator
+        #: records in the file: a checkpoint saves it, and a resume keeps that many (:meth:`keep_rows`)
+        self.rows = len(self._records()) if enabled else 0
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` (written by a run that died after its last checkpoint)."""
-        if not self.enabled or not self.path.exists():
-            return
+    def _records(self) -> list:
+        """The file's complete lines (one cut short when the process was killed is left out)."""
+        if not self.path.exists():
+            return []
         kept = []
         for line in self.path.read_text().splitlines():
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short when the process was killed
+                json.loads(line)
+            except json.JSONDecodeError:
                 continue
-            if record.get("step", 0) <= step:
-                kept.append(line)
-        write_atomic(self.path, "".join(line + "\n" for line in kept))
+            kept.append(line)
+        return kept
+
+    def _keep(self, lines: list) -> None:
+        write_atomic(self.path, "".join(line + "\n" for line in lines))
+        self.rows = len(lines)
+
+    def keep_rows(self, rows: int) -> None:
+        """Keep the first ``rows`` records: those written before the checkpoint a run resumes from (an evaluation
+        logged after it at the same step, e.g. the final one before a kill, goes too)."""
+        if self.enabled and self.path.exists():
+            self._keep(self._records()[:rows])
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step`` (a checkpoint from before checkpoints counted the rows)."""
+        if self.enabled and self.path.exists():
+            self._keep([line for line in self._records() if json.loads(line).get("step", 0) <= step])
 
     def log(self, step: int, split: str, values: Dict[str, float]) -> None:
         if not self.enabled:
@@ -66,6 +82,7 @@ class MetricsLog:
         record.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()})
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        self.rows += 1
         if self.accelerator is not None:
             self.accelerator.log({f"{split}/{key}": value for key, value in values.items()
                                   if isinstance(value, (int, float)) and not (isinstance(value, float) and

@@ -9,11 +9,15 @@
   ignoring those that do not change what is trained (:data:`RESULT_NEUTRAL_FIELDS`).
 - :func:`clear_run`: remove an earlier run's checkpoints, metrics and results (``--overwrite``).
 - :func:`prepare_output_dir`: the policy, applied by the main process under the lock before anything
-  is loaded (so a refused run fails at once); :func:`claim_output_dir` takes the lock and applies it:
+  is loaded (so a refused run fails at once); :func:`claim_output_dir` takes the lock and applies it. First
+  of all, what a killed run left half-written is removed (a full disk gets its space back before this run
+  writes anything); then:
 
   * ``overwrite``: the earlier run's files are deleted and the run starts afresh;
-  * a checkpoint to resume: its run's ``config.json`` is compared with the new configuration; any
-    difference is refused, naming each field (old -> new), unless ``resume_with_new_settings``;
+  * a checkpoint to resume: the settings it was written with (its own ``config.json``; for a checkpoint
+    from before checkpoints carried them, its run's) are compared with the new configuration; any difference
+    is refused, naming each field (old -> new), unless ``resume_with_new_settings``. A checkpoint copied
+    elsewhere (``--resume DIR/step-NNNNNNN``) is checked the same way;
   * nothing to resume: a directory that holds a finished run's results, or checkpoints that
     ``resume: never`` would mix with a new run, is refused; the metrics of a run that died before its
     first checkpoint are dropped;
@@ -30,9 +34,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .checkpoint import find_checkpoint
+from .checkpoint import SETTINGS, find_checkpoint, remove_partial_checkpoints
 from .config import config_fields
-from .files import write_atomic
+from .files import read_json, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -86,17 +90,24 @@ class RunLock:
 
 
 def saved_config(directory: Path) -> Optional[Dict[str, Any]]:
-    """The ``config.json`` of the run in ``directory`` (None if there is none)."""
-    path = Path(directory) / "config.json"
+    """The ``config.json`` of the run (or checkpoint) in ``directory`` (None if there is none)."""
+    path = Path(directory) / SETTINGS
     if not path.exists():
         return None
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RunDirectoryError(f"{path}: not valid JSON ({error}); pass --overwrite to start afresh") from None
-    if not isinstance(saved, dict):
-        raise RunDirectoryError(f"{path}: expected an object of config fields; pass --overwrite to start afresh")
-    return saved
+    return read_json(path, dict, RunDirectoryError, "; pass --overwrite to start afresh")
+
+
+def settings_of(checkpoint: Path, directory: Path) -> Optional[Dict[str, Any]]:
+    """The settings ``checkpoint`` was written with: its own ``config.json``, else (a checkpoint from an older
+    version) that of its run directory, else that of the output directory; None if none is found."""
+    run_of_checkpoint = checkpoint.resolve().parent.parent
+    for place in (checkpoint, run_of_checkpoint, directory):
+        saved = saved_config(place)
+        if saved is not None:
+            return saved
+    logger.warning("%s: no settings found (no %s in it or its run directory): the resume is not checked "
+                   "against the settings it was written with", checkpoint, SETTINGS)
+    return None
 
 
 def changed_settings(saved: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
@@ -138,6 +149,9 @@ def prepare_output_dir(directory: Path, config) -> Optional[Path]:
     directory = Path(directory)
     new = config.to_dict()
     checkpoint = None
+    removed = remove_partial_checkpoints(directory)
+    if removed:
+        logger.warning("removed what a killed run left half-written: %s", ", ".join(removed))
     if config.overwrite:
         removed = clear_run(directory)
         if removed:
@@ -145,8 +159,7 @@ def prepare_output_dir(directory: Path, config) -> Optional[Path]:
     else:
         checkpoint = find_checkpoint(directory, config.resume)
         if checkpoint is not None:
-            run_of_checkpoint = checkpoint.resolve().parent.parent
-            saved = saved_config(run_of_checkpoint) or saved_config(directory)
+            saved = settings_of(checkpoint, directory)
             changes = changed_settings(saved, new) if saved is not None else []
             if changes and not config.resume_with_new_settings:
                 raise RunDirectoryError(
@@ -166,7 +179,7 @@ def prepare_output_dir(directory: Path, config) -> Optional[Path]:
                     "another --output-dir")
             if (directory / "metrics.jsonl").exists():  # a run killed before its first checkpoint
                 (directory / "metrics.jsonl").unlink()
-    write_atomic(directory / "config.json", json.dumps(new, indent=1))
+    write_atomic(directory / SETTINGS, json.dumps(new, indent=1))
     return checkpoint
 
 

@@ -32,10 +32,18 @@ class RunState:
     @classmethod
     def from_dict(cls, saved: Mapping[str, Any], source: str = "state") -> "RunState":
         """The state of a checkpoint's ``state.json`` (without its ``step`` and ``world_size``)."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(saved) - known)
+        fields = {field.name: field for field in dataclasses.fields(cls)}
+        unknown = sorted(set(saved) - set(fields))
         if unknown:
-            raise ValueError(f"{source}: unknown run-state fields {unknown} (known: {sorted(known)})")
+            raise ValueError(f"{source}: unknown run-state fields {unknown} (known: {sorted(fields)})")
+        for name, value in saved.items():
+            # a counter (default 0) is a whole number >= 0; an evaluation (default None) an object or null
+            counter = fields[name].default == 0
+            fits = (isinstance(value, int) and not isinstance(value, bool) and value >= 0) if counter else \
+                (value is None or isinstance(value, dict))
+            if not fits:
+                wanted = "a whole number >= 0" if counter else "an object or null"
+                raise ValueError(f"{source}: {name!r} must be {wanted}, found {value!r}")
         return cls(**saved)
 
     def to_dict(self) -> Dict[str, Any]:

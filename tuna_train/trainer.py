@@ -210,7 +210,9 @@ class Trainer:
 
     def _save(self, step: int) -> None:
         gathered = training_state(self.wrapped, self.optimizer) if self.sharded else (None, None)
-        save_checkpoint(self.output_dir, step, self.model, self.optimizer, self.scheduler, self.state.to_dict(),
+        # the metrics rows written so far go with it: a resume drops those logged after it
+        save_checkpoint(self.output_dir, step, self.model, self.optimizer, self.scheduler,
+                        dict(self.state.to_dict(), metrics_rows=self.log.rows), settings=self.config.to_dict(),
                         weights=gathered[0], optimizer_state=gathered[1],
                         rank=self.rank, world_size=self.world_size,
                         barrier=self.accelerator.wait_for_everyone if self.world_size > 1 else None,
@@ -225,15 +227,28 @@ class Trainer:
         saved = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.rank, restore=restore)
         step = saved.pop("step")
         world_size = saved.pop("world_size", 1)
+        metrics_rows = saved.pop("metrics_rows", None)
         if world_size != self.world_size:
             raise ValueError(f"checkpoint {checkpoint} was written by {world_size} processes, "
                              f"this run has {self.world_size}: exact resume needs the same world size")
         self.state = RunState.from_dict(saved, source=str(checkpoint / "state.json"))
-        self.log.truncate_after(step)
+        if metrics_rows is None:  # a checkpoint from an older version
+            self.log.truncate_after(step)
+        else:
+            self.log.keep_rows(metrics_rows)
         logger.info("resumed from %s at step %d", checkpoint, step)
         return step
 
     def run(self) -> Dict:
+        """Train to the end (or to a stop request) and return the summary. The directory's lock is released
+        however the run ends: after an error (a refused checkpoint, a full disk) the same process can run again."""
+        try:
+            return self._run()
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
+
+    def _run(self) -> Dict:
         config = self.config
         resumed_from = self._resume()
         start_step = resumed_from or 0
@@ -292,9 +307,11 @@ class Trainer:
                    "eval_groups": min(len(self.data.eval), config.eval_groups), "skipped_records": self.data.skipped,
                    "resumed_from_step": resumed_from, "steps_this_run": final_step - start_step}
         if not interrupted:
-            final_eval = self._eval_and_track(final_step) if self.data.eval else None
+            # the last checkpoint comes before the final evaluation: a run killed after it (while final/ is
+            # written) resumes at the end, drops that evaluation's row (metrics_rows) and logs it once again
             if final_step % config.save_every != 0:
                 self._save(final_step)
+            final_eval = self._eval_and_track(final_step) if self.data.eval else None
             self._save_final_model()
             summary["final_eval"] = final_eval
         state = self.state
@@ -306,8 +323,6 @@ class Trainer:
             write_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=1))
         self.log.close()
         self.accelerator.wait_for_everyone()
-        if self.run_lock is not None:
-            self.run_lock.release()
         return summary
 
     def describe(self, start_step: int = 0) -> str:

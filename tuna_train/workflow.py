@@ -30,7 +30,7 @@ from . import evaluation
 from .build import build_model
 from .config import check_choices, load_config, option
 from .data import load_ranked
-from .files import write_atomic
+from .files import read_json, write_atomic
 from .model import PLACEMENT_DTYPES, Placement, load_tokenizer
 from .pipeline.generate import generate_records
 from .pipeline.judge import make_judge
@@ -140,14 +140,25 @@ def load_pipeline_config(path: Optional[str] = None, overrides: Optional[Dict[st
 RESUMABLE_FIELDS = ("output_dir", "concurrency", "base_url", "api_key_env", "device", "dtype", "load_in_4bit")
 
 
+_MANIFEST_HINT = "; repair it, delete it (every stage then runs again) or pass another --output-dir"
+
+
 class Manifest:
     """``manifest.json``: each stage's status, outputs and counts, and the settings the stages were made with."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        saved = json.loads(path.read_text()) if path.exists() else {}
+        saved = read_json(path, dict, ValueError, _MANIFEST_HINT) if path.exists() else {}
         self.stages: Dict[str, Dict[str, Any]] = saved.get("stages", {})
         self.settings: Optional[Dict[str, Any]] = saved.get("settings")
+        # checked here, once: a damaged manifest is one line naming it, not a TypeError in a later stage
+        if not isinstance(self.stages, dict) or not all(
+                isinstance(entry, dict) and isinstance(entry.get("status"), str)
+                and isinstance(entry.get("outputs", []), list) for entry in self.stages.values()):
+            raise ValueError(f"{path}: 'stages' must map each stage to an object with its 'status' (and a list "
+                             f"of 'outputs'){_MANIFEST_HINT}")
+        if self.settings is not None and not isinstance(self.settings, dict):
+            raise ValueError(f"{path}: 'settings' must be an object of pipeline fields{_MANIFEST_HINT}")
 
     def check_settings(self, config: PipelineConfig) -> None:
         """Records the settings of a new run; refuses to resume finished stages made with other settings

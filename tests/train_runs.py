@@ -1,0 +1,58 @@
+"""Tiny training runs that the resume and checkpoint tests share: a run stopped as SIGTERM stops it, its metrics
+and its latest weights, and a checkpoint's manifest brought up to date after a file was changed.
+
+(A module of its own, as helpers.py: test modules import it, never each other.)
+"""
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from tuna_train.config import load_config
+from tuna_train.trainer import Trainer
+
+# 40 examples -> 36 training groups -> 9 steps per epoch at 4 groups a step
+TINY = dict(synthetic_examples=40, batch_groups=4, tiny_hidden_size=32, eval_groups=4, progress=False,
+            tensorboard=False, eval_every=0, log_every=1, save_every=100, warmup_steps=2)
+
+
+def config(output_dir, **overrides):
+    return load_config(None, dict(TINY, output_dir=str(output_dir), **overrides))
+
+
+def run(output_dir, stop_after=None, **overrides):
+    """Train; with ``stop_after`` the run stops gracefully (checkpoint, as on SIGTERM) after that many steps."""
+    trainer = Trainer(config(output_dir, **overrides))
+    if stop_after is not None:
+        trainer.callbacks.append(lambda step, metrics: trainer.request_stop() if step == stop_after else None)
+    return trainer.run()
+
+
+def cli_flags(**overrides):
+    """``tuna train`` flags for the TINY run with ``overrides`` (field=value)."""
+    flags = []
+    for name, value in dict(TINY, **overrides).items():
+        flags += ["--" + name.replace("_", "-"), str(value).lower() if isinstance(value, bool) else str(value)]
+    return flags
+
+
+def latest_weights(output_dir):
+    checkpoints = Path(output_dir) / "checkpoints"
+    return load_file(str(checkpoints / (checkpoints / "latest").read_text() / "trainable.safetensors"))
+
+
+def metrics(output_dir, split="train"):
+    rows = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows if r["split"] == split]  # no timing
+
+
+def restamp(checkpoint, tensors=None):
+    """Make the checkpoint's manifest list its files' present sizes (and ``tensors``' specs, name -> (shape,
+    dtype name)): as whoever changed the files could have done, so the checks behind the manifest's are met."""
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"] = {name: (checkpoint / name).stat().st_size for name in manifest["files"]
+                         if (checkpoint / name).exists()}
+    for name, (shape, dtype) in (tensors or {}).items():
+        manifest["tensors"][name] = {"shape": list(shape), "dtype": dtype}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
