@@ -11,7 +11,7 @@ import torch
 
 import naive_tuna as naive
 from helpers import batch, own_logits, rel_err, tiny, with_adapters
-from test_resume import TINY, assert_resumed_exactly
+from train_runs import TINY, assert_resumed_exactly
 from tuna_hf import adapters_disabled, tuna_loss
 from tuna_kernels import TunaLoss
 from tuna_train.config import load_config

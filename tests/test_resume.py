@@ -11,28 +11,10 @@ import sys
 import pytest
 import torch
 
-from train_runs import config, latest_weights, metrics, restamp, run
+from train_runs import assert_resumed_exactly, config, latest_weights, metrics, restamp, run
 from tuna_train.checkpoint import CheckpointError
 from tuna_train.run_dir import RunDirectoryError
 from tuna_train.trainer import Trainer
-
-
-def assert_resumed_exactly(tmp_path, stop_after, total, **overrides):
-    straight = run(tmp_path / "straight", max_steps=total, **overrides)
-    first = run(tmp_path / "broken", stop_after=stop_after, max_steps=total, **overrides)
-    assert first["status"] == "interrupted" and first["steps"] == stop_after and first["resumed_from_step"] is None
-    resumed = run(tmp_path / "broken", max_steps=total, **overrides)
-    assert resumed["status"] == "finished" and resumed["resumed_from_step"] == stop_after
-    assert resumed["steps_this_run"] == total - stop_after and straight["steps_this_run"] == total
-    rows = metrics(tmp_path / "broken")
-    assert [r["step"] for r in rows] == list(range(1, total + 1))  # exactly one row per step
-    assert rows == metrics(tmp_path / "straight")  # losses, lr, grad norms: bit for bit
-    assert len(metrics(tmp_path / "broken", "eval")) == len(metrics(tmp_path / "straight", "eval"))
-    expected, got = latest_weights(tmp_path / "straight"), latest_weights(tmp_path / "broken")
-    assert expected.keys() == got.keys()
-    for name in expected:
-        assert torch.equal(got[name], expected[name]), name
-    assert resumed["final_eval"] == straight["final_eval"] and resumed["initial_eval"] == straight["initial_eval"]
 
 
 def test_resume_across_an_epoch_boundary_is_exact(tmp_path):

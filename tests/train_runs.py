@@ -1,5 +1,5 @@
 """Tiny training runs that the resume and checkpoint tests share: a run stopped as SIGTERM stops it, its metrics
-and its latest weights, and a checkpoint's manifest brought up to date after a file was changed.
+and its latest weights, the check that a stopped and resumed run matches an uninterrupted one, and a checkpoint's manifest brought up to date after a file was changed.
 
 (A module of its own, as helpers.py: test modules import it, never each other.)
 """
@@ -7,6 +7,7 @@ and its latest weights, and a checkpoint's manifest brought up to date after a f
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from tuna_train.config import load_config
@@ -56,3 +57,21 @@ def restamp(checkpoint, tensors=None):
     for name, (shape, dtype) in (tensors or {}).items():
         manifest["tensors"][name] = {"shape": list(shape), "dtype": dtype}
     (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+def assert_resumed_exactly(tmp_path, stop_after, total, **overrides):
+    straight = run(tmp_path / "straight", max_steps=total, **overrides)
+    first = run(tmp_path / "broken", stop_after=stop_after, max_steps=total, **overrides)
+    assert first["status"] == "interrupted" and first["steps"] == stop_after and first["resumed_from_step"] is None
+    resumed = run(tmp_path / "broken", max_steps=total, **overrides)
+    assert resumed["status"] == "finished" and resumed["resumed_from_step"] == stop_after
+    assert resumed["steps_this_run"] == total - stop_after and straight["steps_this_run"] == total
+    rows = metrics(tmp_path / "broken")
+    assert [r["step"] for r in rows] == list(range(1, total + 1))  # exactly one row per step
+    assert rows == metrics(tmp_path / "straight")  # losses, lr, grad norms: bit for bit
+    assert len(metrics(tmp_path / "broken", "eval")) == len(metrics(tmp_path / "straight", "eval"))
+    expected, got = latest_weights(tmp_path / "straight"), latest_weights(tmp_path / "broken")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    assert resumed["final_eval"] == straight["final_eval"] and resumed["initial_eval"] == straight["initial_eval"]
