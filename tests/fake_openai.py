@@ -11,6 +11,10 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+DIGITS_ANSWER = "Response 0: [3]\nrank: [0, 1, " + "7" * 5000 + "]"
+LONG_ANSWER = "LONG-ANSWER-START " + "blah " * 2_000_000 + "\nrank: [1, 2, 0]"
+
+
 class FakeOpenAI:
     """Faults by the record name found in the instruction ("Instruction:\\n<name>"):
 
@@ -27,6 +31,8 @@ class FakeOpenAI:
     - ``rinf``, ``rnan``, ``rneg``, ``rhuge``: the first request gets 429 with Retry-After inf, nan, -5,
       100000, then a good answer;
     - ``rtrickle``: always a body sent one byte every ``trickle_seconds``;
+    - ``rdigits``: always a ranking whose last index has 5000 digits (:data:`DIGITS_ANSWER`);
+    - ``rlong``: always a 10 MB answer (:data:`LONG_ANSWER`), its ranking "rank: [1, 2, 0]" at the end;
     - anything else: "rank: [2, 0, 1]". ``delay`` slows every answer (for the kill test).
 
     ``redirect_to``: every request gets a 307 redirect to that base URL instead. The Authorization header of
@@ -103,6 +109,10 @@ class FakeOpenAI:
                     return self._send(200, _chat(f"Explanation...\n[[{verdict}]]"))
                 if name == "rgarbage":
                     return self._send(200, _chat("I cannot decide which is better."))
+                if name == "rdigits":
+                    return self._send(200, _chat(DIGITS_ANSWER))
+                if name == "rlong":
+                    return self._send(200, _chat(LONG_ANSWER))
                 if name == "rbadindex":
                     return self._send(200, _chat("Response 0: [9]\nrank: [0, 9, 1]"))
                 self._send(200, _chat("Response 0: [10]\nResponse 1: [5]\nResponse 2: [12]\nrank: [2, 0, 1]"))

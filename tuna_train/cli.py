@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -29,6 +30,7 @@ from .pipeline.generate import generate_records
 from .pipeline.http import JsonClient
 from .pipeline.judge import make_judge
 from .pipeline.pairwise import judge_pairwise
+from .pipeline.pool import Interrupted
 from .pipeline.rank import rank_records
 from .pipeline.score import score_with_endpoint, score_with_model
 from .pipeline.store import read_jsonl, write_jsonl
@@ -68,6 +70,25 @@ def _add_text_flags(parser: argparse.ArgumentParser, max_length: bool = True) ->
                             help="tokens per candidate (prompt + response + EOS), cut as in training (default: 512)")
 
 
+def _number(kind: type, minimum: float, inclusive: bool = True):
+    """An argparse type: a finite ``kind`` >= ``minimum`` (> when not ``inclusive``), so that a value that would
+    fail every request (a zero deadline, no parse attempt) is refused before anything is read or sent."""
+    bound = f"{'>=' if inclusive else '>'} {minimum:g}"
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} {bound}, "
+                                             f"got {text!r}") from None
+        if not (math.isfinite(value) and (value >= minimum if inclusive else value > minimum)):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in its messages
+    return convert
+
+
 def _add_endpoint_flags(parser: argparse.ArgumentParser, judge: bool = True) -> None:
     """An OpenAI-compatible endpoint: where, the key's variable, and (for judges) deadlines and concurrency."""
     parser.add_argument("--base-url", default=None, help="the endpoint's base URL (e.g. http://localhost:8000/v1)")
@@ -75,12 +96,14 @@ def _add_endpoint_flags(parser: argparse.ArgumentParser, judge: bool = True) -> 
                         help="environment variable holding the API key (never written anywhere)")
     if not judge:
         return
-    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default: 4)")
-    parser.add_argument("--timeout", type=float, default=60.0,
+    parser.add_argument("--concurrency", type=_number(int, 1), default=4,
+                        help="requests in flight at once, >= 1 (default: 4)")
+    parser.add_argument("--timeout", type=_number(float, 0, inclusive=False), default=60.0,
                         help="deadline in seconds for one whole HTTP attempt (connect, send, receive the full "
-                             "answer), not per socket read (default: 60)")
-    parser.add_argument("--max-retries", type=int, default=5,
-                        help="retries of a request after 429, 5xx, a time-out or a malformed answer (default: 5)")
+                             "answer), not per socket read; > 0 (default: 60)")
+    parser.add_argument("--max-retries", type=_number(int, 0), default=5,
+                        help="retries of a request after 429, 5xx, a time-out or a malformed answer, >= 0 "
+                             "(default: 5)")
 
 
 def _add_placement_flags(parser: argparse.ArgumentParser) -> None:
@@ -147,12 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--data", required=True, help="JSON lines of instructions with their responses")
     rank.add_argument("--out", required=True, help="JSON lines of ranked records (failures in OUT.failures.jsonl)")
     _add_endpoint_flags(rank)
-    rank.add_argument("--max-backoff", type=float, default=30.0,
+    rank.add_argument("--max-backoff", type=_number(float, 0), default=30.0,
                       help="longest wait in seconds between retries, also when the server's Retry-After asks "
                            "for more (default: 30). One request ends within (max-retries + 1) x timeout + "
                            "max-retries x max-backoff seconds (6 x 60 + 5 x 30 = 510 s by default)")
-    rank.add_argument("--parse-attempts", type=int, default=3,
-                      help="times a record is asked when the answer holds no valid ranking (default: 3)")
+    rank.add_argument("--parse-attempts", type=_number(int, 1), default=3,
+                      help="times a record is asked when the answer holds no valid ranking, >= 1; a local judge "
+                           "samples the answers asked again (default: 3)")
     rank.add_argument("--retry-failed", action="store_true", help="ask again for records cached as failed")
     rank.add_argument("--include-judge-response", action="store_true",
                       help="keep the judge's own reference response (its ###Response K) as a ranked candidate "
@@ -294,11 +318,23 @@ def _generate(args) -> int:
 
 
 def _rank(args) -> int:
-    judge = make_judge(args["judge"], args["base_url"], args["api_key_env"], args["timeout"], args["max_retries"],
-                       placement=_placement(args), max_backoff=args["max_backoff"])
-    stats = rank_records(read_jsonl(args["data"]), judge, args["out"], args["concurrency"], args["parse_attempts"],
-                         args["retry_failed"], args["include_judge_response"])
+    """Exit codes: 0 when a record was ranked; 3 when none was (every one failed: reasons in the failures file);
+    130 on Ctrl-C, with what was cached and how to resume."""
+    try:
+        judge = make_judge(args["judge"], args["base_url"], args["api_key_env"], args["timeout"],
+                           args["max_retries"], placement=_placement(args), max_backoff=args["max_backoff"])
+        stats = rank_records(read_jsonl(args["data"]), judge, args["out"], args["concurrency"],
+                             args["parse_attempts"], args["retry_failed"], args["include_judge_response"])
+    except KeyboardInterrupt as error:
+        print(f"tuna rank: {error if isinstance(error, Interrupted) else 'interrupted before any request'}",
+              file=sys.stderr)
+        return 130
     print(f"tuna rank: {stats} -> {args['out']}")
+    if stats["ranked"] == 0:
+        why = (f"{stats['failed']} failed; their reasons are in {args['out']}.failures.jsonl" if stats["failed"]
+               else f"{args['data']} holds no record")
+        print(f"tuna rank: error: no record was ranked ({why})", file=sys.stderr)
+        return 3
     return 0
 
 
