@@ -240,3 +240,24 @@ def test_progress_shows_how_the_records_ended(tmp_path, monkeypatch, capsys):
     task = make_task_records(1, seed=0)[0]
     rank_records([dict(task, responses=["x", "y"])] + records(["hello"]), RuleJudge(), tmp_path / "r.jsonl")
     assert "ranked=1" in capsys.readouterr().err
+
+
+def test_local_judge_abort_ends_its_generation_at_once(tiny_model_dir):
+    """27.2 (second Ctrl-C, local judge): abort() stops the generation in flight at the next token and refuses
+    new ones, so the interpreter does not wait for a long generation to end."""
+    judge = LocalJudge(str(tiny_model_dir), max_new_tokens=40)
+    forward, steps = judge.model.forward, []
+
+    def counted(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            judge.abort()  # as a second Ctrl-C would, during the third decoding step
+        return forward(*args, **kwargs)
+
+    judge.model.forward = counted
+    record = records(["hello"])[0]
+    answer = judge.ask(record)
+    assert len(steps) == 3 and len(judge.tokenizer(answer, add_special_tokens=False)["input_ids"]) <= 3
+    with pytest.raises(RuntimeError, match="aborted"):
+        judge.ask(record, 1)
+    assert len(steps) == 3  # not even started
