@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,6 +26,7 @@ from . import evaluation
 from .config import TrainConfig, choices_of, config_fields, load_config
 from .data import load_ranked
 from .model import PLACEMENT_DEVICES, PLACEMENT_DTYPES, Placement, load_tokenizer, merge_adapter
+from .pipeline.cache_fill import Interrupted
 from .pipeline.generate import generate_records
 from .pipeline.http import JsonClient
 from .pipeline.judge import make_judge
@@ -32,6 +34,7 @@ from .pipeline.pairwise import judge_pairwise
 from .pipeline.rank import rank_records
 from .pipeline.score import score_with_endpoint, score_with_model
 from .pipeline.store import read_jsonl, write_jsonl
+from .records import read_records, record_where
 from .real_models import REAL_MODELS, install_hint, is_prepared, models_dir, prepare
 from .run_dir import RESUME_HELP
 from .step import NonFiniteLossError
@@ -68,19 +71,37 @@ def _add_text_flags(parser: argparse.ArgumentParser, max_length: bool = True) ->
                             help="tokens per candidate (prompt + response + EOS), cut as in training (default: 512)")
 
 
-def _add_endpoint_flags(parser: argparse.ArgumentParser, judge: bool = True) -> None:
-    """An OpenAI-compatible endpoint: where, the key's variable, and (for judges) deadlines and concurrency."""
+def _bounded(kind: type, low: float, strict: bool):
+    """An argparse type: a finite ``kind`` that is > ``low`` (``strict``) or >= ``low``; anything else is refused
+    by argparse, naming the flag, before the command reads, writes or sends anything."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'a number' if kind is float else 'an integer'}, got {text!r}")
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+        return value
+    return parse
+
+
+def _add_endpoint_flags(parser: argparse.ArgumentParser) -> None:
+    """An OpenAI-compatible endpoint: where, the key's variable, deadlines and concurrency."""
     parser.add_argument("--base-url", default=None, help="the endpoint's base URL (e.g. http://localhost:8000/v1)")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
                         help="environment variable holding the API key (never written anywhere)")
-    if not judge:
-        return
-    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default: 4)")
-    parser.add_argument("--timeout", type=float, default=60.0,
+    parser.add_argument("--concurrency", type=_bounded(int, 1, strict=False), default=4,
+                        help="requests in flight at once, >= 1 (default: 4)")
+    parser.add_argument("--timeout", type=_bounded(float, 0, strict=True), default=60.0,
                         help="deadline in seconds for one whole HTTP attempt (connect, send, receive the full "
-                             "answer), not per socket read (default: 60)")
-    parser.add_argument("--max-retries", type=int, default=5,
-                        help="retries of a request after 429, 5xx, a time-out or a malformed answer (default: 5)")
+                             "answer), not per socket read, > 0 (default: 60)")
+    parser.add_argument("--max-retries", type=_bounded(int, 0, strict=False), default=5,
+                        help="retries of a request after 429, 5xx, a time-out or a malformed answer, >= 0 "
+                             "(default: 5)")
+
+
+def _add_retry_failed_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--retry-failed", action="store_true", help="ask again for records cached as failed")
 
 
 def _add_placement_flags(parser: argparse.ArgumentParser) -> None:
@@ -120,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--alpha", type=float, default=1.0, help="score = sum / tokens ** alpha (default: 1, the mean)")
     _add_text_flags(score)
     score.add_argument("--token-budget", type=int, default=16384, help="tokens per scoring batch (default: 16384)")
-    _add_endpoint_flags(score, judge=False)
+    _add_endpoint_flags(score)  # for an openai:MODEL teacher
+    _add_retry_failed_flag(score)
     _add_placement_flags(score)
 
     generate = commands.add_parser("generate", help="sample K diverse responses per instruction")
@@ -153,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "max-retries x max-backoff seconds (6 x 60 + 5 x 30 = 510 s by default)")
     rank.add_argument("--parse-attempts", type=int, default=3,
                       help="times a record is asked when the answer holds no valid ranking (default: 3)")
-    rank.add_argument("--retry-failed", action="store_true", help="ask again for records cached as failed")
+    _add_retry_failed_flag(rank)
     rank.add_argument("--include-judge-response", action="store_true",
                       help="keep the judge's own reference response (its ###Response K) as a ranked candidate "
                            "where the judge ranks it (default: left out)")
@@ -234,6 +256,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"tuna {command}: error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as error:  # Ctrl-C while asking an endpoint: what arrived is kept
+        print(f"tuna {command}: interrupted: {error}", file=sys.stderr)
+        return 130
 
 
 def _models(args) -> int:
@@ -267,17 +292,24 @@ def _train(args) -> int:
 
 
 def _score(args) -> int:
-    records = read_jsonl(args["data"])
     placement = _placement(args)
     if args["teacher"].startswith("openai:"):
         if not args["base_url"]:
             raise ValueError("--teacher openai:MODEL needs --base-url (an endpoint that echoes prompt log-probs)")
-        client = JsonClient(args["base_url"], args["api_key_env"])
-        scored = score_with_endpoint(client, args["teacher"].split(":", 1)[1], records, args["template"], args["alpha"])
-    else:
-        scored = score_with_model(placement.load(args["teacher"]), load_tokenizer(args["teacher"]), records,
-                                  args["template"], args["max_length"], args["token_budget"], args["alpha"],
-                                  teacher_name=args["teacher"])
+        client = JsonClient(args["base_url"], args["api_key_env"], args["timeout"], args["max_retries"])
+        rows = list(read_records(args["data"]))
+        stats = score_with_endpoint(client, args["teacher"].split(":", 1)[1], [record for _, _, record in rows],
+                                    args["out"], args["template"], args["alpha"], args["concurrency"],
+                                    args["retry_failed"], [record_where(args["data"], n, line) for n, line, _ in rows])
+        print(f"tuna score: {stats} -> {args['out']}")
+        if stats["scored"] == 0:
+            print(f"tuna score: error: no record was scored (reasons in {args['out']}.failures.jsonl)", file=sys.stderr)
+            return 1
+        return 0
+    records = read_jsonl(args["data"])
+    scored = score_with_model(placement.load(args["teacher"]), load_tokenizer(args["teacher"]), records,
+                              args["template"], args["max_length"], args["token_budget"], args["alpha"],
+                              teacher_name=args["teacher"])
     write_jsonl(args["out"], scored)
     print(f"tuna score: {len(scored)} records scored -> {args['out']}")
     return 0
