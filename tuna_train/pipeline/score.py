@@ -226,8 +226,11 @@ def score_with_endpoint(client: JsonClient, model_name: str, records: List[Any],
     failures = out.with_name(out.name + ".failures.jsonl")
     write_jsonl(out, scored)
     write_jsonl(failures, failed)
-    if len(failed) > LOGGED_FAILURES:
-        logger.warning("... and %d more not scored: every reason is in %s", len(failed) - LOGGED_FAILURES, failures)
+    if failed:
+        logger.warning("%d records not scored%s: every reason is in %s (a rerun takes them from the cache; "
+                       "--retry-failed asks them again)", len(failed),
+                       f" ({len(failed) - LOGGED_FAILURES} more than shown)" if len(failed) > LOGGED_FAILURES else "",
+                       failures)
     stats = {"records": len(records), "scored": len(scored), "failed": len(failed), "asked": len(pending)}
     logger.info("score: %s", stats)
     return stats
