@@ -1,4 +1,9 @@
-"""Cached jobs run with bounded concurrency that a Ctrl-C stops without losing what was received.
+"""Cached jobs run with bounded concurrency that a Ctrl-C stops without losing what was received: the asking loop
+of every endpoint stage (``tuna rank``, ``tuna score`` against an endpoint, ``tuna eval judge``).
+
+Each stage works out the cache key of every item, runs a job only for the keys its :class:`~.store.JsonlStore`
+lacks, then builds its outputs from the store alone; so a killed or interrupted run resumes by rerunning the same
+command, and asks only what is missing.
 
 Each job's entry goes to the cache from the worker thread that made it, as soon as it is made: so an answer
 that arrives after a Ctrl-C (a request that was in flight) is kept too, and no job's entry waits on the main
@@ -30,13 +35,22 @@ class Interrupted(KeyboardInterrupt):
         self.done, self.total = done, total
 
 
+def require_counts(**counts: Any) -> None:
+    """ValueError naming the first of ``counts`` (concurrency, parse attempts) that is not an integer >= 1: for
+    callers other than the command (whose flags are checked by argparse), before any cache is opened."""
+    for name, value in counts.items():
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 def run_cached(jobs: Dict[str, Callable[[], Dict[str, Any]]], cache: JsonlStore, concurrency: int, desc: str,
                unit: str = "record", abort: Optional[Callable[[], None]] = None,
                on_entry: Optional[Callable[[Dict[str, Any], Any], None]] = None) -> None:
     """Run ``jobs`` (cache key -> a callable returning the key's entry), at most ``concurrency`` at once; put
     each entry in ``cache`` when it is made. A job that raises gets the entry ``{"status": "failed",
     "reason": ...}`` (no job stops the others). ``on_entry(entry, bar)`` runs on the main thread per finished
-    job (progress). Raises :class:`Interrupted` on Ctrl-C (see the module docstring)."""
+    job (progress). Raises :class:`Interrupted` on Ctrl-C (see the module docstring); a fault of the cache
+    itself (a full disk) cancels the queued jobs and is raised as it is."""
     aborted = threading.Event()
     cached = []  # keys cached by this run (list.append is atomic)
 
@@ -44,8 +58,7 @@ def run_cached(jobs: Dict[str, Callable[[], Dict[str, Any]]], cache: JsonlStore,
         try:
             entry = job()
         except Exception as error:  # never lose the other jobs over one
-            entry = {"status": "failed", "reason": f"{type(error).__name__}: {error}"[:500], "answers": [],
-                     "errors": []}
+            entry = {"status": "failed", "reason": f"{type(error).__name__}: {error}"[:500]}
         if not aborted.is_set():  # an aborted job's entry would record the abort as its failure
             cache.put(key, entry)
             cached.append(key)
@@ -56,9 +69,10 @@ def run_cached(jobs: Dict[str, Callable[[], Dict[str, Any]]], cache: JsonlStore,
     try:
         with progress_bar(len(futures), desc, unit) as bar:
             for future in concurrent.futures.as_completed(futures):
+                entry = future.result()  # work() keeps a job's faults: only a cache fault is raised here
                 bar.update(1)
                 if on_entry is not None:
-                    on_entry(future.result(), bar)
+                    on_entry(entry, bar)
     except KeyboardInterrupt:
         pool.shutdown(wait=False, cancel_futures=True)  # queued jobs never start: no new request is sent
         in_flight = [future for future in futures if not future.done()]
@@ -72,5 +86,8 @@ def run_cached(jobs: Dict[str, Callable[[], Dict[str, Any]]], cache: JsonlStore,
                 if abort is not None:
                     abort()  # the aborted jobs end at once; their threads are joined at exit
         raise Interrupted(len(cached), len(jobs), cache, unit) from None
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # a cache fault: send nothing more
+        raise
     finally:
         pool.shutdown(wait=False)

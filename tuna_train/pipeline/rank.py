@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional
 
 from .http import RequestFailed
 from .judge import JudgeNotApplicable, RankingParseError, judge_messages, judge_response, parse_ranking, parse_scores
-from .pool import run_cached
+from .pool import require_counts, run_cached
 from .store import JsonlStore, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -156,9 +156,7 @@ def rank_records(records: List[Dict[str, Any]], judge, out: Path, concurrency: i
     ``parse_attempts`` must be >= 1 (checked before the cache is opened). A Ctrl-C raises
     :class:`.pool.Interrupted` once every answer received is cached; the files are then not written.
     """
-    for name, value in (("concurrency", concurrency), ("parse_attempts", parse_attempts)):
-        if not (isinstance(value, int) and value >= 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    require_counts(concurrency=concurrency, parse_attempts=parse_attempts)
     out = Path(out)
     cache = JsonlStore(out.with_name(out.name + ".cache.jsonl"))
     problems = [record_problem(r) for r in records]
@@ -186,7 +184,7 @@ def rank_records(records: List[Dict[str, Any]], judge, out: Path, concurrency: i
             ranked.append(result)
         else:
             failed.append(dict(record, judge_failure=entry.get("reason", "empty ranking"),
-                               judge_answers=entry["answers"]))
+                               judge_answers=entry.get("answers", [])))
     write_jsonl(out, ranked)
     write_jsonl(out.with_name(out.name + ".failures.jsonl"), failed)
     stats = {"records": len(records), "ranked": len(ranked), "failed": len(failed), "asked": len(pending)}
