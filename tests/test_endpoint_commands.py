@@ -3,6 +3,7 @@ set of flag checks, and one asking loop (tuna_train/pipeline/pool.py) whose Ctrl
 whose second Ctrl-C drops the requests in flight, and which ends the command with one line and exit 130. Against
 real HTTP servers on 127.0.0.1 (nothing leaves the machine)."""
 
+import functools
 import json
 import signal
 import threading
@@ -15,9 +16,10 @@ from tuna_train.cli import main
 from tuna_train.pipeline.http import JsonClient
 from tuna_train.pipeline.judge import ChatJudge
 from tuna_train.pipeline.pairwise import judge_pairwise
-from tuna_train.pipeline.pool import Interrupted
+from tuna_train.pipeline.pool import Interrupted, run_cached
 from tuna_train.pipeline.rank import rank_records
 from tuna_train.pipeline.score import score_with_endpoint
+from tuna_train.pipeline.store import JsonlStore
 
 
 def write_lines(path, rows):
@@ -163,3 +165,23 @@ def test_a_second_ctrl_c_drops_the_requests_in_flight_at_once(tmp_path, command)
         time.sleep(0.05)  # (the interpreter joins these threads at exit: a process would wait for them)
     cache = tmp_path / "out.jsonl.cache.jsonl"
     assert not cache.exists() or cache.read_text() == ""  # nothing cached for the aborted requests
+
+
+def test_a_cache_fault_stops_the_loop_and_is_raised(tmp_path):
+    """A cache that cannot be written (a full disk) is not a job's fault: the loop raises it and sends nothing more
+    (score and eval judge pass no progress callback, and the loop used to drop the fault then)."""
+    class FullDisk(JsonlStore):
+        def put(self, key, entry):
+            raise OSError(28, "No space left on device")
+
+    asked = []
+
+    def job(item):
+        asked.append(item)
+        time.sleep(0.1)  # a request's time: the fault reaches the main thread before the queue is done
+        return {"status": "ok"}
+
+    with pytest.raises(OSError, match="No space left"):
+        run_cached({f"k{i}": functools.partial(job, i) for i in range(10)}, FullDisk(tmp_path / "c.jsonl"), 1, "test")
+    time.sleep(0.6)  # nothing queued may start now
+    assert len(asked) <= 3
