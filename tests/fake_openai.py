@@ -11,6 +11,10 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+DIGITS_ANSWER = "Response 0: [3]\nrank: [0, 1, " + "7" * 5000 + "]"
+LONG_ANSWER = "LONG-ANSWER-START " + "blah " * 2_000_000 + "\nrank: [1, 2, 0]"
+
+
 class FakeOpenAI:
     """Faults by the record name found in the instruction ("Instruction:\\n<name>"):
 
@@ -27,15 +31,27 @@ class FakeOpenAI:
     - ``rinf``, ``rnan``, ``rneg``, ``rhuge``: the first request gets 429 with Retry-After inf, nan, -5,
       100000, then a good answer;
     - ``rtrickle``: always a body sent one byte every ``trickle_seconds``;
+    - ``rdigits``: always a ranking whose last index has 5000 digits (:data:`DIGITS_ANSWER`);
+    - ``rlong``: always a 10 MB answer (:data:`LONG_ANSWER`), its ranking "rank: [1, 2, 0]" at the end;
     - anything else: "rank: [2, 0, 1]". ``delay`` slows every answer (for the kill test).
 
     ``redirect_to``: every request gets a 307 redirect to that base URL instead. The Authorization header of
     every request is recorded in ``authorizations``.
+
+    A completions request (a ``prompt``, as ``tuna score`` sends its teacher) is answered by :func:`echo_logprobs`,
+    or with these faults (``r429``, ``r500`` and ``rhang`` as above, a good answer after):
+
+    - ``s500``: always 500; ``sredirect``: always a 307 to another host;
+    - ``snolog``: always an answer without ``logprobs``; ``smalformed``: ``text_offset`` one entry short;
+    - ``snan``, ``sinf``, ``snull``: the last token's log-prob is NaN, -Infinity, null.
+
+    Every completions prompt is counted in ``prompts``.
     """
 
     def __init__(self, hang_seconds: float = 2.0, delay: float = 0.0, trickle_seconds: float = 0.2,
                  redirect_to: str = None) -> None:
         self.requests = Counter()
+        self.prompts = Counter()
         self.authorizations = []
         self.hang_seconds, self.delay = hang_seconds, delay
         self.trickle_seconds, self.redirect_to = trickle_seconds, redirect_to
@@ -60,6 +76,8 @@ class FakeOpenAI:
                     count = fake.requests[name]
                 if fake.delay:
                     time.sleep(fake.delay)
+                if "prompt" in body:  # completions: tuna score's teacher
+                    return self._completion(name, count, body["prompt"])
                 if name == "r429" and count == 1:
                     return self._send(429, {"error": "slow down"}, {"Retry-After": "0"})
                 if name == "r500" and count == 1:
@@ -103,9 +121,32 @@ class FakeOpenAI:
                     return self._send(200, _chat(f"Explanation...\n[[{verdict}]]"))
                 if name == "rgarbage":
                     return self._send(200, _chat("I cannot decide which is better."))
+                if name == "rdigits":
+                    return self._send(200, _chat(DIGITS_ANSWER))
+                if name == "rlong":
+                    return self._send(200, _chat(LONG_ANSWER))
                 if name == "rbadindex":
                     return self._send(200, _chat("Response 0: [9]\nrank: [0, 9, 1]"))
                 self._send(200, _chat("Response 0: [10]\nResponse 1: [5]\nResponse 2: [12]\nrank: [2, 0, 1]"))
+
+            def _completion(self, name, count, prompt):
+                with fake.lock:
+                    fake.prompts[prompt] += 1
+                if (name == "r429" and count == 1) or name == "s500" or (name == "r500" and count == 1):
+                    return self._send(429 if name == "r429" else 500, {"error": "boom"}, {"Retry-After": "0"})
+                if name == "sredirect":
+                    return self._send(307, {}, {"Location": "http://127.0.0.2:9/v1/completions"})
+                if name == "rhang" and count == 1:
+                    time.sleep(fake.hang_seconds)
+                answer = echo_logprobs(prompt)
+                logprobs = answer["choices"][0]["logprobs"]
+                if name == "snolog":
+                    del answer["choices"][0]["logprobs"]
+                elif name == "smalformed":
+                    logprobs["text_offset"].pop()
+                elif name in ("snan", "sinf", "snull"):
+                    logprobs["token_logprobs"][-1] = {"snan": float("nan"), "sinf": float("-inf"), "snull": None}[name]
+                self._send(200, answer)
 
             def _raw(self, data):
                 try:
@@ -143,6 +184,26 @@ class FakeOpenAI:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+
+FAKE_TOKEN = re.compile(r"\s*\w+|\s*[^\s\w]+|\s+")
+
+
+def fake_logprob(token: str) -> float:
+    """The fake teacher's log-prob of a token: -(1 + its length) / 8."""
+    return -(1 + len(token)) / 8
+
+
+def echo_logprobs(text: str) -> dict:
+    """A completions answer echoing ``text`` (max_tokens 0) in OpenAI's legacy logprobs form: tokens are, as in
+    GPT-2's pre-tokenizer, a word or a run of punctuation with the spaces before it (:data:`FAKE_TOKEN`); the
+    first token has no log-prob (null), the others :func:`fake_logprob`."""
+    tokens = FAKE_TOKEN.findall(text)
+    offsets = [match.start() for match in FAKE_TOKEN.finditer(text)]
+    values = [None] + [fake_logprob(token) for token in tokens[1:]]
+    return {"choices": [{"index": 0, "text": text, "finish_reason": "length",
+                         "logprobs": {"tokens": tokens, "token_logprobs": values, "text_offset": offsets,
+                                      "top_logprobs": None}}]}
 
 
 def _chat(content: str) -> dict:

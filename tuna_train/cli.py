@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -30,9 +31,11 @@ from .pipeline.generate import generate_records
 from .pipeline.http import JsonClient
 from .pipeline.judge import make_judge
 from .pipeline.pairwise import judge_pairwise
+from .pipeline.pool import Interrupted
 from .pipeline.rank import rank_records
 from .pipeline.score import score_with_endpoint, score_with_model
 from .pipeline.store import read_jsonl, write_jsonl
+from .records import read_records, record_where
 from .real_models import REAL_MODELS, install_hint, is_prepared, models_dir, prepare
 from .run_dir import RESUME_HELP
 from .step import NonFiniteLossError
@@ -69,19 +72,54 @@ def _add_text_flags(parser: argparse.ArgumentParser, max_length: bool = True) ->
                             help="tokens per candidate (prompt + response + EOS), cut as in training (default: 512)")
 
 
+def _number(kind: type, minimum: float, inclusive: bool = True):
+    """An argparse type: a finite ``kind`` >= ``minimum`` (> when not ``inclusive``), so that a value that would
+    fail every request (a zero deadline, no parse attempt) is refused before anything is read or sent."""
+    bound = f"{'>=' if inclusive else '>'} {minimum:g}"
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} {bound}, "
+                                             f"got {text!r}") from None
+        if not (math.isfinite(value) and (value >= minimum if inclusive else value > minimum)):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in its messages
+    return convert
+
+
 def _add_endpoint_flags(parser: argparse.ArgumentParser, judge: bool = True) -> None:
-    """An OpenAI-compatible endpoint: where, the key's variable, and (for judges) deadlines and concurrency."""
+    """An OpenAI-compatible endpoint (tuna score's teacher, tuna rank's and tuna eval judge's judge): where, the
+    key's variable, deadlines, concurrency, and (for judges) how often an unparsable answer is asked again.
+    Each bound is checked here, once, for every command that takes the flags."""
     parser.add_argument("--base-url", default=None, help="the endpoint's base URL (e.g. http://localhost:8000/v1)")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
                         help="environment variable holding the API key (never written anywhere)")
-    if not judge:
-        return
-    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default: 4)")
-    parser.add_argument("--timeout", type=float, default=60.0,
+    parser.add_argument("--concurrency", type=_number(int, 1), default=4,
+                        help="requests in flight at once, >= 1 (default: 4)")
+    parser.add_argument("--timeout", type=_number(float, 0, inclusive=False), default=60.0,
                         help="deadline in seconds for one whole HTTP attempt (connect, send, receive the full "
-                             "answer), not per socket read (default: 60)")
-    parser.add_argument("--max-retries", type=int, default=5,
-                        help="retries of a request after 429, 5xx, a time-out or a malformed answer (default: 5)")
+                             "answer), not per socket read; > 0 (default: 60)")
+    parser.add_argument("--max-retries", type=_number(int, 0), default=5,
+                        help="retries of a request after 429, 5xx, a time-out or a malformed answer, >= 0 "
+                             "(default: 5)")
+    parser.add_argument("--max-backoff", type=_number(float, 0), default=30.0,
+                        help="longest wait in seconds between retries, also when the server's Retry-After asks "
+                             "for more, >= 0 (default: 30). One request ends within (max-retries + 1) x timeout + "
+                             "max-retries x max-backoff seconds (6 x 60 + 5 x 30 = 510 s by default)")
+    if judge:
+        parser.add_argument("--parse-attempts", type=_number(int, 1), default=3,
+                            help="times a record is asked when the judge's answer cannot be parsed (no valid "
+                                 "ranking or verdict), >= 1; a local judge samples the answers asked again "
+                                 "(default: 3)")
+
+
+def _add_retry_failed_flag(parser: argparse.ArgumentParser) -> None:
+    """The commands that cache failed records (rank, score) ask them again only when told."""
+    parser.add_argument("--retry-failed", action="store_true", help="ask again for records cached as failed")
 
 
 def _add_placement_flags(parser: argparse.ArgumentParser) -> None:
@@ -121,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--alpha", type=float, default=1.0, help="score = sum / tokens ** alpha (default: 1, the mean)")
     _add_text_flags(score)
     score.add_argument("--token-budget", type=int, default=16384, help="tokens per scoring batch (default: 16384)")
-    _add_endpoint_flags(score, judge=False)
+    _add_endpoint_flags(score, judge=False)  # for an openai:MODEL teacher
+    _add_retry_failed_flag(score)
     _add_placement_flags(score)
 
     generate = commands.add_parser("generate", help="sample K diverse responses per instruction")
@@ -149,13 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--data", required=True, help="JSON lines of instructions with their responses")
     rank.add_argument("--out", required=True, help="JSON lines of ranked records (failures in OUT.failures.jsonl)")
     _add_endpoint_flags(rank)
-    rank.add_argument("--max-backoff", type=float, default=30.0,
-                      help="longest wait in seconds between retries, also when the server's Retry-After asks "
-                           "for more (default: 30). One request ends within (max-retries + 1) x timeout + "
-                           "max-retries x max-backoff seconds (6 x 60 + 5 x 30 = 510 s by default)")
-    rank.add_argument("--parse-attempts", type=int, default=3,
-                      help="times a record is asked when the answer holds no valid ranking (default: 3)")
-    rank.add_argument("--retry-failed", action="store_true", help="ask again for records cached as failed")
+    _add_retry_failed_flag(rank)
     rank.add_argument("--include-judge-response", action="store_true",
                       help="keep the judge's own reference response (its ###Response K) as a ranked candidate "
                            "where the judge ranks it (default: left out)")
@@ -236,6 +269,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError, WriteFailed) as error:  # WriteFailed: a full disk, named
         print(f"tuna {command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as error:
+        if not isinstance(error, Interrupted) and command not in ("rank", "score"):
+            raise  # a Ctrl-C elsewhere keeps Python's own handling (tuna train saves a checkpoint first)
+        # Interrupted: a Ctrl-C while asking an endpoint (also in the pipeline's rank stage); every answer received
+        # is cached and its one line says how to resume. Else rank and score were still reading their input.
+        print(f"tuna {command}: {error if isinstance(error, Interrupted) else 'interrupted before any request'}",
+              file=sys.stderr)
+        return 130
 
 
 def _models(args) -> int:
@@ -269,17 +310,23 @@ def _train(args) -> int:
 
 
 def _score(args) -> int:
-    records = read_jsonl(args["data"])
+    """Against an endpoint, as _rank: exit 3 when no record was scored, 130 on Ctrl-C (main)."""
     placement = _placement(args)
     if args["teacher"].startswith("openai:"):
         if not args["base_url"]:
             raise ValueError("--teacher openai:MODEL needs --base-url (an endpoint that echoes prompt log-probs)")
-        client = JsonClient(args["base_url"], args["api_key_env"])
-        scored = score_with_endpoint(client, args["teacher"].split(":", 1)[1], records, args["template"], args["alpha"])
-    else:
-        scored = score_with_model(placement.load(args["teacher"]), load_tokenizer(args["teacher"]), records,
-                                  args["template"], args["max_length"], args["token_budget"], args["alpha"],
-                                  teacher_name=args["teacher"])
+        client = JsonClient(args["base_url"], args["api_key_env"], args["timeout"], args["max_retries"],
+                            max_backoff=args["max_backoff"])
+        rows = list(read_records(args["data"]))
+        stats = score_with_endpoint(client, args["teacher"].split(":", 1)[1], [record for _, _, record in rows],
+                                    args["out"], args["template"], args["alpha"], args["concurrency"],
+                                    args["retry_failed"], [record_where(args["data"], n, line) for n, line, _ in rows])
+        print(f"tuna score: {stats} -> {args['out']}")
+        return 0 if stats["scored"] else _none_done("score", "scored", stats, args)
+    records = read_jsonl(args["data"])
+    scored = score_with_model(placement.load(args["teacher"]), load_tokenizer(args["teacher"]), records,
+                              args["template"], args["max_length"], args["token_budget"], args["alpha"],
+                              teacher_name=args["teacher"])
     write_jsonl(args["out"], scored)
     print(f"tuna score: {len(scored)} records scored -> {args['out']}")
     return 0
@@ -296,12 +343,23 @@ def _generate(args) -> int:
 
 
 def _rank(args) -> int:
+    """Exit codes: 0 when a record was ranked; 3 when none was (:func:`_none_done`); 130 on Ctrl-C (main), with
+    what was cached and how to resume."""
     judge = make_judge(args["judge"], args["base_url"], args["api_key_env"], args["timeout"], args["max_retries"],
                        placement=_placement(args), max_backoff=args["max_backoff"])
     stats = rank_records(read_jsonl(args["data"]), judge, args["out"], args["concurrency"], args["parse_attempts"],
                          args["retry_failed"], args["include_judge_response"])
     print(f"tuna rank: {stats} -> {args['out']}")
-    return 0
+    return 0 if stats["ranked"] else _none_done("rank", "ranked", stats, args)
+
+
+def _none_done(command: str, done: str, stats: dict, args) -> int:
+    """Exit code 3, with one line, when an endpoint command made nothing (no record ``done``): every record failed
+    (the outputs are still written) or there was none."""
+    why = (f"{stats['failed']} failed; their reasons are in {args['out']}.failures.jsonl" if stats["failed"]
+           else f"{args['data']} holds no record")
+    print(f"tuna {command}: error: no record was {done} ({why})", file=sys.stderr)
+    return 3
 
 
 def _eval(args) -> int:
@@ -330,8 +388,10 @@ def _eval(args) -> int:
                              f"({len(questions)} in {args['data']})")
         answers = evaluation.greedy_generations(model, tokenizer, questions, out / "progress.jsonl", args["template"],
                                                 args["max_new_tokens"], args["batch_size"])
-        judge = make_judge(args["judge"], args["base_url"], args["api_key_env"], args["timeout"], args["max_retries"])
-        result = judge_pairwise(judge, questions, answers, baseline, out / "verdicts.cache.jsonl", args["concurrency"])
+        judge = make_judge(args["judge"], args["base_url"], args["api_key_env"], args["timeout"], args["max_retries"],
+                           max_backoff=args["max_backoff"])
+        result = judge_pairwise(judge, questions, answers, baseline, out / "verdicts.cache.jsonl", args["concurrency"],
+                                args["parse_attempts"])
         write_jsonl(out / "verdicts.jsonl", result.pop("rows"))
         metrics = result
     else:

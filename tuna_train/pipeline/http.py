@@ -11,7 +11,12 @@ Every wait is bounded:
   read: a server that trickles its answer is cut at the deadline;
 - a back-off sleep is at most ``max_backoff`` seconds, also when the server's ``Retry-After`` asks for more
   (a value that is not a finite number >= 0 is ignored);
-- so one request takes at most ``(max_retries + 1) * timeout + max_retries * max_backoff`` seconds.
+- so one request takes at most ``(max_retries + 1) * timeout + max_retries * max_backoff`` seconds;
+- :meth:`JsonClient.abort` (a second Ctrl-C) ends every request in flight at once: open sockets are shut
+  down, back-off sleeps end, and no attempt follows (each raises :class:`RequestFailed`, ``aborted``).
+
+``timeout`` must be a finite number > 0, ``max_retries`` and ``max_backoff`` >= 0 (else ValueError at
+construction, before any request: a zero deadline would fail every request).
 
 The API key is read from an environment variable and only ever sent in the Authorization header to the
 ``base_url`` host (through the ``https_proxy`` tunnel if one is set): it is never logged or written.
@@ -36,9 +41,9 @@ from typing import Any, Callable, Dict, Optional, Tuple
 class RequestFailed(RuntimeError):
     """A request that failed for good (a final HTTP error, or retries exhausted)."""
 
-    def __init__(self, message: str, attempts: int) -> None:
+    def __init__(self, message: str, attempts: int, aborted: bool = False) -> None:
         super().__init__(message)
-        self.attempts = attempts
+        self.attempts, self.aborted = attempts, aborted
 
 
 class _Retryable(Exception):
@@ -64,7 +69,13 @@ def retry_after_seconds(value: Optional[str]) -> Optional[float]:
 class JsonClient:
     def __init__(self, base_url: str, api_key_env: Optional[str] = "OPENAI_API_KEY", timeout: float = 60.0,
                  max_retries: int = 5, backoff: float = 1.0, max_backoff: float = 30.0,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Optional[Callable[[float], None]] = None) -> None:
+        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+        if not (isinstance(max_retries, int) and max_retries >= 0):
+            raise ValueError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+        if not (isinstance(max_backoff, (int, float)) and math.isfinite(max_backoff) and max_backoff >= 0):
+            raise ValueError(f"max_backoff must be a finite number of seconds >= 0, got {max_backoff!r}")
         self.base_url = base_url.rstrip("/")
         parsed = urllib.parse.urlsplit(self.base_url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -73,7 +84,20 @@ class JsonClient:
         self._prefix, self._netloc = parsed.path, parsed.netloc
         self.api_key = os.environ.get(api_key_env) if api_key_env else None
         self.timeout, self.max_retries = timeout, max_retries
-        self.backoff, self.max_backoff, self.sleep = backoff, max_backoff, sleep
+        self._aborted = threading.Event()
+        self._cuts = set()  # the socket cutters of the attempts in flight, for abort()
+        self._cuts_lock = threading.Lock()
+        # the default back-off sleep ends early on abort(); a test may pass its own
+        self.backoff, self.max_backoff = backoff, max_backoff
+        self.sleep = sleep if sleep is not None else self._aborted.wait
+
+    def abort(self) -> None:
+        """End every request in flight now and refuse new attempts (they raise RequestFailed, ``aborted``)."""
+        self._aborted.set()
+        with self._cuts_lock:
+            cuts = list(self._cuts)
+        for cut in cuts:
+            cut()
 
     def __repr__(self) -> str:  # no key here, ever
         return f"JsonClient({self.base_url!r}, timeout={self.timeout}, max_retries={self.max_retries})"
@@ -125,6 +149,8 @@ class JsonClient:
         watchdog = threading.Timer(self.timeout, cut)
         watchdog.daemon = True
         watchdog.start()
+        with self._cuts_lock:
+            self._cuts.add(cut)
         try:
             connection.connect()
             sockets.append(connection.sock)
@@ -140,6 +166,8 @@ class JsonClient:
             raise _Retryable(f"{type(error).__name__}: {str(error)[:200]}") from None
         finally:
             watchdog.cancel()
+            with self._cuts_lock:
+                self._cuts.discard(cut)
             connection.close()
         if 300 <= status < 400:
             raise _Final(f"HTTP {status} redirect refused (redirects are not followed, so the API key never "
@@ -164,6 +192,8 @@ class JsonClient:
             headers["Authorization"] = f"Bearer {self.api_key}"
         last = "no attempt"
         for attempt in range(self.max_retries + 1):
+            if self._aborted.is_set():
+                raise RequestFailed(f"{path}: aborted (interrupted)", attempt, aborted=True)
             try:
                 return self._attempt(path, body, headers)
             except _Final as error:
@@ -173,4 +203,6 @@ class JsonClient:
                 retry_after = error.args[1] if len(error.args) > 1 else None
             if attempt < self.max_retries:
                 self.sleep(self._delay(attempt, retry_after))
+        if self._aborted.is_set():  # the last attempt was cut by abort(), not by the endpoint
+            raise RequestFailed(f"{path}: aborted (interrupted)", self.max_retries + 1, aborted=True)
         raise RequestFailed(f"{path}: {last} after {self.max_retries + 1} attempts", self.max_retries + 1)

@@ -2,19 +2,26 @@
 
 - ``openai:MODEL``: an OpenAI-compatible chat-completions endpoint (``--base-url``; key from an
   environment variable);
-- ``local:PATH``: a local Hugging Face causal LM, greedy decoding of the same prompt;
-- ``rule``: the rule-based judge of the built-in synthetic tasks (their answers are verifiable).
+- ``local:PATH``: a local Hugging Face causal LM, greedy decoding of the same prompt (an answer asked again
+  because it did not parse is sampled: greedy decoding would repeat it);
+- ``rule``: the rule-based judge of the built-in synthetic tasks (their answers are verifiable); a record that
+  is not a built-in task is refused at once (:class:`JudgeNotApplicable`), not asked again.
+
+Every judge has ``ask(record, attempt)`` (attempt 0 first; later ones when an answer did not parse) and may
+have ``abort()``, which ends what it is doing at once (a second Ctrl-C).
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..model import Placement, load_tokenizer
-from ..synthetic import correct_answer, grade
+from ..synthetic import correct_answer, grade, parse_instruction
 from ..templates import alpaca_prompt
 from .http import JsonClient
 
@@ -48,6 +55,11 @@ class JudgeAnswerError(ValueError):
     """The judge answered, but not with text (e.g. message content that is a number)."""
 
 
+class JudgeNotApplicable(ValueError):
+    """This judge cannot judge this record at all (asking again would give the same): the record fails at once,
+    with this reason."""
+
+
 def message_text(content) -> str:
     """The text of a chat message's ``content``: a string, or a list of content parts (OpenAI's
     ``[{"type": "text", "text": ...}, ...]``), whose text parts are joined; anything else is refused."""
@@ -74,15 +86,22 @@ def parse_ranking(answer: str, num_responses: int) -> List[int]:
     matches = _RANK_RE.findall(answer or "")
     if not matches:
         raise RankingParseError("no 'rank:' line in the answer")
-    indices = [int(x) for x in re.findall(r"-?\d+", matches[-1])]
-    if not indices:
+    numbers = re.findall(r"-?\d+", matches[-1])
+    if not numbers:
         raise RankingParseError("the 'rank:' line lists no index")
+    indices = []
+    for number in numbers:  # digits first: int() refuses over 4300 digits, and so many name no response anyway
+        digits = number.lstrip("-").lstrip("0") or "0"
+        if len(digits) > len(str(num_responses)):
+            raise RankingParseError(f"the ranking names response {number[:20]}... ({len(number)} characters), "
+                                    f"but there are {num_responses} (and the judge's own, {num_responses})")
+        indices.append(-int(digits) if number.startswith("-") else int(digits))
     for index in indices:
         if not 0 <= index <= num_responses:
             raise RankingParseError(f"the ranking names response {index}, but there are {num_responses} "
                                     f"(and the judge's own, {num_responses})")
     if len(set(indices)) != len(indices):
-        raise RankingParseError(f"the ranking lists a response twice: {indices}")
+        raise RankingParseError(f"the ranking lists a response twice: {str(indices)[:200]}")
     return indices
 
 
@@ -124,8 +143,11 @@ class ChatJudge:
         # what, besides the prompt, decides the answer: part of the cache key of a judgement
         self.identity = {"name": self.name, "temperature": temperature, "max_tokens": max_tokens}
 
-    def ask(self, record: Dict) -> str:
+    def ask(self, record: Dict, attempt: int = 0) -> str:
         return self.chat(judge_messages(record["instruction"], record.get("input"), record["responses"]))
+
+    def abort(self) -> None:
+        self.client.abort()
 
     def chat(self, messages: List[Dict[str, str]]) -> str:
         answer = self.client.post("/chat/completions", {"model": self.model, "messages": messages,
@@ -138,28 +160,59 @@ class ChatJudge:
         return message_text(content)
 
 
-class LocalJudge:
-    """A local causal LM as judge (greedy decoding of the same prompt)."""
+class _Stopped(StoppingCriteria):
+    """Ends a generation when its event is set (abort)."""
 
-    def __init__(self, path: str, max_new_tokens: int = 512, placement: Optional[Placement] = None) -> None:
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class LocalJudge:
+    """A local causal LM as judge: greedy decoding of the prompt first; an answer asked again (it did not parse)
+    is sampled at ``retry_temperature``, seeded by the attempt, since greedy decoding would repeat it word for
+    word."""
+
+    def __init__(self, path: str, max_new_tokens: int = 512, placement: Optional[Placement] = None,
+                 retry_temperature: float = 0.7) -> None:
+        if not retry_temperature > 0:
+            raise ValueError(f"retry_temperature must be > 0, got {retry_temperature!r}")
         self.tokenizer = load_tokenizer(path)
         self.model = (placement or Placement()).load(path)
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.retry_temperature = max_new_tokens, retry_temperature
         self.name = f"local:{path}"
-        self.identity = {"name": self.name, "max_new_tokens": max_new_tokens}
+        self.identity = {"name": self.name, "max_new_tokens": max_new_tokens, "retry_temperature": retry_temperature}
+        self._aborted = threading.Event()
+        self._seed_lock = threading.Lock()  # the sampling seed is global to torch: set it and sample together
 
-    def ask(self, record: Dict) -> str:
-        return self.chat(judge_messages(record["instruction"], record.get("input"), record["responses"]))
+    def ask(self, record: Dict, attempt: int = 0) -> str:
+        return self.chat(judge_messages(record["instruction"], record.get("input"), record["responses"]), attempt)
 
-    def chat(self, messages: List[Dict[str, str]]) -> str:
+    def abort(self) -> None:
+        self._aborted.set()
+
+    def chat(self, messages: List[Dict[str, str]], attempt: int = 0) -> str:
+        """The answer to ``messages``: greedy at attempt 0, else sampled at ``retry_temperature`` (seed =
+        attempt, so a rerun samples the same answers)."""
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
             text = "\n\n".join(m["content"] for m in messages)
         ids = self.tokenizer(text, return_tensors="pt").to(self.model.device)
+        options = dict(max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                       stopping_criteria=StoppingCriteriaList([_Stopped(self._aborted)]))
+        if self._aborted.is_set():
+            raise RuntimeError("aborted (interrupted)")
         with torch.no_grad():
-            out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id)
+            if attempt == 0:
+                out = self.model.generate(**ids, do_sample=False, **options)
+            else:
+                with self._seed_lock:
+                    torch.manual_seed(attempt)
+                    out = self.model.generate(**ids, do_sample=True, temperature=self.retry_temperature,
+                                              top_k=0, top_p=1.0, **options)
         return self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -172,7 +225,10 @@ class RuleJudge:
     name = "rule"
     identity = {"name": "rule", "writes_reference": True}
 
-    def ask(self, record: Dict) -> str:
+    def ask(self, record: Dict, attempt: int = 0) -> str:
+        if parse_instruction(record["instruction"]) is None:
+            raise JudgeNotApplicable("the rule judge ranks only instructions of the built-in tasks, and this is "
+                                     f"not one: {record['instruction'][:80]!r}")
         responses = list(record["responses"])
         reference = correct_answer(record["instruction"])
         seen, kept = set(), []

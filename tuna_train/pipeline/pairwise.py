@@ -3,13 +3,15 @@
 Each question is asked in both orders (the model's answer as Assistant A, then as Assistant B) to cancel
 position bias: the model wins when both verdicts prefer it, loses when both prefer the baseline, and ties
 otherwise. The win rate counts a tie as half a win; its 95% confidence interval is a percentile bootstrap
-over questions with a fixed seed. Requests go through the same client as ``tuna rank`` (retries,
-bounded concurrency) and every verdict is cached on disk, so a rerun asks nothing twice.
+over questions with a fixed seed. Requests go through the same client and the same asking loop as ``tuna rank``
+(retries, bounded concurrency, :func:`.pool.run_cached`): every verdict is cached on disk as it arrives, so a
+rerun asks nothing twice, and a Ctrl-C sends nothing more, keeps the verdicts in flight (a second Ctrl-C drops
+them) and raises :class:`.pool.Interrupted`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import functools
 import random
 import re
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any, Dict, List, Optional
 from ..templates import alpaca_prompt
 from .http import RequestFailed
 from .judge import JudgeAnswerError
+from .pool import require_counts, run_cached
 from .store import JsonlStore, record_key
 
 PAIRWISE_SYSTEM = ("Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
@@ -82,7 +85,9 @@ def bootstrap_ci(outcomes: List[str], samples: int = 2000, seed: int = 0, level:
 
 def judge_pairwise(judge, questions: List[Dict[str, Any]], model_answers: List[str], baseline_answers: List[str],
                    cache_path: Path, concurrency: int = 4, parse_attempts: int = 3) -> Dict[str, Any]:
-    """Ask both orders for every question; return counts, the win rate with its CI, and per-question rows."""
+    """Ask both orders for every question; return counts, the win rate with its CI, and per-question rows.
+    ``concurrency`` and ``parse_attempts`` must be >= 1 (checked before the cache is opened)."""
+    require_counts(concurrency=concurrency, parse_attempts=parse_attempts)
     cache = JsonlStore(cache_path)
     jobs = {}
     for question, mine, theirs in zip(questions, model_answers, baseline_answers):
@@ -90,10 +95,8 @@ def judge_pairwise(judge, questions: List[Dict[str, Any]], model_answers: List[s
         jobs[f"{key}|model-first"] = pairwise_messages(question, mine, theirs)
         jobs[f"{key}|model-second"] = pairwise_messages(question, theirs, mine)
     pending = {k: v for k, v in jobs.items() if k not in cache}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        futures = {pool.submit(_ask, judge, messages, parse_attempts): k for k, messages in pending.items()}
-        for future in concurrent.futures.as_completed(futures):
-            cache.put(futures[future], future.result())
+    run_cached({k: functools.partial(_ask, judge, messages, parse_attempts) for k, messages in pending.items()},
+               cache, concurrency, "judge", unit="verdict", abort=getattr(judge, "abort", None))
     rows, outcomes = [], []
     for question in questions:
         key = record_key(question)

@@ -4,8 +4,14 @@ Each record (``instruction`` [+ ``input``], ``responses``) is sent to the judge 
 the ranking is parsed from the answer. A network fault is retried by the client (within its stated
 deadlines); an answer that does not parse (no ranking, an index that names no response, an index twice,
 message content that is not text) is asked again, up to ``parse_attempts`` times, then recorded as a
-failure. A malformed input record (no ``responses``, wrong types) is recorded as a failure without asking.
-No single record can stop the run: whatever goes wrong with one ends as that record's failure reason.
+failure. A record the judge cannot judge at all (the rule judge and an instruction that is not a built-in task)
+fails at once with the judge's reason. A malformed input record (no ``responses``, wrong types) is recorded as
+a failure without asking. No single record can stop the run: whatever goes wrong with one ends as that
+record's failure reason.
+
+A judge's answer is stored (cache, output, failures) cut to its first :data:`MAX_STORED_ANSWER_CHARS`
+characters, with :data:`CUT_MARKER` saying how many more there were; its ranking is parsed from the whole
+answer. A Ctrl-C stops sending requests and keeps every answer received (:mod:`.pool`).
 
 Every finished record (ranked or failed, with the judge's raw answers) goes to an on-disk cache as soon
 as it is done, so a killed run resumes without asking again. The cache key is a hash of everything that
@@ -18,21 +24,39 @@ their reasons) go to ``<out>.failures.jsonl``.
 
 from __future__ import annotations
 
-import concurrent.futures
+import functools
 import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..progress import progress_bar
 from .http import RequestFailed
-from .judge import RankingParseError, judge_messages, judge_response, parse_ranking, parse_scores
+from .judge import JudgeNotApplicable, RankingParseError, judge_messages, judge_response, parse_ranking, parse_scores
+from .pool import require_counts, run_cached
 from .store import JsonlStore, write_jsonl
 
 logger = logging.getLogger(__name__)
 
 PARSER_VERSION = 1  # bump when parse_ranking changes what it accepts: cached judgements are then redone
+
+# a judge's answer is a few KiB; one far longer (a runaway generation, a hostile endpoint) is stored cut to this
+# many characters, so that it cannot blow up the cache and the output (each holds it once)
+MAX_STORED_ANSWER_CHARS = 64 * 1024
+CUT_MARKER = "\n[tuna rank: answer cut here, {} more characters not stored]"
+
+
+def stored_answer(answer: str) -> str:
+    """``answer`` as stored: whole, or its first MAX_STORED_ANSWER_CHARS characters and the cut marker."""
+    if len(answer) <= MAX_STORED_ANSWER_CHARS:
+        return answer
+    return answer[:MAX_STORED_ANSWER_CHARS] + CUT_MARKER.format(len(answer) - MAX_STORED_ANSWER_CHARS)
+
+
+def was_cut(answer: str) -> bool:
+    """Whether a stored answer was cut (:func:`stored_answer`)."""
+    return len(answer) > MAX_STORED_ANSWER_CHARS and answer[MAX_STORED_ANSWER_CHARS:].startswith(
+        CUT_MARKER.split("{}")[0])
 
 
 def record_problem(record: Any) -> Optional[str]:
@@ -69,24 +93,28 @@ def judgement_key(judge, record: Dict[str, Any]) -> str:
 
 
 def rank_one(judge, record: Dict[str, Any], parse_attempts: int = 3) -> Dict[str, Any]:
-    """The cache entry of one record: status ok (ranking) or failed (reason); raw answers kept."""
+    """The cache entry of one record: status ok (ranking) or failed (reason); raw answers kept (as stored)."""
     answers, errors = [], []
-    for _ in range(parse_attempts):
+    for attempt in range(parse_attempts):
         try:
-            answer = judge.ask(record)
-        except RequestFailed as error:
+            answer = judge.ask(record, attempt)
+        except (RequestFailed, JudgeNotApplicable) as error:  # asking again would not help
             return {"status": "failed", "reason": str(error), "answers": answers, "errors": errors}
         except Exception as error:  # a bad answer (content that is not text) or a judge fault: this record only
-            errors.append(f"{type(error).__name__}: {error}")
+            errors.append(f"{type(error).__name__}: {error}"[:500])
             continue
-        answers.append(answer)
-        try:
+        answers.append(stored_answer(answer))
+        try:  # the whole answer: its ranking comes last, maybe past the cut
             return {"status": "ok", "ranking": parse_ranking(answer, len(record["responses"])),
                     "answers": answers, "errors": errors}
         except RankingParseError as error:
             errors.append(str(error))
     return {"status": "failed", "reason": f"unparsable after {parse_attempts} answers: {errors[-1]}",
             "answers": answers, "errors": errors}
+
+
+def _entry(judge, record: Dict[str, Any], parse_attempts: int) -> Dict[str, Any]:
+    return dict(rank_one(judge, record, parse_attempts), id=record.get("id"))
 
 
 def ranked_record(record: Dict[str, Any], entry: Dict[str, Any], judge_name: str,
@@ -102,7 +130,9 @@ def ranked_record(record: Dict[str, Any], entry: Dict[str, Any], judge_name: str
     answer = entry["answers"][-1]
     candidates = dict(enumerate(record["responses"]))
     k = len(candidates)
-    own = judge_response(answer, k) if include_judge_response and k in entry["ranking"] else None
+    # the judge's own response of a cut answer may be cut too: left out
+    own = judge_response(answer, k) if include_judge_response and k in entry["ranking"] and not was_cut(answer) \
+        else None
     if own is not None and own.strip() not in {candidates[i].strip() for i in entry["ranking"] if i < k}:
         candidates[k] = own
     ranked = [i for i in entry["ranking"] if i in candidates]
@@ -125,26 +155,25 @@ def rank_records(records: List[Dict[str, Any]], judge, out: Path, concurrency: i
     """Rank every record (bounded concurrency, cached); write ``out`` and ``out.failures.jsonl``. With
     ``include_judge_response`` a ranked record keeps the judge's own reference response as a candidate.
 
-    Every record ends in one of the two files: ranked, or failed with its reason.
+    Every record ends in one of the two files: ranked, or failed with its reason. ``concurrency`` and
+    ``parse_attempts`` must be >= 1 (checked before the cache is opened). A Ctrl-C raises
+    :class:`.pool.Interrupted` once every answer received is cached; the files are then not written.
     """
+    require_counts(concurrency=concurrency, parse_attempts=parse_attempts)
     out = Path(out)
     cache = JsonlStore(out.with_name(out.name + ".cache.jsonl"))
     problems = [record_problem(r) for r in records]
     keys = [None if problem else judgement_key(judge, r) for r, problem in zip(records, problems)]
     pending = {key: r for key, r in zip(keys, records)
                if key is not None and (key not in cache or (retry_failed and cache.entries[key]["status"] != "ok"))}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool, \
-            progress_bar(len(pending), "rank") as bar:
-        futures = {pool.submit(rank_one, judge, record, parse_attempts): key for key, record in pending.items()}
-        for future in concurrent.futures.as_completed(futures):
-            bar.update(1)
-            key = futures[future]
-            try:
-                entry = future.result()
-            except Exception as error:  # never lose the other records over one
-                entry = {"status": "failed", "reason": f"{type(error).__name__}: {error}", "answers": [],
-                         "errors": []}
-            cache.put(key, dict(entry, id=pending[key].get("id")))
+    counts = {"ranked": 0, "failed": 0}
+
+    def shown(entry: Dict[str, Any], bar) -> None:  # progress: how the records asked so far ended
+        counts["ranked" if entry["status"] == "ok" else "failed"] += 1
+        bar.set_postfix(counts, refresh=False)
+
+    jobs = {key: functools.partial(_entry, judge, record, parse_attempts) for key, record in pending.items()}
+    run_cached(jobs, cache, concurrency, "rank", abort=getattr(judge, "abort", None), on_entry=shown)
     ranked, failed = [], []
     for index, (key, record, problem) in enumerate(zip(keys, records, problems)):
         if problem is not None:
@@ -158,7 +187,7 @@ def rank_records(records: List[Dict[str, Any]], judge, out: Path, concurrency: i
             ranked.append(result)
         else:
             failed.append(dict(record, judge_failure=entry.get("reason", "empty ranking"),
-                               judge_answers=entry["answers"]))
+                               judge_answers=entry.get("answers", [])))
     write_jsonl(out, ranked)
     write_jsonl(out.with_name(out.name + ".failures.jsonl"), failed)
     stats = {"records": len(records), "ranked": len(ranked), "failed": len(failed), "asked": len(pending)}
