@@ -131,9 +131,7 @@ def run_model(name: str, tokens: int, batch: int, rounds: int) -> dict:
         own, fused = (float(fn()) for fn in losses.values())
     if not abs(own - fused) <= 1e-4 * abs(own):
         raise AssertionError(f"{name}: fused loss {fused} against the model's own {own}")
-    steps = {path: step_of(fn) for path, fn in losses.items()}
-    for step in steps.values():  # first-call costs (allocator, kernels) out of the timings
-        step()
+    steps = {path: step_of(fn) for path, fn in losses.items()}  # the guard's forwards were the warm-up
     times = _interleaved(steps, {path: rounds for path in steps})
     peaks = {}
     for path, step in steps.items():
