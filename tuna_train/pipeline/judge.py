@@ -3,7 +3,8 @@
 - ``openai:MODEL``: an OpenAI-compatible chat-completions endpoint (``--base-url``; key from an
   environment variable);
 - ``local:PATH``: a local Hugging Face causal LM, greedy decoding of the same prompt;
-- ``rule``: the rule-based judge of the built-in synthetic tasks (their answers are verifiable).
+- ``rule``: the rule-based judge of the built-in synthetic tasks (their answers are verifiable);
+- ``verifiable``: the IFEval checkers of each record's ``constraints`` (:mod:`tuna_train.verifiable.judge`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from ..model import Placement, load_tokenizer
 from ..synthetic import correct_answer, grade
 from ..templates import alpaca_prompt
+from ..verifiable.judge import VerifiableJudge
 from .http import JsonClient
 
 SYSTEM_PROMPT = ("You are an experienced data annotator. You judge responses to instructions carefully, "
@@ -190,13 +192,15 @@ class RuleJudge:
 def make_judge(spec: str, base_url: Optional[str] = None, api_key_env: str = "OPENAI_API_KEY",
                timeout: float = 60.0, max_retries: int = 5, placement: Optional[Placement] = None,
                max_backoff: float = 30.0):
-    """``openai:MODEL`` | ``local:PATH`` (loaded with ``placement``) | ``rule``."""
+    """``openai:MODEL`` | ``local:PATH`` (loaded with ``placement``) | ``rule`` | ``verifiable``."""
     if spec == "rule":
         return RuleJudge()
+    if spec == "verifiable":
+        return VerifiableJudge()
     if spec.startswith("openai:"):
         client = JsonClient(base_url or "https://api.openai.com/v1", api_key_env, timeout, max_retries,
                             max_backoff=max_backoff)
         return ChatJudge(spec.split(":", 1)[1], client)
     if spec.startswith("local:"):
         return LocalJudge(spec.split(":", 1)[1], placement=placement)
-    raise ValueError(f"--judge must be openai:MODEL, local:PATH or rule, got {spec!r}")
+    raise ValueError(f"--judge must be openai:MODEL, local:PATH, rule or verifiable, got {spec!r}")
