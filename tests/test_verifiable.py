@@ -161,6 +161,12 @@ def test_records_are_deterministic_valid_and_describe_their_constraints(task_set
                     assert record["instruction"].startswith(constraint["kwargs"]["prompt_to_repeat"])
             assert record["instruction"].startswith(record["base_instruction"])
             json.dumps(record)  # a native JSON record
+    budget = tasks.build_task_set(seed=3, max_words=40)  # a short response budget: no "at least 100 words"
+    words = [c["kwargs"] for records in budget.values() for r in records for c in r["constraints"]
+             if c["id"] == "length_constraints:number_words"]
+    assert words and all(w["relation"] == "less than" or w["num_words"] <= 40 for w in words)
+    assert any(w["relation"] == "at least" for records in task_set.values() for r in records for c in r["constraints"]
+               if c["id"] == "length_constraints:number_words" for w in [c["kwargs"]])  # IFEval's own draws do
     with pytest.raises(ValueError, match="unseen_kinds"):
         tasks.build_task_set(unseen_kinds=["length_constraints:number_sentences"])
 

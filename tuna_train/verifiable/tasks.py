@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import random
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from ..pipeline.store import write_jsonl
 from . import checks
@@ -82,23 +82,33 @@ def _global_random(seed: int) -> Iterator[None]:
         random.setstate(state)
 
 
-def _draw_kwargs(kind: str, rng: random.Random, prompt: str) -> Dict[str, Any]:
-    """A checker's own random arguments (as IFEval draws them), from ``rng``."""
+def possible(kind: str, kwargs: Dict[str, Any], max_words: Optional[int] = None) -> bool:
+    """Whether a response can follow the constraint: IFEval may ask for paragraph n + 1 of n; and "at least N
+    words" cannot be followed in a response cut at ``max_words`` words (None: no cut)."""
+    if kind == "length_constraints:nth_paragraph_first_word":
+        return kwargs["nth_paragraph"] <= kwargs["num_paragraphs"]
+    if kind == "length_constraints:number_words" and max_words is not None:
+        return kwargs["relation"] != "at least" or kwargs["num_words"] <= max_words
+    return True
+
+
+def _draw_kwargs(kind: str, rng: random.Random, prompt: str, max_words: Optional[int] = None) -> Dict[str, Any]:
+    """A checker's own random arguments (as IFEval draws them), from ``rng``, drawn again until :func:`possible`."""
     if kind == _REPEAT:
         return {"prompt_to_repeat": prompt}
-    for _ in range(100):
+    for _ in range(1000):
         instance = checks.ifeval()[0].INSTRUCTION_DICT[kind](kind)
         with _global_random(rng.getrandbits(64)):
             instance.build_description()
         kwargs = {k: v for k, v in (instance.get_instruction_args() or {}).items() if v is not None}
-        # IFEval may ask for paragraph n + 1 of n, which no response can follow: drawn again
-        if kind != "length_constraints:nth_paragraph_first_word" or kwargs["nth_paragraph"] <= kwargs["num_paragraphs"]:
+        if possible(kind, kwargs, max_words):
             return kwargs
-    raise RuntimeError(f"{kind}: no satisfiable arguments drawn")  # not reached: 1 in n + 1 draws is refused
+    # "less than N" words is drawn half the time: not reached
+    raise RuntimeError(f"{kind}: no satisfiable arguments drawn in 1000 tries")
 
 
-def draw_constraints(base: str, kinds: Sequence[str], rng: random.Random, max_constraints: int = 3
-                     ) -> List[Dict[str, Any]]:
+def draw_constraints(base: str, kinds: Sequence[str], rng: random.Random, max_constraints: int = 3,
+                     max_words: Optional[int] = None) -> List[Dict[str, Any]]:
     """1..max_constraints specs of distinct ``kinds`` no two of which conflict (IFEval's conflict table)."""
     wanted = rng.randint(1, max_constraints)
     pool = sorted(kinds)
@@ -113,7 +123,7 @@ def draw_constraints(base: str, kinds: Sequence[str], rng: random.Random, max_co
     specs: List[Dict[str, Any]] = []
     for kind in chosen:
         before = " ".join([base] + [checks.describe(spec) for spec in specs])
-        specs.append({"id": kind, "kwargs": _draw_kwargs(kind, rng, before)})
+        specs.append({"id": kind, "kwargs": _draw_kwargs(kind, rng, before, max_words)})
     return specs
 
 
@@ -126,8 +136,11 @@ def task_record(base: str, constraints: List[Dict[str, Any]], split: str, index:
 
 
 def build_task_set(seed: int = 0, heldout_fraction: float = 0.2, unseen_kinds: Sequence[str] = UNSEEN_KINDS,
-                   per_instruction: int = 1, max_constraints: int = 3) -> Dict[str, List[Dict[str, Any]]]:
-    """The three splits (see the module docstring): ``per_instruction`` records per base instruction and split."""
+                   per_instruction: int = 1, max_constraints: int = 3, max_words: Optional[int] = None
+                   ) -> Dict[str, List[Dict[str, Any]]]:
+    """The three splits (see the module docstring): ``per_instruction`` records per base instruction and split.
+    ``max_words``: the responses' length budget in words (about 0.75 x new tokens), so that no record asks for
+    more (None: IFEval's own 100-500)."""
     usable = checks.usable_kinds()
     unknown = [kind for kind in unseen_kinds if kind not in usable]
     if unknown:
@@ -143,8 +156,8 @@ def build_task_set(seed: int = 0, heldout_fraction: float = 0.2, unseen_kinds: S
             for index in range(per_instruction):
                 # a generator of its own per record: a record does not change when another one is added
                 rng = random.Random(f"{seed}|{name}|{base}|{index}")
-                splits[name].append(task_record(base, draw_constraints(base, kinds, rng, max_constraints),
-                                                name, index))
+                constraints = draw_constraints(base, kinds, rng, max_constraints, max_words)
+                splits[name].append(task_record(base, constraints, name, index))
     return splits
 
 
