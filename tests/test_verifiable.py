@@ -3,6 +3,7 @@ outcomes (every kind the task set uses), the task set's splits, ``tuna rank --ju
 checkers' own counts (ties kept), and ``tuna eval verifiable``'s four figures against a hand computation."""
 
 import json
+import logging
 import random
 import sys
 
@@ -89,6 +90,14 @@ def test_loose_forgives_a_chatty_first_line_and_asterisks_strict_does_not():
     assert checks.check(bold, [spec("startend:quotation")])[0] == {"id": "startend:quotation", "strict": False,
                                                                    "loose": True}
     assert checks.check("", [spec("keywords:forbidden_words")])[0]["loose"] is False  # empty follows nothing
+
+
+def test_undetectable_language_follows_as_in_ifeval_without_an_error_per_variant(caplog):
+    language = {"id": "language:response_language", "kwargs": {"language": "de"}}
+    with caplog.at_level("INFO"):
+        assert checks.check("12345 !!!", [language])[0] == {"id": language["id"], "strict": True, "loose": True}
+        logging.getLogger("if_verifiable").error("other errors of the package are kept")
+    assert [r.getMessage() for r in caplog.records] == ["other errors of the package are kept"]
 
 
 def test_missing_package_names_the_pip_line(monkeypatch, tmp_path, capsys):
