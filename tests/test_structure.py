@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("tuna_kernels", "tuna_hf", "tuna_train")
 # imported where they are needed: absent on some machines (GPU-only, other platforms) or plotting only
 OPTIONAL = ("bitsandbytes", "flash_attn", "deepspeed", "matplotlib", "triton", "tuna_kernels.kernels.launch",
-            "gguf", "peft")  # peft: optional for tuna_hf (torch + transformers only); gguf: tuna models only
+            "gguf", "peft", "if_verifiable", "langdetect")  # peft: optional for tuna_hf (torch + transformers
+# only); gguf: tuna models only; if_verifiable (and its langdetect): the verifiable extra, tuna_train.verifiable only
 
 
 def modules():

@@ -3,10 +3,10 @@
     tuna train [--config FILE.yaml] [--key value ...]     every TrainConfig field is a flag (--lora-r 8)
     tuna score --teacher PATH --data IN --out OUT          probabilistic ranking by a teacher
     tuna generate --model PATH --data IN --out OUT -k 4    diverse candidates
-    tuna rank --judge openai:MODEL|local:PATH|rule --data IN --out OUT
+    tuna rank --judge openai:MODEL|local:PATH|rule|verifiable --data IN --out OUT
     tuna pipeline [--config FILE.yaml] [--key value ...]   all stages; no arguments: the embedded default
     tuna merge ADAPTER --out DIR                           a LoRA adapter merged into its base, saved whole
-    tuna eval ranking|generation --model PATH --data FILE --out DIR;  tuna eval --compare RUN_A RUN_B
+    tuna eval ranking|generation|judge|verifiable --model PATH --data FILE --out DIR;  tuna eval --compare RUN_A RUN_B
     tuna models prepare NAME|all;  tuna models list       real checkpoints from installed packages (--model NAME)
 """
 
@@ -41,6 +41,8 @@ from .run_dir import RESUME_HELP
 from .step import NonFiniteLossError
 from .templates import TEMPLATES
 from .trainer import Trainer
+from .verifiable.checks import MissingCheckers
+from .verifiable.evaluate import check_records, verifiable_metrics, verifiable_rows
 from .workflow import PipelineConfig, PipelineStopped, load_pipeline_config, resume_hint, run_pipeline
 
 
@@ -184,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_placement_flags(generate)
 
     rank = commands.add_parser("rank", help="contextual ranking of responses by a judge")
-    rank.add_argument("--judge", required=True, help="openai:MODEL | local:PATH | rule")
+    rank.add_argument("--judge", required=True, help="openai:MODEL | local:PATH | rule | verifiable (the IFEval "
+                      "checkers of each record's 'constraints': candidates ranked by the fraction followed)")
     rank.add_argument("--data", required=True, help="JSON lines of instructions with their responses")
     rank.add_argument("--out", required=True, help="JSON lines of ranked records (failures in OUT.failures.jsonl)")
     _add_endpoint_flags(rank)
@@ -195,9 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_placement_flags(rank)  # for a local:PATH judge
 
     evaluate = commands.add_parser("eval", help="ranking accuracy, ROUGE-L on instruction tasks; --compare reports")
-    evaluate.add_argument("kind", nargs="?", choices=["ranking", "generation", "judge"],
+    evaluate.add_argument("kind", nargs="?", choices=["ranking", "generation", "judge", "verifiable"],
                           help="ranking: pairwise accuracy and Kendall tau of held-out ranked records; generation: "
-                               "ROUGE-L of greedy answers; judge: win rate against a baseline's answers")
+                               "ROUGE-L of greedy answers; judge: win rate against a baseline's answers; "
+                               "verifiable: IFEval's prompt- and instruction-level accuracy, strict and loose, of "
+                               "greedy answers to records with 'constraints'")
     evaluate.add_argument("--model", help="local model directory")
     evaluate.add_argument("--adapter", default=None, help="a LoRA adapter directory to load on the model")
     evaluate.add_argument("--data", help="ranked records (ranking) or tasks with references (generation)")
@@ -266,7 +271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if command == "models":
             return _models(args)
         return _pipeline(args)
-    except (ValueError, FileNotFoundError, WriteFailed) as error:  # WriteFailed: a full disk, named
+    except (ValueError, FileNotFoundError, WriteFailed, MissingCheckers) as error:  # WriteFailed: a full disk, named
         print(f"tuna {command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:
@@ -367,7 +372,10 @@ def _eval(args) -> int:
         print(evaluation.compare(args["compare"], args["png"]), end="")
         return 0
     if not (args["kind"] and args["model"] and args["data"]):
-        raise ValueError("tuna eval needs KIND (ranking | generation), --model and --data, or --compare RUN ...")
+        raise ValueError("tuna eval needs KIND (ranking | generation | judge | verifiable), --model and --data, "
+                         "or --compare RUN ...")
+    if args["kind"] == "verifiable":  # bad constraints (or no if-verifiable) are said before the model loads
+        check_records(read_jsonl(args["data"]), args["data"])
 
     placement = _placement(args)
     model, tokenizer = placement.load(args["model"]), load_tokenizer(args["model"])
@@ -394,6 +402,13 @@ def _eval(args) -> int:
                                 args["parse_attempts"])
         write_jsonl(out / "verdicts.jsonl", result.pop("rows"))
         metrics = result
+    elif args["kind"] == "verifiable":
+        records = read_jsonl(args["data"])
+        predictions = evaluation.greedy_generations(model, tokenizer, records, out / "progress.jsonl", args["template"],
+                                                    args["max_new_tokens"], args["batch_size"])
+        rows = verifiable_rows(records, predictions, args["data"])
+        write_jsonl(out / "generations.jsonl", rows)
+        metrics = verifiable_metrics(rows)
     else:
         records = read_jsonl(args["data"])
         predictions = evaluation.greedy_generations(model, tokenizer, records, out / "progress.jsonl", args["template"],

@@ -7,6 +7,8 @@
 - ``generation``: greedy generation on instruction tasks with references (Super-NaturalInstructions
   style), ROUGE-L F (``rouge-score``, best over references) per record, averaged per task, then over tasks;
   batched, resumable, generations saved.
+- ``verifiable``: greedy generation on records with IFEval ``constraints``, IFEval's four figures with bootstrap
+  intervals (:mod:`.verifiable.evaluate`).
 
 Each writes ``<out>/report-<kind>.json`` and ``<out>/report-<kind>.md`` (kinds share an ``--out`` without
 overwriting each other); :func:`compare` puts reports side by side.
@@ -31,6 +33,7 @@ from .files import write_atomic
 from .pipeline.generate import decode_batch, pending_batches
 from .pipeline.score import group_logprobs
 from .pipeline.store import JsonlStore, record_key, write_jsonl
+from .verifiable.evaluate import FIGURES
 
 
 def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
@@ -172,6 +175,8 @@ def read_reports(path: str) -> Dict[str, Any]:
 
 
 def _cell(value) -> str:
+    if isinstance(value, list):  # an interval, [low, high]
+        return "[" + ", ".join(_cell(v) for v in value) + "]"
     return "–" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
 
 
@@ -191,7 +196,7 @@ def markdown(reports: List[Dict[str, Any]]) -> str:
 
 #: what a model that orders candidates at random scores, per plotted metric (the plot's chance line)
 CHANCE = {"pair_accuracy": 0.5, "kendall_tau": 0.0}
-PLOTTED = ("pair_accuracy", "kendall_tau", "rouge_l", "exact_match")
+PLOTTED = ("pair_accuracy", "kendall_tau", "rouge_l", "exact_match") + FIGURES
 
 
 def compare(report_paths: List[str], png: Optional[str] = None) -> str:

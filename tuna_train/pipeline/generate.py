@@ -178,8 +178,8 @@ def generate_records(model, tokenizer, records: List[Dict[str, Any]], out: Path,
     results = []
     for key, record in zip(keys, records):
         entry = store.entries[key]
-        generated = {name: record[name] for name in ("id", "instruction", "input", "prompt", "task", "length")
-                     if name in record}
+        generated = {name: record[name] for name in ("id", "instruction", "input", "prompt", "task", "length",
+                                                     "constraints") if name in record}
         generated["responses"] = entry["responses"]
         if "finish_reasons" in entry:  # a progress file of an earlier version has none
             generated["finish_reasons"] = entry["finish_reasons"]

@@ -5,7 +5,8 @@
 - ``local:PATH``: a local Hugging Face causal LM, greedy decoding of the same prompt (an answer asked again
   because it did not parse is sampled: greedy decoding would repeat it);
 - ``rule``: the rule-based judge of the built-in synthetic tasks (their answers are verifiable); a record that
-  is not a built-in task is refused at once (:class:`JudgeNotApplicable`), not asked again.
+  is not a built-in task is refused at once (:class:`JudgeNotApplicable`), not asked again;
+- ``verifiable``: the IFEval checkers of each record's ``constraints`` (:mod:`tuna_train.verifiable.judge`).
 
 Every judge has ``ask(record, attempt)`` (attempt 0 first; later ones when an answer did not parse) and may
 have ``abort()``, which ends what it is doing at once (a second Ctrl-C).
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import re
 import threading
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -23,6 +24,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from ..model import Placement, load_tokenizer
 from ..synthetic import correct_answer, grade, parse_instruction
 from ..templates import alpaca_prompt
+from ..verifiable.checks import ConstraintSpecError
+from ..verifiable.judge import VerifiableJudge
 from .http import JsonClient
 
 SYSTEM_PROMPT = ("You are an experienced data annotator. You judge responses to instructions carefully, "
@@ -243,16 +246,29 @@ class RuleJudge:
                 f"rank: [{', '.join(map(str, order))}]")
 
 
+class CheckedConstraintsJudge(VerifiableJudge):
+    """The ``verifiable`` judge, whose record with unusable ``constraints`` fails at once: checking again would
+    give the same (:class:`JudgeNotApplicable`), not a parse failure asked three times."""
+
+    def ask(self, record: Dict[str, Any], attempt: int = 0) -> str:
+        try:
+            return super().ask(record, attempt)
+        except ConstraintSpecError as error:
+            raise JudgeNotApplicable(str(error)) from error
+
+
 def make_judge(spec: str, base_url: Optional[str] = None, api_key_env: str = "OPENAI_API_KEY",
                timeout: float = 60.0, max_retries: int = 5, placement: Optional[Placement] = None,
                max_backoff: float = 30.0):
-    """``openai:MODEL`` | ``local:PATH`` (loaded with ``placement``) | ``rule``."""
+    """``openai:MODEL`` | ``local:PATH`` (loaded with ``placement``) | ``rule`` | ``verifiable``."""
     if spec == "rule":
         return RuleJudge()
+    if spec == "verifiable":
+        return CheckedConstraintsJudge()
     if spec.startswith("openai:"):
         client = JsonClient(base_url or "https://api.openai.com/v1", api_key_env, timeout, max_retries,
                             max_backoff=max_backoff)
         return ChatJudge(spec.split(":", 1)[1], client)
     if spec.startswith("local:"):
         return LocalJudge(spec.split(":", 1)[1], placement=placement)
-    raise ValueError(f"--judge must be openai:MODEL, local:PATH or rule, got {spec!r}")
+    raise ValueError(f"--judge must be openai:MODEL, local:PATH, rule or verifiable, got {spec!r}")

@@ -12,11 +12,11 @@ them) and raises :class:`.pool.Interrupted`.
 from __future__ import annotations
 
 import functools
-import random
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..stats import bootstrap_ratio_ci
 from ..templates import alpaca_prompt
 from .http import RequestFailed
 from .judge import JudgeAnswerError
@@ -72,15 +72,8 @@ def outcome(model_first: Optional[str], model_second: Optional[str]) -> Optional
 
 def bootstrap_ci(outcomes: List[str], samples: int = 2000, seed: int = 0, level: float = 0.95):
     """Percentile bootstrap of the win rate ((wins + ties / 2) / n) over questions."""
-    if not outcomes:
-        return None, None
     value = {"win": 1.0, "tie": 0.5, "loss": 0.0}
-    points = [value[o] for o in outcomes]
-    rng = random.Random(seed)
-    rates = sorted(sum(rng.choice(points) for _ in points) / len(points) for _ in range(samples))
-    low = rates[int((1 - level) / 2 * samples)]
-    high = rates[min(samples - 1, int((1 + level) / 2 * samples))]
-    return low, high
+    return bootstrap_ratio_ci([value[o] for o in outcomes], samples=samples, seed=seed, level=level)
 
 
 def judge_pairwise(judge, questions: List[Dict[str, Any]], model_answers: List[str], baseline_answers: List[str],

@@ -88,6 +88,8 @@ def judgement_key(judge, record: Dict[str, Any]) -> str:
     material = {"judge": getattr(judge, "identity", {"name": judge.name}), "parser": PARSER_VERSION,
                 "prompt": judge_messages(record["instruction"], record.get("input"), record["responses"]),
                 "task": [record.get("task"), record.get("length")]}
+    if "constraints" in record:  # what the verifiable judge checks (absent elsewhere: other keys stay as they were)
+        material["constraints"] = record["constraints"]
     text = json.dumps(material, sort_keys=True, default=str)  # ASCII: lone surrogates are escaped
     return "judgement:" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -118,7 +120,7 @@ def _entry(judge, record: Dict[str, Any], parse_attempts: int) -> Dict[str, Any]
 
 
 def ranked_record(record: Dict[str, Any], entry: Dict[str, Any], judge_name: str,
-                  include_judge_response: bool = False) -> Dict[str, Any]:
+                  include_judge_response: bool = False, audit=None) -> Dict[str, Any]:
     """A native ranked record of the candidates the judge ranked, best first (``ranking`` is 0..n-1; a dropped
     duplicate is left out; the judge's own ranking of the record's indices stays under ``judge``).
 
@@ -126,7 +128,9 @@ def ranked_record(record: Dict[str, Any], entry: Dict[str, Any], judge_name: str
     the answer holds its text (:func:`judge_response`) and it repeats no other candidate; else it is left out.
     When the judge's scores (:func:`parse_scores`) cover every candidate and agree with its ranking, they are
     written as ``scores`` too: they carry its ties, which ``skip_ties`` then leaves out of the loss (a ranking
-    alone orders tied candidates arbitrarily); tied candidates keep the judge's order."""
+    alone orders tied candidates arbitrarily); tied candidates keep the judge's order. A judge with an ``audit``
+    (record, response) -> results (the verifiable judge's per-constraint checks) has them stored as
+    ``constraint_results``, one per ranked candidate."""
     answer = entry["answers"][-1]
     candidates = dict(enumerate(record["responses"]))
     k = len(candidates)
@@ -136,7 +140,8 @@ def ranked_record(record: Dict[str, Any], entry: Dict[str, Any], judge_name: str
     if own is not None and own.strip() not in {candidates[i].strip() for i in entry["ranking"] if i < k}:
         candidates[k] = own
     ranked = [i for i in entry["ranking"] if i in candidates]
-    out = {key: record[key] for key in ("id", "instruction", "input", "task", "length") if key in record}
+    out = {key: record[key] for key in ("id", "instruction", "input", "task", "length", "constraints")
+           if key in record}
     out.update(responses=[candidates[i] for i in ranked], ranking=list(range(len(ranked))))
     reasons = record.get("finish_reasons")  # tuna generate's ("stop" / "length"): each stays with its response
     if isinstance(reasons, list) and len(reasons) == k:  # None for the judge's own response: not generated
@@ -145,6 +150,8 @@ def ranked_record(record: Dict[str, Any], entry: Dict[str, Any], judge_name: str
     in_order = [scores.get(i) for i in ranked]
     if None not in in_order and all(a >= b for a, b in zip(in_order, in_order[1:])):
         out["scores"] = in_order
+    if audit is not None:
+        out["constraint_results"] = [audit(record, response) for response in out["responses"]]
     out["judge"] = {"name": judge_name, "answer": answer, "ranking": entry["ranking"]}
     return out
 
@@ -182,7 +189,8 @@ def rank_records(records: List[Dict[str, Any]], judge, out: Path, concurrency: i
                           else {"record": record, "judge_failure": reason, "judge_answers": []})
             continue
         entry = cache.entries[key]
-        result = ranked_record(record, entry, judge.name, include_judge_response) if entry["status"] == "ok" else None
+        result = ranked_record(record, entry, judge.name, include_judge_response,
+                                getattr(judge, "audit", None)) if entry["status"] == "ok" else None
         if result is not None and result["ranking"]:
             ranked.append(result)
         else:
