@@ -32,7 +32,7 @@ train: setup
 
 # The whole test suite (CPU only: Triton kernels run under TRITON_INTERPRET=1, see tests/conftest.py).
 test: setup
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=25
 
 # The same without the slow end-to-end tests.
 test-fast: setup
