@@ -86,6 +86,8 @@ def test_adapters_disabled_restores_each_layers_state_and_refuses_a_model_withou
         tuna_loss(tiny(tied=False), *batch(), group_sizes=GROUPS, reference="adapter", loss="plackett_luce")
     with pytest.raises(ValueError, match="reference must be one of"):
         tuna_loss(model, *batch(), group_sizes=GROUPS, reference="model", loss="plackett_luce")
+    with pytest.raises(ValueError, match="pass them as ref_scores"):
+        tuna_loss(model, *batch(), group_sizes=GROUPS, reference="field", loss="plackett_luce")
 
 
 @pytest.mark.parametrize("overrides, pattern", [

@@ -93,6 +93,8 @@ def tuna_loss(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
         raise ValueError(f"group_sizes {sizes} add up to {sum(sizes)}, but the batch has {num_seqs} candidates")
     layout = GroupLayout.from_group_sizes(seq_index, sizes, target_scores=target_scores)
     check_reference(reference)
+    if reference == "field":
+        raise ValueError("reference='field' reads the scores a packed batch carries; here pass them as ref_scores=")
     if reference == "adapter":
         if ref_scores is not None:
             raise ValueError("pass either reference='adapter' or ref_scores, not both")
