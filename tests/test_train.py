@@ -126,10 +126,11 @@ def test_two_processes_follow_the_one_process_trajectory(tmp_path):
     two = tmp_path / "two"
     torchrun = Path(sys.executable).with_name("torchrun")
     done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "tuna_train.cli", "train",
-                           *flags(**dict(SMALL, output_dir=str(two), grad_accum=1, **run))],
-                          capture_output=True, text=True)
+                           *flags(**dict(SMALL, tensorboard=True, output_dir=str(two), grad_accum=1, **run))],
+                          capture_output=True, text=True)  # the trackers a user keeps (TensorBoard on)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((two / "summary.json").read_text())["world_size"] == 2
+    assert list((two / "tensorboard").rglob("events.out.tfevents.*"))
     assert json.loads((one / "summary.json").read_text())["world_size"] == 1
     for (step_a, _, a), (step_b, _, b) in zip(train_records(one), train_records(two), strict=True):
         assert step_a == step_b
