@@ -123,7 +123,8 @@ def fused_batch_forward(causal_lm, batch, loss_fn=None, scores_only: bool = Fals
     if loss_fn is None:
         raise ValueError("no loss_fn was given: only scores_only=True is available")
     check_reference(reference)
-    # the reference pass first: it switches the adapters off and on, which must not happen inside the policy's graph
+    # the reference pass (no_grad, adapters off) restores the adapters and their requires_grad before it returns,
+    # so the policy's pass below runs on the model as the caller left it
     ref_scores = None
     if reference == "field":
         ref_scores = getattr(batch, "ref_scores", None)
