@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.tuna-installed
 
-.PHONY: setup models train test test-fast report bench clean
+.PHONY: setup models train test test-fast report bench docs clean
 
 $(STAMP): pyproject.toml setup.py requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: setup
 # The same without the slow end-to-end tests.
 test-fast: setup
 	$(PY) -m pytest tests -q -m "not slow"
+
+# Regenerate docs/cli.md from the parser (a test checks it is in sync).
+docs: setup
+	$(PY) -m tuna_train.cli_reference > docs/cli.md
 
 # Ahead-of-time compile report of every Triton kernel for sm_80/86/89/90 (no GPU needed).
 report: setup

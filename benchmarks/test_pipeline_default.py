@@ -4,7 +4,7 @@ benchmarks/test_pipeline_default.py -s``): what the one-command pipeline shows, 
 Per seed it asserts what the default promises (a start model that already ranks the built-in tasks, every
 stage done, held-out instructions never trained on, within about 5 minutes); over the seeds, that held-out exact
 match rises from the start model to Tuna_p and again from Tuna_p to Tuna_c on every seed, and that each step's
-mean rise is larger than the seed-to-seed spread (max - min) of that rise. It prints the table the README quotes.
+mean rise is larger than the seed-to-seed spread (max - min) of that rise. It prints the table docs/pipeline.md quotes.
 The test suite runs the same stages at about half the data (tests/test_score_generate.py).
 """
 

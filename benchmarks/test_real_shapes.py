@@ -1,5 +1,5 @@
 """Issue 23's speed acceptance at the real checkpoints' shapes, as a benchmark (not a unit test;
-``pytest benchmarks/test_real_shapes.py -s``, prepares the models first; measured time in the README): at
+``pytest benchmarks/test_real_shapes.py -s``, prepares the models first; measured time in docs/benchmarks.md): at
 Gemma 3's head (N = 2048, V = 262144, D = 640) the fused loss's forward + backward takes at most the naive
 path's time and at most 1.1x torch's chunked ``F.linear_cross_entropy``, and the whole-model step of Gemma 3
 with the fused loss takes at most the time of the model's own loss at no more than half its peak extra memory.

@@ -1,6 +1,6 @@
 """Independent naive implementations, for tests only: Python loops over groups and pairs, float64.
 
-Written from the formulas in ../shared/TUNA_METHOD.md and the papers, sharing no code with tuna_kernels.
+Written from the formulas in docs/METHOD.md and the papers, sharing no code with tuna_kernels.
 """
 
 import math

@@ -77,8 +77,10 @@ def test_no_import_cycle_between_modules():
         if module not in state:
             visit(module, [module])
     assert not cycles, cycles
-    assert not any(name.startswith("tuna_train") for name in set().union(*(graph[m] for m in graph
-                                                                            if m.startswith("tuna_kernels"))))
+    for lower, forbidden in (("tuna_kernels", ("tuna_hf", "tuna_train")), ("tuna_hf", ("tuna_train",))):
+        upward = sorted(f"{m} -> {name}" for m in graph if m.startswith(lower)
+                        for name in graph[m] if name.startswith(forbidden))
+        assert not upward, f"imports point down only (tuna_train -> tuna_hf -> tuna_kernels): {upward}"
 
 
 def test_each_ranking_metric_is_defined_once():

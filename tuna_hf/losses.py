@@ -138,7 +138,7 @@ def apply_fused_losses(model, tuna_loss_fn: Optional[TunaLoss] = None, reference
     """Make the model's own forward compute its losses with the fused kernels (one line; returns ``model``):
 
     - ``model(input_ids, attention_mask, labels=labels)``: :func:`causal_lm_loss` (the SFT loss), ``logits=None``;
-    - ``model(tuna_batch=packed)`` (a :class:`tuna_train.collate.PackedBatch`): the Tuna loss of
+    - ``model(tuna_batch=packed)`` (a :class:`tuna_hf.PackedBatch`): the Tuna loss of
       ``tuna_loss_fn`` (default ``TunaLoss()``) as a :class:`TunaOutput` with ``loss`` and ``metrics``; with
       ``reference="adapter"`` its reference scores are the model's own with the peft adapters off;
     - without either, the model's own forward (generation, logits for evaluation).

@@ -90,7 +90,7 @@ class FusedCausalLM(torch.nn.Module):
     reduce-scatters the lm_head's gradient like any other; outside a wrapped forward each rank would see
     only its shard of the vocabulary. No [N, V] logits are built.
 
-    ``forward(batch)`` takes a :class:`tuna_train.collate.PackedBatch` and returns ``(loss, metrics)`` of
+    ``forward(batch)`` takes a :class:`tuna_hf.PackedBatch` and returns ``(loss, metrics)`` of
     ``loss_fn`` (a :class:`tuna_kernels.TunaLoss`); ``forward(batch, scores_only=True)`` returns the
     per-sequence ``(sums [S], counts [S])`` of the target log-probabilities (evaluation, scoring).
     """

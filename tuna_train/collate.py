@@ -13,11 +13,12 @@ into the [rows x length] hidden states); the model runs no lm_head on prompt or 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
 
 import torch
 
+from tuna_hf.batch import PackedBatch
 from tuna_kernels import GroupLayout
 
 from .data import RankedExample
@@ -35,36 +36,6 @@ class TokenizedGroup:
     prompt_truncated: bool = False
     responses_truncated: int = 0
     ref_scores: Optional[List[float]] = None
-
-
-@dataclass
-class PackedBatch:
-    """Model inputs and the target stream of a batch of groups.
-
-    input_ids, position_ids: [R, L]; attention_mask: [R, L] (per_candidate) or [R, 1, L, L] bool (shared);
-    target_positions: [N] flat indices into the [R * L] hidden states; labels: [N] target ids;
-    layout: the GroupLayout over the N targets (its ``target_scores`` are the ranking's scores);
-    ref_scores: [G, K] float64, the records' reference scores when every group has them, else None.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    target_positions: torch.Tensor
-    labels: torch.Tensor
-    layout: GroupLayout
-    stats: Dict[str, int] = field(default_factory=dict)
-    ref_scores: Optional[torch.Tensor] = None
-
-    def to(self, device) -> "PackedBatch":
-        layout = self.layout
-        moved = GroupLayout(layout.seq_index.to(device), layout.seq_group.to(device), layout.seq_rank.to(device),
-                            layout.num_groups, layout.num_candidates,
-                            None if layout.target_scores is None else layout.target_scores.to(device),
-                            None if layout.lengths is None else layout.lengths.to(device))
-        return PackedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
-                           self.target_positions.to(device), self.labels.to(device), moved, dict(self.stats),
-                           None if self.ref_scores is None else self.ref_scores.to(device))
 
 
 def tokenize_group(example: RankedExample, tokenizer, template: str = "alpaca", max_length: int = 512,

@@ -25,7 +25,7 @@ lists element by element, CSV row by row, Parquet 1024 rows at a time; saved dat
 mapped and Hub names streamed by ``datasets``. Storing (:mod:`tuna_train.example_store`): ``load_ranked``
 normalises each record as it is read and keeps the examples in a memory-mapped Arrow file in ``$TMPDIR``
 (unlinked at once), not as Python objects, so resident memory grows by a small fraction of the file's size
-(400k records, 80 MB: +16 MB, see README); it returns a read-only sequence that builds a ``RankedExample`` on
+(400k records, 80 MB: +16 MB, see docs/training.md); it returns a read-only sequence that builds a ``RankedExample`` on
 each access. Split it with :func:`select_examples` (a view), not a list comprehension, to keep it compact.
 """
 

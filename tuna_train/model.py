@@ -244,7 +244,3 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_
     return get_peft_model(model, config)
 
 
-def trainable_parameters(model):
-    return [p for p in model.parameters() if p.requires_grad]
-
-

@@ -4,7 +4,7 @@ and the fused loss, and the guard of the DeepSpeed ZeRO-3 configuration.
 Why tuna applies FSDP itself: accelerate (1.15) switches to FSDP only on GPU process groups, so the same
 launch on CPU processes (gloo) would silently fall back to data parallelism. Applying ``fully_shard`` here
 gives one code path on CPU (tested, gloo) and on GPUs (NCCL): every transformer block is a shard unit, and
-the root unit (embeddings, final norm, lm_head) is gathered for :class:`tuna_train.model.FusedCausalLM`'s
+the root unit (embeddings, final norm, lm_head) is gathered for :class:`tuna_hf.FusedCausalLM`'s
 forward, where the fused loss reads the lm_head weight, and resharded after the backward.
 
 Checkpoints of a sharded run hold the *gathered* (full) trainable state and optimizer state, written by
@@ -107,10 +107,6 @@ def local_fraction(module: torch.nn.Module) -> float:
         total += param.numel()
         local += param.to_local().numel() if hasattr(param, "to_local") else param.numel()
     return local / max(total, 1)
-
-
-def is_sharded(module: torch.nn.Module) -> bool:
-    return any(hasattr(p, "to_local") for p in module.parameters())
 
 
 def gathered_state(module: torch.nn.Module, trainable_only: bool = True) -> Dict[str, torch.Tensor]:

@@ -10,7 +10,8 @@ from typing import Dict, Iterable
 
 import torch
 
-from .collate import PackedBatch
+from tuna_hf import PackedBatch
+
 from .config import TrainConfig
 from .run_state import RunState
 from .sharding import clip_grad_norm

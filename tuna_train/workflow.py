@@ -95,7 +95,7 @@ class PipelineConfig:
                        "tuna train fields of the supervised stage (a mapping; on the command line a YAML string)")
     mix_sft_into_c: bool = option(True, "mix as many supervised examples into Tuna_c's data as it has ranked "
                                         "groups (the paper's regulariser; built-in start model only)")
-    # The built-in defaults (measured over three seeds, see the README): the MLE term on the best candidate only
+    # The built-in defaults (measured over three seeds, see docs/pipeline.md): the MLE term on the best candidate only
     # (an option of the method), since Tuna_p's wrong candidates are other tasks' answers and Tuna_c's are its own
     # mistakes; tied candidates left out of the hinge (the built-in scores tie often, and a ranking orders ties at
     # random); Tuna_c at a lower learning rate than Tuna_p, as in the paper, with a heavier MLE term

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Dict, Iterator, Optional, Tuple
 
 KERNELS = ("lse_forward", "backward_atomic", "backward_ordered")
@@ -27,9 +27,6 @@ class KernelConfig:
 
     def label(self) -> str:
         return f"N{self.block_n}_V{self.block_v}_D{self.block_d}_w{self.num_warps}_s{self.num_stages}"
-
-    def as_dict(self) -> Dict[str, int]:
-        return asdict(self)
 
 
 # Ampere-class cards (sm_80 A100, sm_86 RTX 30xx, sm_89 RTX 40xx / L4): 99 KB of shared memory is the

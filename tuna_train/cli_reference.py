@@ -1,0 +1,83 @@
+"""The CLI reference (docs/cli.md), rendered from the parser that `tuna` runs, so it cannot drift from it.
+
+``python -m tuna_train.cli_reference > docs/cli.md`` (or ``make docs``) rewrites the page; a test renders it
+again and compares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import List, Tuple
+
+from .cli import build_parser
+
+HEADER = """# CLI reference
+
+Every flag of every `tuna` command: its default, its choices and what it does. This page is generated from
+the parser that `tuna` runs (`make docs`; a test checks that it is in sync). The `train` flags are the fields
+of `tuna_train.config.TrainConfig` and the `pipeline` flags those of `tuna_train.workflow.PipelineConfig`:
+each one is also a key of the command's YAML file (`--config`).
+"""
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _flag(action: argparse.Action) -> str:
+    if not action.option_strings:
+        return f"`{action.metavar or action.dest}` (positional)"
+    return ", ".join(f"`{name}`" for name in action.option_strings)
+
+
+_HELP_DEFAULT = re.compile(r"\s*\(default: (.*)\)$")
+
+
+def _help_and_default(action: argparse.Action) -> Tuple[str, str]:
+    """The config-built flags (train, pipeline) default to None in the parser, so that a YAML file can set them,
+    and state the config's default at the end of their help: that is the default a user gets."""
+    text = action.help or ""
+    match = _HELP_DEFAULT.search(text)
+    if action.default is None and match:
+        return text[:match.start()], f"`{_cell(match.group(1))}`"
+    return text, _default(action)
+
+
+def _default(action: argparse.Action) -> str:
+    if action.default is None or action.default is argparse.SUPPRESS or action.required:
+        return ""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return "off" if action.default is False else "on"
+    return f"`{_cell(action.default)}`"
+
+
+def _choices(action: argparse.Action) -> str:
+    if not action.choices:
+        return ""
+    return " \\| ".join(f"`{_cell(choice)}`" for choice in action.choices)
+
+
+def render(parser: argparse.ArgumentParser = None) -> str:
+    parser = parser or build_parser()
+    helps = {a.dest: a.help for a in next(a for a in parser._actions
+                                           if isinstance(a, argparse._SubParsersAction))._choices_actions}
+    parts: List[str] = [HEADER]
+    for name, sub in _subcommands(parser).items():
+        parts.append(f"\n## `tuna {name}`\n\n{_cell(helps.get(name, ''))}\n\n")
+        parts.append("| flag | default | choices | what it does |\n|---|---|---|---|\n")
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            text, default = _help_and_default(action)
+            parts.append(f"| {_flag(action)} | {default} | {_choices(action)} | {_cell(text)} |\n")
+    return "".join(parts)
+
+
+if __name__ == "__main__":
+    print(render(), end="")
