@@ -84,7 +84,7 @@ def test_other_heads_reduce_the_token_logprobs_and_still_match(sweeps, case):
     hidden, weight, bias, labels, _ = make_problem(50, 64, 301, True, 0.2, dtype, seed=7)
     options = dict(impl="triton") if case == "triton" else dict(impl="chunked", **chunk_options(301))
     if case == "filtered":
-        options["grad_filter_eps"] = 0.0  # filters nothing, so the reference still holds
+        options["grad_filter_eps"] = 1e-30  # filters nothing here, so the reference still holds
     want = reference_loss(hidden, weight, bias, labels, "mean", softcap=3.0)
     if case == "frozen head":
         h = hidden.clone().requires_grad_()
@@ -168,3 +168,14 @@ def test_an_input_changed_in_place_before_the_backward_is_an_error():
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
 
+
+
+@pytest.mark.parametrize("off", [None, 0, 0.0])
+def test_a_grad_filter_eps_of_zero_is_off_as_none_is(sweeps, off):
+    """One meaning of off: 0 (tuna train's --grad-filter-eps default) takes the same path as None, the
+    gradients-in-forward sweep that filtering would rule out."""
+    hidden, weight, bias, labels, _ = make_problem(50, 64, 301, True, 0.2, torch.float32, seed=3)
+    got = fused_loss(hidden, weight, bias, labels, "mean", impl="chunked", grad_filter_eps=off, **chunk_options(301))
+    assert sweeps == {"nll_with_grads": 1, "backward": 0}
+    for actual, expected in zip(got, reference_loss(hidden, weight, bias, labels, "mean")):
+        assert rel_err(actual, expected) <= TOLERANCE[torch.float32]

@@ -186,3 +186,13 @@ def test_mle_on_best_without_rank_zero_uses_the_best_present_candidate():
         best_tokens = is_target & ((seq_index == 0) | (seq_index == 2))  # rank 1 of each group
         want = -picked[best_tokens].sum() / best_tokens.sum()
         assert rel_err(metrics["mle_loss"], want) <= 1e-5
+
+
+def test_num_pairs_counts_the_pairs_pair_accuracy_counts_ties_left_out():
+    """A pair tied in the ranking has no right order: neither pair_accuracy nor num_pairs counts it."""
+    torch.manual_seed(0)
+    seq_index = torch.arange(4).repeat_interleave(3)                     # 4 candidates, 3 tokens each
+    layout = GroupLayout.from_group_sizes(seq_index, [4], target_scores=torch.tensor([[3.0, 2.0, 2.0, 1.0]]))
+    hidden, weight = torch.randn(12, 16), torch.randn(50, 16)
+    _, metrics = TunaLoss(impl="chunked")(hidden, weight, torch.randint(0, 50, (12,)), layout)
+    assert int(metrics["num_pairs"]) == 6 - 1

@@ -20,11 +20,11 @@ from .losses import (
     tuna_margin_loss,
 )
 from .metrics import pairwise_accuracy, ranking_counts, ranking_summary
-from .module import TunaLoss
+from .module import MLE_ON, TunaLoss, length_normalised
 
 __all__ = [
-    "IMPLS", "LOSSES", "REFERENCE_LOSSES", "GroupLayout", "RankingOptions", "TunaLoss",
-    "linear_cross_entropy", "lipo_lambda_loss", "listmle_loss", "ordered_pairs", "pairwise_accuracy",
+    "IMPLS", "LOSSES", "MLE_ON", "REFERENCE_LOSSES", "GroupLayout", "RankingOptions", "TunaLoss",
+    "length_normalised", "linear_cross_entropy", "lipo_lambda_loss", "listmle_loss", "ordered_pairs", "pairwise_accuracy",
     "pairwise_logistic_loss", "plackett_luce_loss", "ranking_counts", "ranking_summary", "register_loss", "rrhf_loss", "sequence_logprobs", "token_logprobs",
     "tuna_margin_loss",
 ]

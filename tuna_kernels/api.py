@@ -161,7 +161,7 @@ def token_logprobs(
             that hold no NaN (Cut Cross-Entropy's gradient filtering; independent of the loss scale): Triton
             its tiles, chunked the same 64 x 128 blocks of its chunks (zeroed, for fidelity, not speed);
             ``"auto"`` uses the input dtype's unit roundoff (bf16 2^-8, fp16 2^-11, fp32 2^-24);
-            ``None`` (default) computes every tile.
+            ``None`` (default) or 0 computes every tile.
         autotune: Triton kernels time their candidate configurations once per shape bucket and keep the
             fastest; ``None`` (default) reads the ``TUNA_AUTOTUNE`` environment variable ("1" = on).
 
@@ -169,8 +169,8 @@ def token_logprobs(
         [N] float32 (float64 for float64 inputs) log p(labels[t]), 0 at ignored positions.
         Differentiable with respect to ``hidden``, ``weight`` and ``bias`` for any upstream gradient.
     """
-    hidden, weight, bias, impl, autocast_device = _prepare(hidden, weight, labels, bias, logit_scale, softcap,
-                                                           ignore_index, impl, grad_filter_eps)
+    hidden, weight, bias, impl, autocast_device, grad_filter_eps = _prepare(
+        hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl, grad_filter_eps)
     with _autocast_off(autocast_device):
         return _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl,
                          chunk_tokens, chunk_vocab, deterministic, grad_filter_eps, autotune)
@@ -210,8 +210,8 @@ def linear_cross_entropy(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    hidden, weight, bias, impl, autocast_device = _prepare(hidden, weight, labels, bias, logit_scale, softcap,
-                                                           ignore_index, impl, grad_filter_eps)
+    hidden, weight, bias, impl, autocast_device, grad_filter_eps = _prepare(
+        hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl, grad_filter_eps)
     total = None
     with _autocast_off(autocast_device):
         if impl == "chunked":
@@ -232,11 +232,13 @@ def linear_cross_entropy(
 
 def _prepare(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl, grad_filter_eps):
     """The entry of every public function, before any kernel: the dtype policy, then argument checks naming
-    the argument at fault, then the implementation. Returns (hidden, weight, bias, impl, autocast device)."""
+    the argument at fault, then the implementation. Returns (hidden, weight, bias, impl, autocast device,
+    grad_filter_eps), with a ``grad_filter_eps`` of 0 made None: 0 and None both mean off, everywhere."""
     hidden, weight, bias, autocast_device = _follow_autocast(hidden, weight, bias)
     _check_inputs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index)
     check_filter_eps(grad_filter_eps)
-    return hidden, weight, bias, _resolve_impl(impl, hidden.device), autocast_device
+    grad_filter_eps = None if grad_filter_eps == 0 else grad_filter_eps
+    return hidden, weight, bias, _resolve_impl(impl, hidden.device), autocast_device, grad_filter_eps
 
 
 def _autocast_off(device_type: Optional[str]):

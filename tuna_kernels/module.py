@@ -22,6 +22,19 @@ from .losses import LOSSES, RankingOptions
 from .metrics import ranking_counts, ranking_summary
 
 
+#: what the MLE term covers: every candidate's tokens, or the best candidate's
+MLE_ON = ("all", "best")
+
+
+def length_normalised(sums, counts, alpha: float):
+    """The score of a sequence: ``sums / max(counts, 1) ** alpha`` (alpha 1: the mean token log-prob, 0: the
+    sum). ``sums``, ``counts``: [S] tensors, or one Python number each (scoring and evaluation records). The one
+    definition training, ``tuna score`` and ``tuna eval`` use; a sequence without targets scores its sum (0)."""
+    if isinstance(counts, torch.Tensor):
+        return sums / counts.to(sums.dtype).clamp(min=1) ** alpha
+    return sums / max(counts, 1) ** alpha
+
+
 class TunaLoss(nn.Module):
     """Fused listwise ranking loss + MLE over groups of ranked candidates.
 
@@ -48,8 +61,8 @@ class TunaLoss(nn.Module):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {loss!r}")
-        if mle_on not in ("all", "best"):
-            raise ValueError(f"mle_on must be 'all' or 'best', got {mle_on!r}")
+        if mle_on not in MLE_ON:
+            raise ValueError(f"mle_on must be one of {MLE_ON}, got {mle_on!r}")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if alpha < 0 or mle_weight < 0:
@@ -85,7 +98,8 @@ class TunaLoss(nn.Module):
         Returns:
             (loss, metrics) with metrics: ``rank_loss``, ``mle_loss``, ``pair_accuracy`` (fraction of
             ordered pairs the model orders as the ranking does), ``score_per_rank`` ([K] mean score of
-            each rank), ``score_gap`` (mean best-minus-worst score of the groups), ``num_pairs``.
+            each rank), ``score_gap`` (mean best-minus-worst score of the groups), ``num_pairs`` (the ordered
+            pairs ``pair_accuracy`` counts, as :func:`tuna_kernels.ranking_counts` defines them: ties left out).
         """
         counts = layout.validate(labels, self.ignore_index)  # raises before any kernel runs
         sums, _ = sequence_logprobs(hidden, weight, labels, layout.seq_index, layout.num_seqs, bias=bias,
@@ -103,9 +117,8 @@ class TunaLoss(nn.Module):
         return loss, self._metrics(scores.detach(), valid, layout, rank_loss, mle_loss)
 
     def sequence_scores(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """[S] length-normalised scores ``sums / counts ** alpha`` of the sequences' log-likelihood sums [S] and
-        target counts [S] (every count >= 1: ``GroupLayout.validate``)."""
-        return sums / counts.to(sums.dtype) ** self.alpha
+        """[S] :func:`length_normalised` scores of the sequences' log-likelihood sums [S] and target counts [S]."""
+        return length_normalised(sums, counts, self.alpha)
 
     @staticmethod
     def best_sequences(layout: GroupLayout) -> torch.Tensor:
@@ -127,5 +140,5 @@ class TunaLoss(nn.Module):
             "mle_loss": mle_loss.detach(),
             **ranking_summary(counts),
             "score_per_rank": score_per_rank,
-            "num_pairs": (valid.sum(1) * (valid.sum(1) - 1) // 2).sum(),
+            "num_pairs": counts["pairs"],  # the pairs pair_accuracy counts: tied in the ranking, not counted
         }

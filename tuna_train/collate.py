@@ -38,6 +38,12 @@ class TokenizedGroup:
     ref_scores: Optional[List[float]] = None
 
 
+def pad_id_of(tokenizer) -> int:
+    """The id padding positions hold: the tokenizer's pad token, else 0. Padding is never a target and never
+    attended to, so any id in the vocabulary gives the same results; the one fallback of every stage."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def tokenize_group(example: RankedExample, tokenizer, template: str = "alpaca", max_length: int = 512,
                    max_candidates: Optional[int] = None) -> TokenizedGroup:
     """Prompt and responses of one example; each candidate (prompt + response + EOS) fits ``max_length``.

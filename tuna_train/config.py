@@ -13,7 +13,7 @@ from typing import Any, Collection, Dict, Mapping, Optional
 import yaml
 
 from tuna_hf import REFERENCES
-from tuna_kernels import IMPLS, LOSSES, REFERENCE_LOSSES
+from tuna_kernels import IMPLS, LOSSES, MLE_ON, REFERENCE_LOSSES
 
 from .collate import LAYOUTS
 from .data import FORMATS
@@ -116,7 +116,7 @@ class TrainConfig:
     alpha: float = option(1.0, "score = sum of token log-probs / tokens ** alpha (1: the mean)")
     mle_weight: float = option(1.0, "weight of the token cross-entropy term")
     mle_on: str = option("all", "the cross-entropy term covers every candidate's tokens, or the best one's",
-                         ("all", "best"))
+                         MLE_ON)
     skip_ties: bool = option(False, "drop pairs tied in the ranking's own scores")
     beta: float = option(0.1, "pairwise_logistic, plackett_luce, lipo_lambda: the reward scale (r = beta * "
                               "(score - reference score))")

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from rouge_score import rouge_scorer
 
-from tuna_kernels import ranking_counts, ranking_summary
+from tuna_kernels import length_normalised, ranking_counts, ranking_summary
 
 from .data import RankedExample
 from .files import write_atomic
@@ -86,7 +86,7 @@ def ragged_to_matrices(model_scores: Sequence[Sequence[float]], target_scores: S
 def model_scores(model, tokenizer, examples: List[RankedExample], template: str = "alpaca", max_length: int = 512,
                  alpha: float = 1.0, token_budget: int = 16384, impl: str = "auto") -> List[List[float]]:
     """Per group, the model's score of each candidate: sum log p / tokens ** alpha (as in training)."""
-    return [[s / max(c, 1) ** alpha for s, c in zip(sums, counts)]
+    return [[length_normalised(s, c, alpha) for s, c in zip(sums, counts)]
             for sums, counts in group_logprobs(model, tokenizer, examples, template, max_length, token_budget, impl)]
 
 

@@ -25,7 +25,7 @@ from transformers import Trainer, TrainingArguments
 from tuna_hf import REFERENCES, apply_fused_losses
 from tuna_kernels import LOSSES, TunaLoss
 
-from .collate import LAYOUTS, pack, tokenize_group
+from .collate import LAYOUTS, pack, pad_id_of, tokenize_group
 from .data import RankedExample, examples_from_records
 
 LOGGED_METRICS = ("rank_loss", "mle_loss", "pair_accuracy", "score_gap")
@@ -65,7 +65,7 @@ class GroupCollator:
             raise ValueError(f"packing must be one of {LAYOUTS}, got {packing!r}")
         self.tokenizer, self.template, self.max_length = tokenizer, template, max_length
         self.packing, self.max_candidates = packing, max_candidates
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_id_of(tokenizer)
 
     def __call__(self, features: Sequence[Any]) -> Dict[str, Any]:
         examples = [f for f in features if isinstance(f, RankedExample)]

@@ -26,7 +26,7 @@ from tuna_kernels import TunaLoss
 from .build import (build_model, build_optimizer, build_scheduler, check_ref_scores, load_datasets,
                     release_single_process_state)
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .collate import pack, tokenize_group
+from .collate import pack, pad_id_of, tokenize_group
 from .config import TrainConfig
 from .controls import prompt_free_accuracy, shuffled_prompts
 from .data import RankedExample
@@ -95,12 +95,12 @@ class Trainer:
         self.total_steps = self.sampler.total_steps(config.max_steps, config.num_epochs)
         self.model, self.tokenizer = build_model(config) if model is None else (model, tokenizer)
         lm_head_spec(self.model)  # an lm_head the fused loss cannot reproduce is refused before any step
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_id_of(self.tokenizer)
         self.loss_fn = TunaLoss(loss=config.loss, margin=config.margin, alpha=config.alpha,
                                 mle_weight=config.mle_weight, mle_on=config.mle_on, skip_ties=config.skip_ties,
                                 beta=config.beta, gamma=config.gamma, impl=config.impl,
                                 autotune=config.kernel_autotune or None,
-                                grad_filter_eps=config.grad_filter_eps or None)
+                                grad_filter_eps=config.grad_filter_eps)
         # the causal LM and the fused loss in one module: the one DDP / FSDP / ZeRO-3 wraps
         fused = FusedCausalLM(self.model, self.loss_fn, reference=config.reference, impl=config.impl,
                               autotune=config.kernel_autotune or None)

@@ -36,6 +36,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from ..collate import pad_id_of
 from ..progress import progress_bar
 from .score import as_example
 from .store import JsonlStore, record_key, write_jsonl
@@ -98,7 +99,7 @@ def decode_with_reasons(model, tokenizer, prompts: List[str], k: int, temperatur
         encoded = [[tokenizer.bos_token_id] + ids if not ids or ids[0] != tokenizer.bos_token_id else ids
                    for ids in encoded]
     width = max(map(len, encoded))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id_of(tokenizer)
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)  # left padding
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
     if temperature is None:

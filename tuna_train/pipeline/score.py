@@ -31,8 +31,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from tuna_hf.model import fused_batch_forward
+from tuna_kernels import length_normalised
 
-from ..collate import pack, tokenize_group
+from ..collate import pack, pad_id_of, tokenize_group
 from ..data import RankedExample, contextual_prompt
 from ..progress import progress_bar
 from .http import JsonClient, RequestFailed
@@ -70,12 +71,12 @@ def as_example(record: Dict[str, Any]) -> RankedExample:
 
 
 def _with_scores(record, sums: List[float], tokens: List[int], alpha: float, teacher: str) -> Dict[str, Any]:
-    scores = [s / max(t, 1) ** alpha for s, t in zip(sums, tokens)]
+    scores = [length_normalised(s, t, alpha) for s, t in zip(sums, tokens)]
     out = dict(record)
     out.pop("ranking", None)
     out.update(scores=scores, ranking=sorted(range(len(scores)), key=lambda i: -scores[i]),
                teacher={"model": teacher, "sum": sums, "tokens": tokens,
-                        "mean": [s / max(t, 1) for s, t in zip(sums, tokens)], "alpha": alpha})
+                        "mean": [length_normalised(s, t, 1.0) for s, t in zip(sums, tokens)], "alpha": alpha})
     return out
 
 
@@ -87,7 +88,7 @@ def group_logprobs(model, tokenizer, examples: List[RankedExample], template: st
     device = next(model.parameters()).device
     model.eval()
     groups = [tokenize_group(example, tokenizer, template, max_length) for example in examples]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_id_of(tokenizer)
     out: List[Tuple[List[float], List[int]]] = []
     with progress_bar(len(groups), "score", unit="group") as bar:
         start = 0
