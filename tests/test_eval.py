@@ -14,7 +14,8 @@ import pytest
 from rouge_score import rouge_scorer
 
 from helpers import naive_sums, release_contextual
-from tuna_train.evaluation import generation_metrics, kendall_tau_b, ranking_metrics
+from tuna_train.evaluation.ranking import kendall_tau_b, ranking_metrics
+from tuna_train.evaluation.text import generation_metrics
 from tuna_train.synthetic import make_records
 
 FIXTURE = [

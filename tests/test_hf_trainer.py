@@ -89,7 +89,7 @@ def test_tuna_trainer_reaches_the_accuracy_of_tuna_train(tmp_path):
     """The same model, groups in the same batches, optimiser settings and steps; held-out pairwise accuracy
     measured by the same function for both. (With each trainer's own shuffling, the accuracy after 200 steps
     varies by more than 0.03 from seed to seed, for either trainer: the order is what the test fixes.)"""
-    from tuna_train.evaluation import evaluate_ranking
+    from tuna_train.evaluation.scoring import evaluate_ranking
 
     settings = dict(synthetic_examples=1600, tiny_hidden_size=64, batch_groups=16, num_epochs=2.0, eval_every=0,
                     eval_groups=1, progress=False, tensorboard=False, save_every=10_000, output_dir=str(tmp_path / "ours"))

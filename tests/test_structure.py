@@ -3,6 +3,8 @@ metric defined once, a loss added with one function and one registry line, the p
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from tuna_kernels import LOSSES, RankingOptions, ordered_pairs, register_loss
@@ -135,3 +137,11 @@ def test_test_modules_import_no_other_test_module():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for name in names:
                 assert not name.startswith("test_") and name != "conftest", f"{path.name} imports {name}"
+
+
+def test_training_loads_no_pipeline_stage():
+    """Importing the training loop or the Trainer loads no pipeline stage, no ROUGE and no IFEval checker."""
+    code = ("import sys, tuna_train.trainer, tuna_train.hf_trainer; print(sorted(m for m in sys.modules if "
+            "m.startswith(('tuna_train.pipeline', 'tuna_train.verifiable', 'tuna_train.workflow', 'rouge_score'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert loaded.stdout.strip() == "[]", loaded.stdout

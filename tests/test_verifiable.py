@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("if_verifiable")
 
-from tuna_train import evaluation
+from tuna_train.evaluation.reports import PLOTTED
 from tuna_train.cli import main
 from tuna_train.data import load_ranked
 from tuna_train.model import build_tiny_llama, synthetic_tokenizer
@@ -314,7 +314,7 @@ def test_eval_verifiable_cli_reports_the_figures(tiny_model_dir, tmp_path, capsy
     assert report["metrics"] == verifiable_metrics(verifiable_rows(records, [r["prediction"] for r in rows]))
     assert "prompt_strict" in (out / "report-verifiable.md").read_text()
     assert main(["eval", "--compare", str(out), str(out), "--png", str(tmp_path / "c.png")]) == 0
-    assert evaluation.PLOTTED[-4:] == FIGURES and (tmp_path / "c.png").stat().st_size > 0
+    assert PLOTTED[-4:] == FIGURES and (tmp_path / "c.png").stat().st_size > 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "x", "instruction": "hi"}) + "\n")
     capsys.readouterr()

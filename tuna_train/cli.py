@@ -22,9 +22,12 @@ from typing import Optional, Sequence
 
 from peft import PeftModel
 
-from . import evaluation
 from .config import TrainConfig, choices_of, config_fields, load_config
 from .data import load_ranked
+from .evaluation.generation import greedy_generations, save_generations
+from .evaluation.reports import compare, markdown, write_report
+from .evaluation.scoring import evaluate_ranking
+from .evaluation.text import generation_metrics
 from .files import WriteFailed
 from .model import PLACEMENT_DEVICES, PLACEMENT_DTYPES, Placement, load_tokenizer, merge_adapter
 from .pipeline.generate import generate_records
@@ -369,7 +372,7 @@ def _none_done(command: str, done: str, stats: dict, args) -> int:
 
 def _eval(args) -> int:
     if args["compare"]:
-        print(evaluation.compare(args["compare"], args["png"]), end="")
+        print(compare(args["compare"], args["png"]), end="")
         return 0
     if not (args["kind"] and args["model"] and args["data"]):
         raise ValueError("tuna eval needs KIND (ranking | generation | judge | verifiable), --model and --data, "
@@ -384,7 +387,7 @@ def _eval(args) -> int:
     out, name = Path(args["out"]), args["name"] or Path(args["adapter"] or args["model"]).name
     if args["kind"] == "ranking":
         examples, _ = load_ranked(args["data"])
-        metrics = evaluation.evaluate_ranking(model, tokenizer, examples, template=args["template"],
+        metrics = evaluate_ranking(model, tokenizer, examples, template=args["template"],
                                               max_length=args["max_length"], alpha=args["alpha"])
     elif args["kind"] == "judge":
         if not (args["baseline_answers"] and args["judge"]):
@@ -394,7 +397,7 @@ def _eval(args) -> int:
         if len(baseline) != len(questions) or any(not isinstance(a, str) for a in baseline):
             raise ValueError(f"{args['baseline_answers']}: needs one 'answer' string per question "
                              f"({len(questions)} in {args['data']})")
-        answers = evaluation.greedy_generations(model, tokenizer, questions, out / "progress.jsonl", args["template"],
+        answers = greedy_generations(model, tokenizer, questions, out / "progress.jsonl", args["template"],
                                                 args["max_new_tokens"], args["batch_size"])
         judge = make_judge(args["judge"], args["base_url"], args["api_key_env"], args["timeout"], args["max_retries"],
                            max_backoff=args["max_backoff"])
@@ -404,19 +407,19 @@ def _eval(args) -> int:
         metrics = result
     elif args["kind"] == "verifiable":
         records = read_jsonl(args["data"])
-        predictions = evaluation.greedy_generations(model, tokenizer, records, out / "progress.jsonl", args["template"],
+        predictions = greedy_generations(model, tokenizer, records, out / "progress.jsonl", args["template"],
                                                     args["max_new_tokens"], args["batch_size"])
         rows = verifiable_rows(records, predictions, args["data"])
         write_jsonl(out / "generations.jsonl", rows)
         metrics = verifiable_metrics(rows)
     else:
         records = read_jsonl(args["data"])
-        predictions = evaluation.greedy_generations(model, tokenizer, records, out / "progress.jsonl", args["template"],
+        predictions = greedy_generations(model, tokenizer, records, out / "progress.jsonl", args["template"],
                                                     args["max_new_tokens"], args["batch_size"])
-        evaluation.save_generations(out, records, predictions)
-        metrics = evaluation.generation_metrics(records, predictions)
-    report = evaluation.write_report(out, args["kind"], name, metrics)
-    print(evaluation.markdown([report]), end="")
+        save_generations(out, records, predictions)
+        metrics = generation_metrics(records, predictions)
+    report = write_report(out, args["kind"], name, metrics)
+    print(markdown([report]), end="")
     return 0
 
 

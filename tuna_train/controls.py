@@ -16,7 +16,7 @@ from collections import Counter
 from typing import Dict, List, Sequence
 
 from .data import RankedExample
-from .evaluation import ranking_metrics
+from .evaluation.ranking import ranking_metrics
 
 _BOUNDARY = "\x00"  # start and end of a response
 
@@ -52,7 +52,7 @@ class BigramScorer:
 
 
 def prompt_free_accuracy(train: Sequence[RankedExample], held_out: Sequence[RankedExample]) -> Dict[str, float]:
-    """Ranking metrics (``tuna_train.evaluation.ranking_metrics``) of :class:`BigramScorer` fitted on the best
+    """Ranking metrics (``tuna_train.evaluation.ranking.ranking_metrics``) of :class:`BigramScorer` fitted on the best
     response of every training example, on the held-out examples."""
     scorer = BigramScorer([example.responses[0] for example in train if example.responses])
     return ranking_metrics([[scorer.score(r) for r in e.responses] for e in held_out], [e.scores for e in held_out])

@@ -26,10 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from . import evaluation
 from .build import build_model
 from .config import check_choices, load_config, option
 from .data import load_ranked
+from .evaluation.generation import greedy_generations, save_generations
+from .evaluation.reports import compare, report_path, write_report
+from .evaluation.scoring import evaluate_ranking
+from .evaluation.text import generation_metrics
 from .files import read_json, write_atomic
 from .model import PLACEMENT_DTYPES, Placement, load_tokenizer
 from .pipeline.generate import generate_records
@@ -315,8 +318,8 @@ def evaluate_stages(config: PipelineConfig, root: Path, manifest: Manifest, eval
     for name in ("start", "tuna_p", "tuna_c"):
         out = root / "eval" / name
         if manifest.done(f"eval_{name}"):
-            ranking = json.loads(evaluation.report_path(out / "ranking", "ranking").read_text())
-            generation = json.loads(evaluation.report_path(out / "generation", "generation").read_text())
+            ranking = json.loads(report_path(out / "ranking", "ranking").read_text())
+            generation = json.loads(report_path(out / "generation", "generation").read_text())
         else:
             if name == "start" and start_model is None:
                 settings = dict(dict(template=config.prompt_template, seed=config.seed), **config.train_p)
@@ -324,21 +327,21 @@ def evaluate_stages(config: PipelineConfig, root: Path, manifest: Manifest, eval
             else:
                 path = {"start": start_model, "tuna_p": tuna_p, "tuna_c": tuna_c}[name]
                 model, tokenizer = config.placement.load(path), load_tokenizer(path)
-            ranking = evaluation.write_report(out / "ranking", "ranking", name, evaluation.evaluate_ranking(
+            ranking = write_report(out / "ranking", "ranking", name, evaluate_ranking(
                 model, tokenizer, examples, template=config.prompt_template))
-            predictions = evaluation.greedy_generations(model, tokenizer, tasks, out / "generation" / "progress.jsonl",
+            predictions = greedy_generations(model, tokenizer, tasks, out / "generation" / "progress.jsonl",
                                                         config.prompt_template, config.max_new_tokens)
-            evaluation.save_generations(out / "generation", tasks, predictions)
-            generation = evaluation.write_report(out / "generation", "generation", name,
-                                                 evaluation.generation_metrics(tasks, predictions))
+            save_generations(out / "generation", tasks, predictions)
+            generation = write_report(out / "generation", "generation", name,
+                                                 generation_metrics(tasks, predictions))
             manifest.record(f"eval_{name}", "done", outputs=[
-                str(evaluation.report_path(out / "ranking", "ranking")),
-                str(evaluation.report_path(out / "generation", "generation"))])
+                str(report_path(out / "ranking", "ranking")),
+                str(report_path(out / "generation", "generation"))])
         results[name] = {"pair_accuracy": ranking["metrics"]["pair_accuracy"],
                          "kendall_tau": ranking["metrics"]["kendall_tau"],
                          "rouge_l": generation["metrics"]["rouge_l"],
                          "exact_match": generation["metrics"].get("exact_match")}
-        evaluation.write_report(out, "eval", name, results[name])
-    table = evaluation.compare([str(root / "eval" / name) for name in results], png=str(root / "eval" / "comparison.png"))
+        write_report(out, "eval", name, results[name])
+    table = compare([str(root / "eval" / name) for name in results], png=str(root / "eval" / "comparison.png"))
     write_atomic(root / "eval" / "comparison.md", table)
     return results
