@@ -2,12 +2,16 @@
 metric defined once, a loss added with one function and one registry line, the pipeline's config documented."""
 
 import ast
+import inspect
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 from tuna_kernels import LOSSES, RankingOptions, ordered_pairs, register_loss
+from tuna_kernels.backend import LogprobBackend
+from tuna_kernels.chunked import ChunkedBackend
+from tuna_kernels.kernels.launch import TritonBackend
 from tuna_train.config import load_config
 from tuna_train.trainer import Trainer
 from tuna_train.workflow import PipelineConfig, load_pipeline_config
@@ -145,3 +149,12 @@ def test_training_loads_no_pipeline_stage():
             "m.startswith(('tuna_train.pipeline', 'tuna_train.verifiable', 'tuna_train.workflow', 'rouge_score'))))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert loaded.stdout.strip() == "[]", loaded.stdout
+
+
+def test_both_backends_implement_the_one_backend_interface():
+    """The chunked and the Triton backend take the same arguments, by name, as LogprobBackend declares."""
+    for backend in (ChunkedBackend, TritonBackend):
+        assert isinstance(backend(), LogprobBackend), backend
+        for method in ("forward", "backward"):
+            declared = list(inspect.signature(getattr(LogprobBackend, method)).parameters)
+            assert list(inspect.signature(getattr(backend, method)).parameters) == declared, (backend, method)

@@ -2,14 +2,8 @@
 
 It owns what both backends share: only rows with a target do vocabulary work in forward, only rows
 with a target and a non-zero upstream gradient in backward; it saves hidden, weight, bias, labels and
-the per-token log-sum-exp ([N]) and nothing of size N x V. A backend supplies two functions:
-
-- ``forward(hidden [n, D], weight [V, D], bias [V] | None, labels [n], logit_scale, softcap, with_expected)``
-  -> ``(lse [n], target_logit [n], expected [n, D] | None)`` in fp32 (float64 for float64 inputs);
-- ``backward(hidden, weight, bias, labels, lse, grad_token [n], logit_scale, softcap,
-  need_hidden, need_weight, need_bias)`` -> ``(grad_hidden [n, D], grad_weight [V, D], grad_bias [V])``
-  accumulated in fp32 (grad_weight may come in the weight's dtype, summed in fp32 a vocabulary slice at a
-  time), each None when not needed.
+the per-token log-sum-exp ([N]) and nothing of size N x V. A backend implements
+:class:`tuna_kernels.backend.LogprobBackend` (``forward`` and ``backward``, shapes there).
 
 Frozen lm_head (LoRA, QLoRA: only ``hidden`` needs a gradient): the gradient of token n is linear in its
 upstream gradient g_n,
@@ -26,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from .backend import LogprobBackend
 from .rows import active_rows, scatter_rows
 
 
@@ -42,7 +37,7 @@ class FusedTokenLogprobs(torch.autograd.Function):
     """[N] token log-probs = target_logit - lse, from hidden [N, D], weight [V, D], bias [V] | None."""
 
     @staticmethod
-    def forward(ctx, backend, hidden, weight, bias, labels, logit_scale, softcap, ignore_index):
+    def forward(ctx, backend: LogprobBackend, hidden, weight, bias, labels, logit_scale, softcap, ignore_index):
         num_tokens = hidden.shape[0]
         rows = active_rows(labels != ignore_index)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[1:4]
