@@ -155,3 +155,16 @@ def test_rank_records_keeps_the_rule_judges_answer_as_the_best_candidate(tmp_pat
     assert stats["ranked"] == 12
     examples, _ = load_ranked(str(tmp_path / "ranked.jsonl"))
     assert [e.responses[0] for e in examples] == [r["references"][0] for r in records]
+
+
+def test_a_ranked_record_keeps_what_its_generated_record_carried():
+    """tuna rank copies the fields tuna generate copied (one list, tuna_train.schema): the id, the prompt the
+    responses were sampled under, the task and the constraints, so training and evaluation read the same."""
+    generated = {"id": "g1", "instruction": "Write 4 times the letter z.", "prompt": "Q: Write 4 times z.\nA:",
+                 "task": "repeat", "constraints": [], "responses": ["zzzz", "aaaa"], "finish_reasons": ["stop"] * 2,
+                 "generation": {"temperature": 1.0}}
+    answer = RuleJudge().ask(generated)
+    kept = ranked_record(generated, {"ranking": parse_ranking(answer, 2), "answers": [answer]}, "rule")
+    assert {k: kept[k] for k in ("id", "instruction", "prompt", "task", "constraints")} == \
+        {k: generated[k] for k in ("id", "instruction", "prompt", "task", "constraints")}
+    assert "generation" not in kept and kept["responses"] == ["zzzz", "aaaa"]

@@ -41,6 +41,7 @@ from .pipeline.store import read_jsonl, write_jsonl
 from .records import read_records, record_where
 from .real_models import REAL_MODELS, install_hint, is_prepared, models_dir, prepare
 from .run_dir import RESUME_HELP
+from .schema import ANSWER_FIELDS, first_field
 from .step import NonFiniteLossError
 from .templates import TEMPLATES
 from .trainer import Trainer
@@ -393,7 +394,7 @@ def _eval(args) -> int:
         if not (args["baseline_answers"] and args["judge"]):
             raise ValueError("tuna eval judge needs --baseline-answers FILE and --judge openai:MODEL|local:PATH")
         questions = read_jsonl(args["data"])
-        baseline = [a.get("answer", a.get("prediction", a.get("output"))) for a in read_jsonl(args["baseline_answers"])]
+        baseline = [first_field(a, ANSWER_FIELDS) for a in read_jsonl(args["baseline_answers"])]
         if len(baseline) != len(questions) or any(not isinstance(a, str) for a in baseline):
             raise ValueError(f"{args['baseline_answers']}: needs one 'answer' string per question "
                              f"({len(questions)} in {args['data']})")

@@ -10,7 +10,8 @@ import torch
 
 from ..pipeline.generate import decode_batch, pending_batches
 from ..pipeline.store import JsonlStore, record_key, write_jsonl
-from .text import references_of, rouge_l
+from ..schema import references
+from .text import rouge_l
 
 
 @torch.no_grad()
@@ -28,5 +29,5 @@ def greedy_generations(model, tokenizer, records: List[Dict[str, Any]], progress
 
 
 def save_generations(out: Path, records: List[Dict[str, Any]], predictions: List[str]) -> None:
-    write_jsonl(out / "generations.jsonl", [dict(r, prediction=p, rouge_l=rouge_l(p, references_of(r)))
+    write_jsonl(out / "generations.jsonl", [dict(r, prediction=p, rouge_l=rouge_l(p, references(r)))
                                             for r, p in zip(records, predictions)])

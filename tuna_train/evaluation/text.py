@@ -8,6 +8,8 @@ from typing import Any, Dict, List, Sequence
 
 from rouge_score import rouge_scorer
 
+from ..schema import references
+
 
 @functools.lru_cache(maxsize=1)
 def _rouge():
@@ -17,14 +19,6 @@ def _rouge():
 def rouge_l(prediction: str, references: Sequence[str]) -> float:
     """ROUGE-L F of a prediction, best over its references."""
     return max(_rouge().score(reference, prediction)["rougeL"].fmeasure for reference in references)
-
-
-def references_of(record: Dict[str, Any]) -> List[str]:
-    refs = record.get("references") or record.get("output") or record.get("answer")
-    refs = [refs] if isinstance(refs, str) else list(refs or [])
-    if not refs:
-        raise ValueError(f"record {record.get('id', '?')}: no 'references' (or 'output') to score against")
-    return refs
 
 
 def exact_match(prediction: str, references: Sequence[str]) -> float:
@@ -39,8 +33,8 @@ def generation_metrics(records: List[Dict[str, Any]], predictions: List[str]) ->
     matches: Dict[str, List[float]] = {}
     for record, prediction in zip(records, predictions):
         task = str(record.get("task", "all"))
-        per_task.setdefault(task, []).append(rouge_l(prediction, references_of(record)))
-        matches.setdefault(task, []).append(exact_match(prediction, references_of(record)))
+        per_task.setdefault(task, []).append(rouge_l(prediction, references(record)))
+        matches.setdefault(task, []).append(exact_match(prediction, references(record)))
     task_means = {task: sum(v) / len(v) for task, v in sorted(per_task.items())}
     match_means = {task: sum(v) / len(v) for task, v in sorted(matches.items())}
     return {"rouge_l": sum(task_means.values()) / len(task_means) if task_means else None,

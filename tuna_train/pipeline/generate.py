@@ -38,6 +38,7 @@ from transformers import (
 
 from ..collate import pad_id_of
 from ..progress import progress_bar
+from ..schema import passed_through
 from .score import as_example
 from .store import JsonlStore, record_key, write_jsonl
 
@@ -179,8 +180,7 @@ def generate_records(model, tokenizer, records: List[Dict[str, Any]], out: Path,
     results = []
     for key, record in zip(keys, records):
         entry = store.entries[key]
-        generated = {name: record[name] for name in ("id", "instruction", "input", "prompt", "task", "length",
-                                                     "constraints") if name in record}
+        generated = passed_through(record)
         generated["responses"] = entry["responses"]
         if "finish_reasons" in entry:  # a progress file of an earlier version has none
             generated["finish_reasons"] = entry["finish_reasons"]

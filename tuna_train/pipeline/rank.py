@@ -31,6 +31,7 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..schema import passed_through
 from .http import RequestFailed
 from .judge import JudgeNotApplicable, RankingParseError, judge_messages, judge_response, parse_ranking, parse_scores
 from .pool import require_counts, run_cached
@@ -140,8 +141,7 @@ def ranked_record(record: Dict[str, Any], entry: Dict[str, Any], judge_name: str
     if own is not None and own.strip() not in {candidates[i].strip() for i in entry["ranking"] if i < k}:
         candidates[k] = own
     ranked = [i for i in entry["ranking"] if i in candidates]
-    out = {key: record[key] for key in ("id", "instruction", "input", "task", "length", "constraints")
-           if key in record}
+    out = passed_through(record)
     out.update(responses=[candidates[i] for i in ranked], ranking=list(range(len(ranked))))
     reasons = record.get("finish_reasons")  # tuna generate's ("stop" / "length"): each stays with its response
     if isinstance(reasons, list) and len(reasons) == k:  # None for the judge's own response: not generated

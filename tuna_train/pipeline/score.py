@@ -36,6 +36,7 @@ from tuna_kernels import length_normalised
 from ..collate import pack, pad_id_of, tokenize_group
 from ..data import RankedExample, contextual_prompt
 from ..progress import progress_bar
+from ..schema import PROMPT_FIELDS, RESPONSE_FIELDS, first_field, record_name
 from .http import JsonClient, RequestFailed
 from .pool import require_counts, run_cached
 from .store import JsonlStore, write_jsonl
@@ -52,18 +53,19 @@ def as_example(record: Dict[str, Any]) -> RankedExample:
     """Prompt and responses of a record (native, generated or formatted); its scores are not used."""
     if not isinstance(record, dict):
         raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
-    responses = record.get("responses") or record.get("output") or record.get("generation")
+    where = record_name(record)
+    responses = first_field(record, RESPONSE_FIELDS)
     if not responses:
-        raise ValueError(f"record {record.get('id', '?')}: no 'responses' to score")
+        raise ValueError(f"{where}: no 'responses' to score")
     if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
-        raise ValueError(f"record {record.get('id', '?')}: the responses must be a list of strings, got "
+        raise ValueError(f"{where}: the responses must be a list of strings, got "
                          f"{json.dumps(responses, default=str)[:60]}")
-    text = [record.get(name) for name in ("prompt", "instruct", "instruction") if name in record]
+    text = [record.get(name) for name in PROMPT_FIELDS if name in record]
     if not text or not all(isinstance(t, str) for t in text) or not isinstance(record.get("input") or "", str):
-        raise ValueError(f"record {record.get('id', '?')}: needs a string 'instruction' (or 'prompt'), and an "
+        raise ValueError(f"{where}: needs a string 'instruction' (or 'prompt'), and an "
                          "'input' that is a string if any")
     if "instruct" in record and "generation" in record:  # a raw contextual record: `prompt` is the judge's
-        prompt, formatted = contextual_prompt(record, list(responses), f"record {record.get('id', '?')}")
+        prompt, formatted = contextual_prompt(record, list(responses), where)
         return RankedExample(prompt, list(responses), [0.0] * len(responses), prompt_is_formatted=formatted)
     if "prompt" in record:
         return RankedExample(record["prompt"], list(responses), [0.0] * len(responses), prompt_is_formatted=True)

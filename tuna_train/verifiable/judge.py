@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
+from ..schema import record_name
 from . import checks
 
 
@@ -26,7 +27,7 @@ class VerifiableJudge:
 
     def audit(self, record: Dict[str, Any], response: str) -> List[Dict[str, Any]]:
         """Per constraint of ``record``, ``{"id", "strict", "loose"}`` for one response."""
-        return checks.check(response, checks.validate(record.get("constraints"), f"record {record.get('id')}"))
+        return checks.check(response, checks.validate(record.get("constraints"), record_name(record)))
 
     def ask(self, record: Dict[str, Any], attempt: int = 0) -> str:
         """The judgement of ``record["responses"]`` (``attempt`` is ignored: a check gives the same answer)."""
