@@ -224,6 +224,9 @@ def load_reference_model(path: str, placement: Placement, tokenizer, *, attn_imp
 
     It scores the trained model's token ids, so its tokenizer must be the trained model's (``tokenizer``): a
     ValueError naming PATH otherwise, before any step."""
+    if not Path(resolve_model(path)).is_dir():
+        raise FileNotFoundError(f"reference model:{path}: no such model directory (a local model or LoRA adapter "
+                                "directory, or a prepared real model's name)")
     theirs = load_tokenizer(path, trust_remote_code).get_vocab()
     ours = tokenizer.get_vocab()
     if theirs != ours:
