@@ -4,6 +4,7 @@ forward of it), it is checked to stay out of the optimizer, the gradients and th
 frozen under full fine-tuning, a run with it resumes bit for bit, and bad references are named before any step."""
 
 import copy
+import math
 import subprocess
 import sys
 
@@ -158,3 +159,18 @@ def test_bad_reference_models_are_named_before_any_step(tmp_path, tiny_model_dir
                                                    "prepared real model's name)")
     with pytest.raises(ValueError, match="field 'reference' 'model:x' needs a loss"):
         TunaTrainingArguments(output_dir=str(tmp_path / "hf"), reference="model:x", report_to=[])
+
+
+def test_a_4bit_reference_model_is_placed_as_the_teacher_and_trains(tmp_path, tiny_model_dir):
+    """reference_load_in_4bit / reference_dtype place the reference as `tuna score --load-in-4bit --dtype` places a
+    teacher: NF4 weights computing in that dtype; the trained model stays float32 and the run trains."""
+    bnb = pytest.importorskip("bitsandbytes")
+    trainer = Trainer(load_config(None, dict(TINY, loss="plackett_luce", reference=f"model:{tiny_model_dir}",
+                                             reference_load_in_4bit=True, reference_dtype="float32",
+                                             model=str(tiny_model_dir), lora=True, lora_r=4, max_steps=1,
+                                             output_dir=str(tmp_path / "run"))))
+    quantised = [m for m in trainer.reference_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantised and all(m.compute_dtype == torch.float32 for m in quantised)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
+    summary = trainer.run()
+    assert summary["status"] == "finished" and math.isfinite(metrics(tmp_path / "run")[0]["loss"])
