@@ -6,7 +6,7 @@
 import torch
 from peft import LoraConfig, get_peft_model
 
-from tuna_kernels import token_logprobs
+from tuna_kernels import TunaLoss, token_logprobs
 from tuna_train.collate import tokenize_group
 from tuna_train.model import build_tiny_llama
 from tuna_train.pipeline.score import as_example
@@ -113,3 +113,23 @@ def own_logits(model, input_ids, attention_mask, labels):
     keep = targets != -100
     rows = torch.arange(input_ids.shape[0])[:, None].expand_as(targets)
     return logits[keep].double(), targets[keep], rows[keep]
+
+
+# the reference tests (test_reference.py, test_reference_model.py, test_reference_precision.py)
+TARGETS = ["q_proj", "v_proj", "lm_head"]
+GROUPS = [3, 1]  # rows 0-2 one instruction's candidates, best first; row 3 alone
+
+
+class RecordingLoss(TunaLoss):
+    """TunaLoss that keeps the reference scores it was given."""
+
+    def forward(self, *args, ref_scores=None, **kwargs):
+        self.seen_ref_scores = ref_scores
+        return super().forward(*args, ref_scores=ref_scores, **kwargs)
+
+
+def float64_scores(model, input_ids, attention_mask, labels):
+    """[4] mean token log-prob of each row under the model's own logits, float64."""
+    logits, targets, rows = own_logits(model, input_ids, attention_mask, labels)
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+    return torch.stack([logprobs[rows == r].mean() for r in range(input_ids.shape[0])])

@@ -10,29 +10,11 @@ import pytest
 import torch
 
 import naive_tuna as naive
-from helpers import batch, own_logits, rel_err, tiny, with_adapters
+from helpers import GROUPS, TARGETS, RecordingLoss, batch, float64_scores, own_logits, rel_err, tiny, with_adapters
 from train_runs import TINY, assert_resumed_exactly
 from tuna_hf import adapters_disabled, tuna_loss
 from tuna_kernels import TunaLoss
 from tuna_train.config import load_config
-
-TARGETS = ["q_proj", "v_proj", "lm_head"]
-GROUPS = [3, 1]  # rows 0-2 one instruction's candidates, best first; row 3 alone
-
-
-class RecordingLoss(TunaLoss):
-    """TunaLoss that keeps the reference scores it was given."""
-
-    def forward(self, *args, ref_scores=None, **kwargs):
-        self.seen_ref_scores = ref_scores
-        return super().forward(*args, ref_scores=ref_scores, **kwargs)
-
-
-def float64_scores(model, input_ids, attention_mask, labels):
-    """[4] mean token log-prob of each row under the model's own logits, float64."""
-    logits, targets, rows = own_logits(model, input_ids, attention_mask, labels)
-    logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
-    return torch.stack([logprobs[rows == r].mean() for r in range(input_ids.shape[0])])
 
 
 def as_matrix(scores):
@@ -187,3 +169,33 @@ def test_precomputed_reference_scores_train_as_the_adapter_reference(tmp_path):
     with pytest.raises(DataError, match=r"with_refs.jsonl.*'ref_scores' is missing"):
         Trainer(load_config(None, dict(common, data=str(with_refs), reference="field",
                                        output_dir=str(tmp_path / "missing"))))
+
+
+def test_tuna_training_arguments_take_a_loss_registered_after_import(tmp_path):
+    """The loss choices are the registry's at parsing and validation time, not a copy made at import: a loss
+    registered afterwards parses (HfArgumentParser, as a training script reads flags) and validates, and once it
+    is gone it is refused by name."""
+    from transformers import HfArgumentParser
+
+    from tuna_kernels import LOSSES, REFERENCE_LOSSES, register_loss
+    from tuna_kernels.losses import plackett_luce_loss
+    from tuna_train.hf_trainer import TunaTrainingArguments
+
+    def doubled_plackett_luce(scores, valid, options, **references):
+        return 2 * plackett_luce_loss(scores, valid, options, **references)
+
+    name = "test_doubled_plackett_luce"
+    common = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    try:
+        register_loss(name, uses_reference=True)(doubled_plackett_luce)
+        (parsed,) = HfArgumentParser(TunaTrainingArguments).parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--loss", name, "--reference", "adapter", "--report_to", "none"])
+        assert parsed.loss == name and parsed.reference == "adapter"
+        assert TunaTrainingArguments(loss=name, reference=f"model:{tmp_path}", **common).loss == name
+    finally:
+        LOSSES.pop(name, None)
+        REFERENCE_LOSSES.discard(name)
+    with pytest.raises(ValueError, match=f"field 'loss' must be one of .*got '{name}'"):
+        TunaTrainingArguments(loss=name, **common)
+    with pytest.raises(ValueError, match="field 'reference' must be one of"):
+        TunaTrainingArguments(loss="plackett_luce", reference="frozen", **common)

@@ -27,7 +27,7 @@ from tuna_kernels import GroupLayout, TunaLoss, linear_cross_entropy
 
 from .head import base_model, lm_head_spec
 from .model import decoder_of, fused_batch_forward, model_attention_mask
-from .reference import adapter_reference_scores, check_reference
+from .reference import batch_reference_scores, check_reference
 
 IGNORE_INDEX = -100
 
@@ -50,7 +50,7 @@ def shifted_targets(model, input_ids: torch.Tensor, attention_mask: Optional[tor
 def tuna_loss(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], labels: torch.Tensor, *,
               group_sizes: Optional[Sequence[int]] = None, candidate_ids: Optional[torch.Tensor] = None,
               target_scores: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-              reference: str = "none", ref_scores: Optional[torch.Tensor] = None,
+              reference: str = "none", ref_scores: Optional[torch.Tensor] = None, reference_model=None,
               loss_fn: Optional[TunaLoss] = None, **loss_options) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """The fused Tuna loss of ranked candidates: ``(loss, metrics)``, no logits.
 
@@ -66,8 +66,10 @@ def tuna_loss(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
         position_ids: [B, T], for rows that hold several sequences.
         reference: ``"adapter"``: the reference scores of ``plackett_luce``, ``lipo_lambda`` and
             ``pairwise_logistic`` are the same model's with its peft adapters off (computed here, no gradient);
-            ``"none"`` (default): ``ref_scores`` as given.
+            ``"model:PATH"``: those of ``reference_model`` (a frozen causal LM with the same tokenizer, loaded
+            by the caller; computed here, no gradient); ``"none"`` (default): ``ref_scores`` as given.
         ref_scores: [G, K] reference scores computed elsewhere (e.g. precomputed by a frozen model), optional.
+        reference_model: the loaded model of ``reference="model:PATH"``.
         loss_fn: a :class:`tuna_kernels.TunaLoss`; or ``**loss_options`` to build one (``loss``, ``margin``,
             ``alpha``, ``mle_weight``, ``impl``, ...).
 
@@ -92,15 +94,15 @@ def tuna_loss(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
     if sum(sizes) != num_seqs:
         raise ValueError(f"group_sizes {sizes} add up to {sum(sizes)}, but the batch has {num_seqs} candidates")
     layout = GroupLayout.from_group_sizes(seq_index, sizes, target_scores=target_scores)
-    check_reference(reference)
+    check_reference(reference, reference_model)
     if reference == "field":
         raise ValueError("reference='field' reads the scores a packed batch carries; here pass them as ref_scores=")
-    if reference == "adapter":
-        if ref_scores is not None:
-            raise ValueError("pass either reference='adapter' or ref_scores, not both")
-        ref_scores = adapter_reference_scores(
-            model, lambda: shifted_targets(model, input_ids, attention_mask, labels, position_ids)[0], targets, layout,
-            loss_fn)
+    if reference != "none" and ref_scores is not None:
+        raise ValueError(f"pass either reference={reference!r} or ref_scores, not both")
+    computed = batch_reference_scores(
+        reference, model, lambda body: shifted_targets(body, input_ids, attention_mask, labels, position_ids)[0],
+        targets, layout, loss_fn, reference_model)
+    ref_scores = computed if computed is not None else ref_scores
     hidden, weight, head_options = lm_head_spec(model).fused_inputs(hidden)
     return loss_fn(hidden, weight, targets, layout, ref_scores=ref_scores, **head_options)
 
@@ -134,20 +136,25 @@ class TunaOutput(ModelOutput):
     metrics: Optional[Dict[str, torch.Tensor]] = None
 
 
-def apply_fused_losses(model, tuna_loss_fn: Optional[TunaLoss] = None, reference: str = "none", **logprob_options):
+def apply_fused_losses(model, tuna_loss_fn: Optional[TunaLoss] = None, reference: str = "none", reference_model=None,
+                       **logprob_options):
     """Make the model's own forward compute its losses with the fused kernels (one line; returns ``model``):
 
     - ``model(input_ids, attention_mask, labels=labels)``: :func:`causal_lm_loss` (the SFT loss), ``logits=None``;
     - ``model(tuna_batch=packed)`` (a :class:`tuna_hf.PackedBatch`): the Tuna loss of
       ``tuna_loss_fn`` (default ``TunaLoss()``) as a :class:`TunaOutput` with ``loss`` and ``metrics``; with
-      ``reference="adapter"`` its reference scores are the model's own with the peft adapters off;
+      ``reference="adapter"`` its reference scores are the model's own with the peft adapters off, with
+      ``reference="model:PATH"`` those of ``reference_model`` (frozen here; kept out of the model's modules, so
+      out of its parameters, ``state_dict`` and checkpoints);
     - without either, the model's own forward (generation, logits for evaluation).
 
     Because the loss is computed inside the model's forward, a DDP / FSDP wrapper around the model (as
     ``transformers.Trainer`` and accelerate build) sees it, and the lm_head is gathered for it. Works on the
     model under a peft wrapper.
     """
-    check_reference(reference)
+    check_reference(reference, reference_model)
+    if reference_model is not None:
+        reference_model.requires_grad_(False).eval()
     inner = base_model(model)
     original = inner.forward
     loss_fn = tuna_loss_fn if tuna_loss_fn is not None else TunaLoss()
@@ -155,7 +162,8 @@ def apply_fused_losses(model, tuna_loss_fn: Optional[TunaLoss] = None, reference
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, tuna_batch=None,
                 **kwargs):
         if tuna_batch is not None:
-            loss, metrics = fused_batch_forward(self, tuna_batch, loss_fn, reference=reference)
+            loss, metrics = fused_batch_forward(self, tuna_batch, loss_fn, reference=reference,
+                                                reference_model=reference_model)
             return TunaOutput(loss=loss, metrics=metrics)
         if labels is None or input_ids is None:
             return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

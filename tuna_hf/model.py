@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .head import base_model, lm_head_spec
-from .reference import adapter_reference_scores, check_reference
+from .reference import batch_reference_scores, check_reference
 
 
 def decoder_of(model):
@@ -93,28 +93,37 @@ class FusedCausalLM(torch.nn.Module):
     ``forward(batch)`` takes a :class:`tuna_hf.PackedBatch` and returns ``(loss, metrics)`` of
     ``loss_fn`` (a :class:`tuna_kernels.TunaLoss`); ``forward(batch, scores_only=True)`` returns the
     per-sequence ``(sums [S], counts [S])`` of the target log-probabilities (evaluation, scoring).
+
+    ``reference_model`` (with ``reference="model:PATH"``) is held but not registered as a submodule: its weights
+    are not this module's parameters, so no optimizer, DDP / FSDP wrapper, ``state_dict`` or checkpoint sees
+    them; it is frozen (no gradient, eval mode) here and stays where its caller placed it.
     """
 
-    def __init__(self, causal_lm, loss_fn=None, reference: str = "none", **logprob_options) -> None:
+    def __init__(self, causal_lm, loss_fn=None, reference: str = "none", reference_model=None,
+                 **logprob_options) -> None:
         super().__init__()
-        check_reference(reference)
+        check_reference(reference, reference_model)
         self.causal_lm = causal_lm
         self.loss_fn = loss_fn
         self.reference = reference
+        if reference_model is not None:
+            reference_model.requires_grad_(False).eval()
+        object.__setattr__(self, "reference_model", reference_model)  # not a submodule: see the docstring
         self.logprob_options = logprob_options
 
     def forward(self, batch, scores_only: bool = False):
         return fused_batch_forward(self.causal_lm, batch, self.loss_fn, scores_only, reference=self.reference,
-                                   **self.logprob_options)
+                                   reference_model=self.reference_model, **self.logprob_options)
 
 
 def fused_batch_forward(causal_lm, batch, loss_fn=None, scores_only: bool = False, reference: str = "none",
-                        **logprob_options):
+                        reference_model=None, **logprob_options):
     """What :class:`FusedCausalLM` computes, as a function: ``(loss, metrics)`` of ``loss_fn`` on a packed batch
     (``input_ids``, ``attention_mask``, ``position_ids``, ``target_positions``, ``labels``, ``layout``), or
     ``(sums [S], counts [S])`` with ``scores_only``. ``reference="adapter"`` gives the loss the scores of the
-    same model with its adapters off as ``ref_scores`` (:func:`tuna_hf.reference.adapter_reference_scores`);
-    ``reference="field"`` the batch's own ``ref_scores`` ([G, K]; a ValueError when it has none)."""
+    same model with its adapters off as ``ref_scores``, ``reference="model:PATH"`` those of ``reference_model``
+    (:func:`tuna_hf.reference.batch_reference_scores`: the same batch, fused pass and normalisation, no
+    gradient); ``reference="field"`` the batch's own ``ref_scores`` ([G, K]; a ValueError when it has none)."""
     head = lm_head_spec(causal_lm)
     if scores_only:
         hidden = target_hidden_states(causal_lm, batch)
@@ -122,18 +131,14 @@ def fused_batch_forward(causal_lm, batch, loss_fn=None, scores_only: bool = Fals
                                       **logprob_options)
     if loss_fn is None:
         raise ValueError("no loss_fn was given: only scores_only=True is available")
-    check_reference(reference)
-    # the reference pass (no_grad, adapters off) restores the adapters and their requires_grad before it returns,
-    # so the policy's pass below runs on the model as the caller left it
-    ref_scores = None
+    # the reference pass (no_grad; adapters off, or the frozen model) restores the adapters and their
+    # requires_grad before it returns, so the policy's pass below runs on the model as the caller left it
+    ref_scores = batch_reference_scores(reference, causal_lm, lambda model: target_hidden_states(model, batch),
+                                        batch.labels, batch.layout, loss_fn, reference_model)
     if reference == "field":
         ref_scores = getattr(batch, "ref_scores", None)
         if ref_scores is None:
             raise ValueError("reference='field' needs reference scores in the batch: a 'ref_scores' field (one "
                              "number per response) in every record")
-    elif reference == "adapter":
-        ref_scores = adapter_reference_scores(causal_lm, lambda: target_hidden_states(causal_lm, batch), batch.labels,
-                                              batch.layout, loss_fn)
     hidden, weight, head_options = head.fused_inputs(target_hidden_states(causal_lm, batch))
     return loss_fn(hidden, weight, batch.labels, batch.layout, ref_scores=ref_scores, **head_options)
-

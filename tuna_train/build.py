@@ -13,7 +13,10 @@ from transformers import get_scheduler
 
 from .config import LR_SCHEDULES, TrainConfig
 from .data import DataError, RankedExample, examples_from_records, load_ranked, select_examples
-from .model import adapter_base_path, add_lora, build_tiny_llama, load_model, load_tokenizer, synthetic_tokenizer
+from tuna_hf import reference_model_path
+
+from .model import (Placement, adapter_base_path, add_lora, build_tiny_llama, load_model, load_reference_model,
+                    load_tokenizer, synthetic_tokenizer)
 from .synthetic import make_records
 
 logger = logging.getLogger(__name__)
@@ -99,6 +102,17 @@ def build_model(config: TrainConfig):
         model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules,
                          quantized=config.load_in_4bit, gradient_checkpointing=config.gradient_checkpointing)
     return model, tokenizer
+
+
+def build_reference_model(config: TrainConfig, device: torch.device, tokenizer):
+    """The frozen model of ``reference="model:PATH"`` on the training ``device`` (None for other references), in
+    ``reference_dtype`` / ``reference_load_in_4bit``; it is loaded afresh from PATH by every run and resume."""
+    path = reference_model_path(config.reference)
+    if path is None:
+        return None
+    placement = Placement(device=str(device), dtype=config.reference_dtype, load_in_4bit=config.reference_load_in_4bit)
+    return load_reference_model(path, placement, tokenizer, attn_implementation=config.attn_implementation,
+                                trust_remote_code=config.trust_remote_code)
 
 
 def build_optimizer(config: TrainConfig, params):

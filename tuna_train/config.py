@@ -12,12 +12,12 @@ from typing import Any, Collection, Dict, Mapping, Optional
 
 import yaml
 
-from tuna_hf import REFERENCES
+from tuna_hf import REFERENCES, reference_model_path
 from tuna_kernels import IMPLS, LOSSES, MLE_ON, REFERENCE_LOSSES
 
 from .collate import LAYOUTS
 from .data import FORMATS
-from .model import ADAPTER_MODES, DTYPES
+from .model import ADAPTER_MODES, DTYPES, PLACEMENT_DTYPES
 from .sharding import SHARDINGS
 from .templates import TEMPLATES
 
@@ -26,8 +26,9 @@ def option(default: Any, help: str, choices: Optional[Collection[Any]] = None) -
     """A TrainConfig field with its help text and allowed values (the CLI and validate() read them).
 
     A registry (a dict such as ``tuna_kernels.LOSSES``) is kept live, so a name registered after this module
-    is imported (``tuna_kernels.register_loss``) is a valid choice; a sequence is frozen to a tuple."""
-    if choices is not None and not isinstance(choices, Mapping):
+    is imported (``tuna_kernels.register_loss``) is a valid choice; a sequence is frozen to a tuple (a tuple is
+    kept as it is: a subclass may hold more than it lists, as ``tuna_hf.REFERENCES`` holds every model:PATH)."""
+    if choices is not None and not isinstance(choices, (Mapping, tuple)):
         choices = tuple(choices)
     metadata = {"help": help, "choices": choices}
     if isinstance(default, dict):  # a mutable default: each config gets its own copy
@@ -47,7 +48,9 @@ def check_choices(config: Any) -> None:
 def choices_of(field_: dataclasses.Field) -> Optional[tuple]:
     """The allowed values of a config field now (None: any value of its type)."""
     allowed = field_.metadata.get("choices")
-    return None if allowed is None else tuple(allowed)
+    if allowed is None or isinstance(allowed, tuple):
+        return allowed
+    return tuple(allowed)
 
 
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
@@ -123,7 +126,13 @@ class TrainConfig:
     gamma: float = option(0.0, "pairwise_logistic: target reward margin")
     reference: str = option("none", "reference scores of plackett_luce, lipo_lambda, pairwise_logistic: none; "
                                     "adapter (the model with its LoRA adapters off, computed in the same step; "
-                                    "needs lora); field (each record's ref_scores)", REFERENCES)
+                                    "needs lora); field (each record's ref_scores); model:PATH (a separate frozen "
+                                    "model with the same tokenizer, on the training device, placed as tuna "
+                                    "score's teacher: reference_dtype, reference_load_in_4bit)", REFERENCES)
+    reference_dtype: str = option("auto", "reference model:PATH: its dtype (auto: bfloat16 on GPUs that support it, "
+                                          "float16 on older GPUs, float32 on the CPU)", PLACEMENT_DTYPES)
+    reference_load_in_4bit: bool = option(False, "reference model:PATH: its weights in 4-bit NF4 (bitsandbytes), "
+                                                 "computing in reference_dtype")
     impl: str = option("auto", "fused kernels: triton on CUDA, chunked torch elsewhere (auto)", TRAIN_IMPLS)
     kernel_autotune: bool = option(False, "Triton: time the candidate kernel configurations once per shape "
                                           "(or TUNA_AUTOTUNE=1)")
@@ -196,6 +205,11 @@ class TrainConfig:
         if self.reference == "adapter" and not self.lora:
             raise ValueError("config field 'reference' 'adapter' needs 'lora': the reference is the model with its "
                              "adapters off")
+        if reference_model_path(self.reference) is None:
+            for name, default in (("reference_dtype", "auto"), ("reference_load_in_4bit", False)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"config field '{name}' places a reference model: it needs 'reference' "
+                                     f"model:PATH, got reference={self.reference!r}")
         if self.load_in_4bit and self.model is None:
             raise ValueError("config field 'load_in_4bit' needs 'model' (a local model directory to quantise)")
         return self

@@ -22,11 +22,12 @@ from typing import Any, Dict, List, Sequence
 import torch
 from transformers import Trainer, TrainingArguments
 
-from tuna_hf import REFERENCES, apply_fused_losses
-from tuna_kernels import LOSSES, TunaLoss
+from tuna_hf import REFERENCES, apply_fused_losses, reference_model_path
+from tuna_kernels import LOSSES, REFERENCE_LOSSES, TunaLoss
 
 from .collate import LAYOUTS, pack, pad_id_of, tokenize_group
 from .data import RankedExample, examples_from_records
+from .model import PLACEMENT_DTYPES, Placement, load_reference_model
 
 LOGGED_METRICS = ("rank_loss", "mle_loss", "pair_accuracy", "score_gap")
 
@@ -35,14 +36,21 @@ LOGGED_METRICS = ("rank_loss", "mle_loss", "pair_accuracy", "score_gap")
 class TunaTrainingArguments(TrainingArguments):
     """``TrainingArguments`` plus the Tuna loss and the packing of groups (same meaning as in ``tuna train``)."""
 
+    # the registry itself, not a copy: a loss registered after this import (register_loss) is a valid choice
     loss: str = field(default="tuna_margin", metadata={"help": "ranking loss, one of tuna_kernels.LOSSES",
-                                                       "choices": tuple(LOSSES)})
+                                                       "choices": LOSSES})
     margin: float = field(default=0.1, metadata={"help": "tuna_margin: margin per rank gap"})
     beta: float = field(default=0.1, metadata={"help": "pairwise_logistic, plackett_luce, lipo_lambda: reward scale"})
     gamma: float = field(default=0.0, metadata={"help": "pairwise_logistic: target reward margin"})
     temperature: float = field(default=1.0, metadata={"help": "listmle: temperature"})
-    reference: str = field(default="none", metadata={"help": "reference scores: none, or adapter (the model with "
-                                                             "its peft adapters off)", "choices": REFERENCES})
+    reference: str = field(default="none", metadata={"help": "reference scores: none; adapter (the model with "
+                                                             "its peft adapters off); model:PATH (a separate "
+                                                             "frozen model with the same tokenizer)",
+                                                     "choices": REFERENCES})
+    reference_dtype: str = field(default="auto", metadata={"help": "reference model:PATH: its dtype (auto: "
+                                                                   "bfloat16 on GPUs that support it, float32 on "
+                                                                   "the CPU)", "choices": PLACEMENT_DTYPES})
+    reference_load_in_4bit: bool = field(default=False, metadata={"help": "reference model:PATH: 4-bit NF4 weights"})
     alpha: float = field(default=1.0, metadata={"help": "score = sum of log-probs / tokens ** alpha"})
     mle_weight: float = field(default=1.0, metadata={"help": "weight of the token cross-entropy term"})
     mle_on: str = field(default="all", metadata={"help": "all | best: whose tokens the MLE term covers"})
@@ -54,6 +62,18 @@ class TunaTrainingArguments(TrainingArguments):
     packing: str = field(default="shared", metadata={"help": "shared (prompt once per group) | per_candidate"})
     # the collator reads whole records: the Trainer must not drop their columns
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep every record field (needed)"})
+
+    def __post_init__(self) -> None:
+        # the choices are read now, not at import: a loss registered in between is accepted
+        for name in ("loss", "reference", "reference_dtype"):
+            allowed = self.__dataclass_fields__[name].metadata["choices"]
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TunaTrainingArguments field '{name}' must be one of {tuple(allowed)}, "
+                                 f"got {getattr(self, name)!r}")
+        if self.reference != "none" and self.loss not in REFERENCE_LOSSES:
+            raise ValueError(f"TunaTrainingArguments field 'reference' {self.reference!r} needs a loss that reads "
+                             f"reference scores ({', '.join(sorted(REFERENCE_LOSSES))}), got loss={self.loss!r}")
+        super().__post_init__()
 
 
 class GroupCollator:
@@ -84,7 +104,10 @@ class TunaTrainer(Trainer):
     """
 
     def __init__(self, model=None, args: TunaTrainingArguments = None, data_collator=None, processing_class=None,
-                 **kwargs) -> None:
+                 reference_model=None, **kwargs) -> None:
+        """``reference_model``: the loaded frozen model of ``args.reference="model:PATH"``; None loads it from PATH
+        on ``args.device`` (as ``tuna train`` does: ``reference_dtype``, ``reference_load_in_4bit``), with
+        ``processing_class``'s tokenizer, which it must share."""
         if not isinstance(args, TunaTrainingArguments):
             raise TypeError("TunaTrainer needs TunaTrainingArguments (TrainingArguments + the Tuna loss settings)")
         if processing_class is None and data_collator is None:
@@ -92,7 +115,17 @@ class TunaTrainer(Trainer):
         self.tuna_loss_fn = TunaLoss(loss=args.loss, margin=args.margin, alpha=args.alpha,
                                      mle_weight=args.mle_weight, mle_on=args.mle_on, skip_ties=args.skip_ties,
                                      beta=args.beta, gamma=args.gamma, temperature=args.temperature, impl=args.impl)
-        apply_fused_losses(model, self.tuna_loss_fn, reference=args.reference, impl=args.impl)
+        path = reference_model_path(args.reference)
+        if path is not None and reference_model is None:
+            if processing_class is None:
+                raise ValueError("TunaTrainer: reference model:PATH is checked against the tokenizer: pass "
+                                 "processing_class")
+            placement = Placement(device=str(args.device), dtype=args.reference_dtype,
+                                  load_in_4bit=args.reference_load_in_4bit)
+            reference_model = load_reference_model(path, placement, processing_class)
+        self.reference_model = reference_model
+        apply_fused_losses(model, self.tuna_loss_fn, reference=args.reference, reference_model=reference_model,
+                           impl=args.impl)
         if data_collator is None:
             data_collator = GroupCollator(processing_class, args.template, args.max_length, args.packing,
                                           args.max_candidates)

@@ -217,6 +217,27 @@ PLACEMENT_DEVICES = ("auto", "cpu", "cuda")
 PLACEMENT_DTYPES = ("auto",) + tuple(DTYPES)
 
 
+def load_reference_model(path: str, placement: Placement, tokenizer, *, attn_implementation: str = "sdpa",
+                         trust_remote_code: bool = False):
+    """The frozen reference model of ``reference="model:PATH"``: loaded as ``tuna score`` loads its teacher
+    (:meth:`Placement.load`: device, dtype, 4-bit), eval mode, no parameter requiring a gradient.
+
+    It scores the trained model's token ids, so its tokenizer must be the trained model's (``tokenizer``): a
+    ValueError naming PATH otherwise, before any step."""
+    if not Path(resolve_model(path)).is_dir():
+        raise FileNotFoundError(f"reference model:{path}: no such model directory (a local model or LoRA adapter "
+                                "directory, or a prepared real model's name)")
+    theirs = load_tokenizer(path, trust_remote_code).get_vocab()
+    ours = tokenizer.get_vocab()
+    if theirs != ours:
+        differing = sorted(set(theirs.items()) ^ set(ours.items()))
+        raise ValueError(f"reference model:{path}: its tokenizer differs from the trained model's ({len(theirs)} vs "
+                         f"{len(ours)} tokens, e.g. {differing[0]!r}): the reference scores the same token ids, "
+                         "so it needs the same tokenizer")
+    model = placement.load(path, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    return model.requires_grad_(False)
+
+
 def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "float32", trust_remote_code: bool = False) -> Path:
     """Merge a LoRA adapter into its base model's weights and save the result whole (safetensors, config,
     tokenizer) in ``out_dir``, loadable with ``from_pretrained`` and trainable from (``tuna train --model``).

@@ -23,8 +23,8 @@ from tuna_hf.head import base_model, lm_head_spec
 from tuna_hf.model import FusedCausalLM
 from tuna_kernels import TunaLoss
 
-from .build import (build_model, build_optimizer, build_scheduler, check_ref_scores, load_datasets,
-                    release_single_process_state)
+from .build import (build_model, build_optimizer, build_reference_model, build_scheduler, check_ref_scores,
+                    load_datasets, release_single_process_state)
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .collate import pack, pad_id_of, tokenize_group
 from .config import TrainConfig
@@ -101,8 +101,12 @@ class Trainer:
                                 beta=config.beta, gamma=config.gamma, impl=config.impl,
                                 autotune=config.kernel_autotune or None,
                                 grad_filter_eps=config.grad_filter_eps)
+        # reference model:PATH: frozen, held by the fused module but not one of its parameters (so not in the
+        # optimizer, the DDP / FSDP wrapper or the checkpoints)
+        self.reference_model = build_reference_model(config, self.accelerator.device, self.tokenizer)
         # the causal LM and the fused loss in one module: the one DDP / FSDP / ZeRO-3 wraps
-        fused = FusedCausalLM(self.model, self.loss_fn, reference=config.reference, impl=config.impl,
+        fused = FusedCausalLM(self.model, self.loss_fn, reference=config.reference,
+                              reference_model=self.reference_model, impl=config.impl,
                               autotune=config.kernel_autotune or None)
         self.sharded = config.sharding == "fsdp"
         if self.sharded:  # shard first: the optimizer holds the shards
