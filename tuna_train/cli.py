@@ -117,6 +117,9 @@ def _add_endpoint_flags(parser: argparse.ArgumentParser, judge: bool = True) -> 
                             help="times a record is asked when the judge's answer cannot be parsed (no valid "
                                  "ranking or verdict), >= 1; a local judge samples the answers asked again "
                                  "(default: 3)")
+        parser.add_argument("--judge-max-tokens", type=_number(int, 1), default=2048,
+                            help="longest answer in tokens an openai:MODEL judge is asked for (max_tokens), >= 1; "
+                                 "bounds each request's time on a slow endpoint (default: 2048)")
 
 
 def _add_retry_failed_flag(parser: argparse.ArgumentParser) -> None:
@@ -351,7 +354,8 @@ def _rank(args) -> int:
     """Exit codes: 0 when a record was ranked; 3 when none was (:func:`_none_done`); 130 on Ctrl-C (main), with
     what was cached and how to resume."""
     judge = make_judge(args["judge"], args["base_url"], args["api_key_env"], args["timeout"], args["max_retries"],
-                       placement=_placement(args), max_backoff=args["max_backoff"])
+                       placement=_placement(args), max_backoff=args["max_backoff"],
+                       max_tokens=args["judge_max_tokens"])
     stats = rank_records(read_jsonl(args["data"]), judge, args["out"], args["concurrency"], args["parse_attempts"],
                          args["retry_failed"], args["include_judge_response"])
     print(f"tuna rank: {stats} -> {args['out']}")
@@ -397,7 +401,7 @@ def _eval(args) -> int:
         answers = evaluation.greedy_generations(model, tokenizer, questions, out / "progress.jsonl", args["template"],
                                                 args["max_new_tokens"], args["batch_size"])
         judge = make_judge(args["judge"], args["base_url"], args["api_key_env"], args["timeout"], args["max_retries"],
-                           max_backoff=args["max_backoff"])
+                           max_backoff=args["max_backoff"], max_tokens=args["judge_max_tokens"])
         result = judge_pairwise(judge, questions, answers, baseline, out / "verdicts.cache.jsonl", args["concurrency"],
                                 args["parse_attempts"])
         write_jsonl(out / "verdicts.jsonl", result.pop("rows"))
