@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 from peft import PeftModel
 
 from . import evaluation
-from .config import TrainConfig, choices_of, config_fields, load_config
+from .config import TrainConfig, choices_of, config_fields, field_kind, load_config
 from .data import load_ranked
 from .files import WriteFailed
 from .model import PLACEMENT_DEVICES, PLACEMENT_DTYPES, Placement, load_tokenizer, merge_adapter
@@ -39,7 +39,7 @@ from .records import read_records, record_where
 from .real_models import REAL_MODELS, install_hint, is_prepared, models_dir, prepare
 from .run_dir import RESUME_HELP
 from .step import NonFiniteLossError
-from .templates import TEMPLATES
+from .templates import TEMPLATES, check_template
 from .trainer import Trainer
 from .verifiable.checks import MissingCheckers
 from .verifiable.evaluate import check_records, verifiable_metrics, verifiable_rows
@@ -52,7 +52,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_class: type = Trai
     for name, field_ in config_fields(config_class).items():
         flag = "--" + name.replace("_", "-")
         default = field_.default if field_.default is not dataclasses.MISSING else field_.default_factory()
-        kind = type(default).__name__ if default is not None else "str"
+        kind = field_kind(field_).__name__
         described = field_.metadata["help"]
         if isinstance(field_.default, bool):
             # "--lora" alone means true; "--lora false" is accepted too
@@ -66,9 +66,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_class: type = Trai
 
 def _add_text_flags(parser: argparse.ArgumentParser, max_length: bool = True) -> None:
     """How records become prompts (and how long a candidate may be), as in training."""
-    parser.add_argument("--template", default="alpaca", choices=TEMPLATES,
-                        help="prompt template: Alpaca (as the paper), the tokenizer's chat template, or none "
-                             "(default: alpaca)")
+    parser.add_argument("--template", default="auto", choices=TEMPLATES,
+                        help="prompt template: auto (the tokenizer's chat template where it has one, else Alpaca; "
+                             "an endpoint teacher: Alpaca), Alpaca (as the paper), the tokenizer's chat template, or "
+                             "none (default: auto)")
     if max_length:
         parser.add_argument("--max-length", type=int, default=512,
                             help="tokens per candidate (prompt + response + EOS), cut as in training (default: 512)")
@@ -317,6 +318,14 @@ def _train(args) -> int:
     return 0 if summary["status"] == "finished" else 3
 
 
+def _checked_tokenizer(model: str, template: str):
+    """The tokenizer of ``model``, with ``template`` checked on it: a template that cannot apply (chat on a
+    tokenizer without one) is refused before the model loads."""
+    tokenizer = load_tokenizer(model)
+    check_template(template, tokenizer, model)
+    return tokenizer
+
+
 def _score(args) -> int:
     """Against an endpoint, as _rank: exit 3 when no record was scored, 130 on Ctrl-C (main)."""
     placement = _placement(args)
@@ -332,7 +341,8 @@ def _score(args) -> int:
         print(f"tuna score: {stats} -> {args['out']}")
         return 0 if stats["scored"] else _none_done("score", "scored", stats, args)
     records = read_jsonl(args["data"])
-    scored = score_with_model(placement.load(args["teacher"]), load_tokenizer(args["teacher"]), records,
+    tokenizer = _checked_tokenizer(args["teacher"], args["template"])
+    scored = score_with_model(placement.load(args["teacher"]), tokenizer, records,
                               args["template"], args["max_length"], args["token_budget"], args["alpha"],
                               teacher_name=args["teacher"])
     write_jsonl(args["out"], scored)
@@ -341,8 +351,9 @@ def _score(args) -> int:
 
 
 def _generate(args) -> int:
+    tokenizer = _checked_tokenizer(args["model"], args["template"])
     model = _placement(args).load(args["model"])
-    stats = generate_records(model, load_tokenizer(args["model"]), read_jsonl(args["data"]),
+    stats = generate_records(model, tokenizer, read_jsonl(args["data"]),
                              args["out"], args["k"], args["template"], args["max_new_tokens"], args["temperature"],
                              args["top_p"], args["rouge_threshold"], args["temperature_step"], args["max_tries"],
                              args["batch_size"], args["seed"])
@@ -382,7 +393,8 @@ def _eval(args) -> int:
         check_records(read_jsonl(args["data"]), args["data"])
 
     placement = _placement(args)
-    model, tokenizer = placement.load(args["model"]), load_tokenizer(args["model"])
+    tokenizer = _checked_tokenizer(args["model"], args["template"])
+    model = placement.load(args["model"])
     if args["adapter"]:
         model = PeftModel.from_pretrained(model, args["adapter"]).eval()
     out, name = Path(args["out"]), args["name"] or Path(args["adapter"] or args["model"]).name
