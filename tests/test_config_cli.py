@@ -58,5 +58,6 @@ def test_shipped_configs_load(path):
 
 def test_pipeline_template_auto_follows_the_start_model():
     assert PipelineConfig().prompt_template == "none"  # the pipeline's own tiny Llama, trained from scratch
-    assert PipelineConfig(model="runs/alpaca-7b").prompt_template == "alpaca"  # an Alpaca-tuned start model
+    # a start model of its own: its chat template where its tokenizer has one, else alpaca (resolved per stage)
+    assert PipelineConfig(model="runs/alpaca-7b").prompt_template == "auto"
     assert PipelineConfig(template="chat").prompt_template == "chat"

@@ -90,6 +90,23 @@ def test_every_endpoint_command_refuses_the_same_flag_values_before_anything(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 
+def test_judge_max_tokens_bounds_every_judge_request(tmp_path, monkeypatch):
+    """--judge-max-tokens is the max_tokens of each chat request (a slow endpoint's answer is bounded); default 2048."""
+    asked = []
+
+    def post(self, path, payload):
+        asked.append(payload["max_tokens"])
+        return {"choices": [{"message": {"content": "rank: [1, 0]"}}]}
+
+    monkeypatch.setattr(JsonClient, "post", post)
+    data = write_lines(tmp_path / "in.jsonl", [{"instruction": "q", "responses": ["a", "b"]}])
+    for extra, expected in (([], 2048), (["--judge-max-tokens", "48"], 48)):
+        out = tmp_path / f"ranked{expected}.jsonl"
+        assert main(["rank", "--judge", "openai:m", "--base-url", "http://127.0.0.1:9/v1", "--data", str(data),
+                     "--out", str(out)] + extra) == 0
+        assert asked.pop() == expected and not asked
+
+
 def test_the_bounds_apply_to_the_library_too(tmp_path):
     """Callers other than the command get a ValueError naming the value, before any cache is opened."""
     judge = ChatJudge("m", JsonClient("http://127.0.0.1:9/v1", None))

@@ -5,19 +5,20 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from accelerate.state import AcceleratorState, PartialState
 from transformers import get_scheduler
 
-from .config import LR_SCHEDULES, TrainConfig
+from .config import LR_SCHEDULES, REAL_LORA_WARMUP_FRACTION, TrainConfig
 from .data import DataError, RankedExample, examples_from_records, load_ranked, select_examples
 from tuna_hf import reference_model_path
 
 from .model import (Placement, adapter_base_path, add_lora, build_tiny_llama, load_model, load_reference_model,
                     load_tokenizer, synthetic_tokenizer)
 from .synthetic import make_records
+from .templates import check_template
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ def build_model(config: TrainConfig):
             raise ValueError(f"{config.model} is a LoRA adapter: train it further with --lora (adapter 'attach'), "
                              "or merge it into its base with --adapter merge (full fine-tuning of the merged model)")
         tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
+        # refused on the tokenizer alone, before the model loads (minutes for a real checkpoint)
+        check_template(config.template, tokenizer, config.tokenizer or config.model)
         model = load_model(config.model, load_in_4bit=config.load_in_4bit, compute_dtype=config.bnb_compute_dtype,
                            double_quant=config.bnb_double_quant, torch_dtype=config.torch_dtype,
                            attn_implementation=config.attn_implementation, trust_remote_code=config.trust_remote_code,
@@ -125,11 +128,25 @@ def build_optimizer(config: TrainConfig, params):
                              weight_decay=config.weight_decay)
 
 
-def build_scheduler(config: TrainConfig, optimizer, total_steps: int):
+def warmup_steps(config: TrainConfig, total_steps: int) -> int:
+    """The run's warm-up: ``warmup_steps``, or (none: LoRA on a model) a tenth of ``total_steps``; a warm-up as
+    long as the run is warned about (its learning rate never reaches the peak it names)."""
+    steps = config.warmup_steps
+    if steps is None:
+        steps = int(REAL_LORA_WARMUP_FRACTION * total_steps)
+    elif steps >= total_steps > 0:
+        logger.warning("warmup_steps %d is not shorter than the run's %d steps: the learning rate never reaches its "
+                       "peak %g; lower --warmup-steps (or leave it unset with --lora on a model: a tenth of the "
+                       "steps) or train longer", steps, total_steps, config.learning_rate)
+    return steps
+
+
+def build_scheduler(config: TrainConfig, optimizer, total_steps: int, warmup: Optional[int] = None):
     """transformers' ``get_scheduler`` for ``lr_schedule``: cosine and linear as ``transformers.Trainer`` builds them
-    (linear warm-up from 0 over ``warmup_steps``, then the decay to 0 at ``total_steps``); constant keeps the warm-up
-    (transformers' constant_with_warmup)."""
-    return get_scheduler(LR_SCHEDULES[config.lr_schedule], optimizer, num_warmup_steps=config.warmup_steps,
+    (linear warm-up from 0 over ``warmup`` steps, by default :func:`warmup_steps`, then the decay to 0 at
+    ``total_steps``); constant keeps the warm-up (transformers' constant_with_warmup)."""
+    warmup = warmup_steps(config, total_steps) if warmup is None else warmup
+    return get_scheduler(LR_SCHEDULES[config.lr_schedule], optimizer, num_warmup_steps=warmup,
                          num_training_steps=total_steps)
 
 

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 from peft import PeftModel
 
-from .config import TrainConfig, choices_of, config_fields, load_config
+from .config import TrainConfig, choices_of, config_fields, field_kind, load_config
 from .data import load_ranked
 from .evaluation.generation import greedy_generations, save_generations
 from .evaluation.reports import compare, markdown, write_report
@@ -43,7 +43,7 @@ from .real_models import REAL_MODELS, install_hint, is_prepared, models_dir, pre
 from .run_dir import RESUME_HELP
 from .schema import ANSWER_FIELDS, first_field
 from .step import NonFiniteLossError
-from .templates import TEMPLATES
+from .templates import TEMPLATES, check_template
 from .trainer import Trainer
 from .verifiable.checks import MissingCheckers
 from .verifiable.evaluate import check_records, verifiable_metrics, verifiable_rows
@@ -56,7 +56,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_class: type = Trai
     for name, field_ in config_fields(config_class).items():
         flag = "--" + name.replace("_", "-")
         default = field_.default if field_.default is not dataclasses.MISSING else field_.default_factory()
-        kind = type(default).__name__ if default is not None else "str"
+        kind = field_kind(field_).__name__
         described = field_.metadata["help"]
         if isinstance(field_.default, bool):
             # "--lora" alone means true; "--lora false" is accepted too
@@ -70,9 +70,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_class: type = Trai
 
 def _add_text_flags(parser: argparse.ArgumentParser, max_length: bool = True) -> None:
     """How records become prompts (and how long a candidate may be), as in training."""
-    parser.add_argument("--template", default="alpaca", choices=TEMPLATES,
-                        help="prompt template: Alpaca (as the paper), the tokenizer's chat template, or none "
-                             "(default: alpaca)")
+    parser.add_argument("--template", default="auto", choices=TEMPLATES,
+                        help="prompt template: auto (the tokenizer's chat template where it has one, else Alpaca; "
+                             "an endpoint teacher: Alpaca), Alpaca (as the paper), the tokenizer's chat template, or "
+                             "none (default: auto)")
     if max_length:
         parser.add_argument("--max-length", type=int, default=512,
                             help="tokens per candidate (prompt + response + EOS), cut as in training (default: 512)")
@@ -121,6 +122,9 @@ def _add_endpoint_flags(parser: argparse.ArgumentParser, judge: bool = True) -> 
                             help="times a record is asked when the judge's answer cannot be parsed (no valid "
                                  "ranking or verdict), >= 1; a local judge samples the answers asked again "
                                  "(default: 3)")
+        parser.add_argument("--judge-max-tokens", type=_number(int, 1), default=2048,
+                            help="longest answer in tokens an openai:MODEL judge is asked for (max_tokens), >= 1; "
+                                 "bounds each request's time on a slow endpoint (default: 2048)")
 
 
 def _add_retry_failed_flag(parser: argparse.ArgumentParser) -> None:
@@ -318,6 +322,14 @@ def _train(args) -> int:
     return 0 if summary["status"] == "finished" else 3
 
 
+def _checked_tokenizer(model: str, template: str):
+    """The tokenizer of ``model``, with ``template`` checked on it: a template that cannot apply (chat on a
+    tokenizer without one) is refused before the model loads."""
+    tokenizer = load_tokenizer(model)
+    check_template(template, tokenizer, model)
+    return tokenizer
+
+
 def _score(args) -> int:
     """Against an endpoint, as _rank: exit 3 when no record was scored, 130 on Ctrl-C (main)."""
     placement = _placement(args)
@@ -333,7 +345,8 @@ def _score(args) -> int:
         print(f"tuna score: {stats} -> {args['out']}")
         return 0 if stats["scored"] else _none_done("score", "scored", stats, args)
     records = read_jsonl(args["data"])
-    scored = score_with_model(placement.load(args["teacher"]), load_tokenizer(args["teacher"]), records,
+    tokenizer = _checked_tokenizer(args["teacher"], args["template"])
+    scored = score_with_model(placement.load(args["teacher"]), tokenizer, records,
                               args["template"], args["max_length"], args["token_budget"], args["alpha"],
                               teacher_name=args["teacher"])
     write_jsonl(args["out"], scored)
@@ -342,8 +355,9 @@ def _score(args) -> int:
 
 
 def _generate(args) -> int:
+    tokenizer = _checked_tokenizer(args["model"], args["template"])
     model = _placement(args).load(args["model"])
-    stats = generate_records(model, load_tokenizer(args["model"]), read_jsonl(args["data"]),
+    stats = generate_records(model, tokenizer, read_jsonl(args["data"]),
                              args["out"], args["k"], args["template"], args["max_new_tokens"], args["temperature"],
                              args["top_p"], args["rouge_threshold"], args["temperature_step"], args["max_tries"],
                              args["batch_size"], args["seed"])
@@ -355,7 +369,8 @@ def _rank(args) -> int:
     """Exit codes: 0 when a record was ranked; 3 when none was (:func:`_none_done`); 130 on Ctrl-C (main), with
     what was cached and how to resume."""
     judge = make_judge(args["judge"], args["base_url"], args["api_key_env"], args["timeout"], args["max_retries"],
-                       placement=_placement(args), max_backoff=args["max_backoff"])
+                       placement=_placement(args), max_backoff=args["max_backoff"],
+                       max_tokens=args["judge_max_tokens"])
     stats = rank_records(read_jsonl(args["data"]), judge, args["out"], args["concurrency"], args["parse_attempts"],
                          args["retry_failed"], args["include_judge_response"])
     print(f"tuna rank: {stats} -> {args['out']}")
@@ -382,7 +397,8 @@ def _eval(args) -> int:
         check_records(read_jsonl(args["data"]), args["data"])
 
     placement = _placement(args)
-    model, tokenizer = placement.load(args["model"]), load_tokenizer(args["model"])
+    tokenizer = _checked_tokenizer(args["model"], args["template"])
+    model = placement.load(args["model"])
     if args["adapter"]:
         model = PeftModel.from_pretrained(model, args["adapter"]).eval()
     out, name = Path(args["out"]), args["name"] or Path(args["adapter"] or args["model"]).name
@@ -401,7 +417,7 @@ def _eval(args) -> int:
         answers = greedy_generations(model, tokenizer, questions, out / "progress.jsonl", args["template"],
                                                 args["max_new_tokens"], args["batch_size"])
         judge = make_judge(args["judge"], args["base_url"], args["api_key_env"], args["timeout"], args["max_retries"],
-                           max_backoff=args["max_backoff"])
+                           max_backoff=args["max_backoff"], max_tokens=args["judge_max_tokens"])
         result = judge_pairwise(judge, questions, answers, baseline, out / "verdicts.cache.jsonl", args["concurrency"],
                                 args["parse_attempts"])
         write_jsonl(out / "verdicts.jsonl", result.pop("rows"))

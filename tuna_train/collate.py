@@ -154,6 +154,29 @@ def pack(groups: Sequence[TokenizedGroup], layout: str = "shared", pad_id: int =
                        group_layout, stats, ref_scores)
 
 
+def padded_tokens(groups: Sequence[TokenizedGroup], layout: str = "shared") -> int:
+    """The tokens :func:`pack` lays out for ``groups``, padding included (rows x the longest row; its
+    ``stats["padded_tokens"]``), without packing: shared = one row per group (prompt, then every response),
+    per_candidate = one row per candidate (prompt + response)."""
+    rows = [len(g.prompt_ids) + sum(map(len, g.response_ids)) for g in groups] if layout == "shared" else \
+        [len(g.prompt_ids) + len(r) for g in groups for r in g.response_ids]
+    return len(rows) * max(rows, default=0)
+
+
+def split_by_tokens(groups: Sequence[TokenizedGroup], layout: str, budget: int) -> List[List[TokenizedGroup]]:
+    """``groups`` in consecutive pieces of whole groups, each packing to at most ``budget`` padded tokens
+    (:func:`padded_tokens`); a group over the budget alone is a piece of its own. ``budget`` 0: one piece."""
+    pieces: List[List[TokenizedGroup]] = []
+    for group in groups:
+        if pieces and budget and padded_tokens(pieces[-1] + [group], layout) > budget:
+            pieces.append([group])
+        elif pieces:
+            pieces[-1].append(group)
+        else:
+            pieces.append([group])
+    return pieces
+
+
 def _shared_mask(spans, row_lengths: List[int], length: int) -> torch.Tensor:
     """[R, 1, L, L] bool, True = may attend: prompt causal; each response sees the prompt and its own
     earlier tokens; padding positions see only themselves (no fully masked row, so no NaN)."""

@@ -61,6 +61,14 @@ TRAIN_IMPLS = tuple(impl for impl in IMPLS if impl != "reference")  # the refere
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
+#: the defaults of LoRA on a model (TrainConfig.__post_init__): peft's usual rate, a warm-up of a tenth of the run
+REAL_LORA_LEARNING_RATE = 2e-4
+REAL_LORA_WARMUP_FRACTION = 0.1
+#: the default token budget of one forward on a model (max_batch_tokens): SmolLM2-135M with LoRA in fp32 on a CPU
+#: peaks at 9.4 GB RSS for 16 groups in pieces of <= 2048 padded tokens, and above 15 GB in one forward of 5424
+REAL_MODEL_BATCH_TOKENS = 2048
+
+
 @dataclass
 class TrainConfig:
     # data
@@ -72,8 +80,9 @@ class TrainConfig:
                                        "(0: nothing held out, nothing evaluated)")
     skip_bad_records: bool = option(False, "skip and count malformed records instead of stopping at the first")
     include_judge_response: bool = option(False, "contextual records: keep the judge's own response as a candidate")
-    template: str = option("alpaca", "prompt template: the Alpaca template (as the paper), the tokenizer's chat "
-                                     "template, or the instruction as it is", TEMPLATES)
+    template: str = option("auto", "prompt template: auto (the tokenizer's chat template where it has one, else "
+                                   "Alpaca: the embedded tiny Llama's), the Alpaca template (as the paper), the "
+                                   "tokenizer's chat template, or the instruction as it is", TEMPLATES)
     max_length: int = option(512, "tokens per candidate: prompt (BOS included) + response + EOS. A response longer "
                                   "than what its prompt leaves is cut on the right (its end and EOS are lost); a "
                                   "prompt of max_length tokens or more keeps only its last max_length - 1 tokens "
@@ -141,15 +150,23 @@ class TrainConfig:
 
     # optimisation
     optimizer: str = option("adamw", "optimizer (paged_adamw_8bit: bitsandbytes, for QLoRA)", OPTIMIZERS)
-    learning_rate: float = option(3e-3, "peak learning rate")
+    learning_rate: Optional[float] = option(None, "peak learning rate; none = 2e-4 for LoRA on a model (a real "
+                                                  "checkpoint's adapters), else 3e-3 (the embedded tiny Llama's)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
     lr_schedule: str = option("cosine", "learning-rate schedule after the warm-up (transformers' get_scheduler; "
                                         "constant is its constant_with_warmup)", LR_SCHEDULES)
-    warmup_steps: int = option(20, "linear warm-up steps")
+    warmup_steps: Optional[int] = option(None, "linear warm-up steps; none = 10% of the run's steps for LoRA on a "
+                                               "model, else 20. A warm-up as long as the run (the peak learning rate "
+                                               "never reached) is warned about")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
     batch_groups: int = option(16, "instructions (groups of candidates) per micro-batch and process")
+    max_batch_tokens: Optional[int] = option(None, "token budget of one forward: a micro-batch whose packed tokens "
+                                                   "(padding included, as packing lays them out) pass it runs in "
+                                                   "pieces of whole groups, their gradients accumulated (the same "
+                                                   "groups per step, less peak memory); 0 = no budget; none = 2048 "
+                                                   "for a model, no budget for the embedded tiny Llama")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     num_epochs: float = option(2.0, "passes over the training data")
     max_steps: int = option(0, "optimizer steps; > 0 overrides num_epochs")
@@ -179,8 +196,23 @@ class TrainConfig:
                                "comet_ml, aim, clearml, dvclive; each needs its package)")
     progress: bool = option(True, "show a progress bar (on a terminal; TUNA_PROGRESS=1 forces one in a pipe)")
 
+    def __post_init__(self) -> None:
+        # the defaults that depend on what is trained, resolved once (config.json holds the values used): a real
+        # checkpoint's LoRA adapters want a far lower rate than the tiny Llama trained from scratch, and a real
+        # model's groups are long enough that 16 of them padded to the longest overflow memory
+        lora_on_a_model = self.lora and self.model is not None
+        if self.learning_rate is None:
+            self.learning_rate = REAL_LORA_LEARNING_RATE if lora_on_a_model else 3e-3
+        if self.warmup_steps is None and not lora_on_a_model:  # LoRA on a model: a share of the steps (build.py)
+            self.warmup_steps = 20
+        if self.max_batch_tokens is None:
+            self.max_batch_tokens = 0 if self.model is None else REAL_MODEL_BATCH_TOKENS
+
     def validate(self) -> "TrainConfig":
         check_choices(self)
+        if self.max_batch_tokens < 0 or (self.warmup_steps is not None and self.warmup_steps < 0):
+            raise ValueError("config fields 'max_batch_tokens' and 'warmup_steps' must be >= 0, got "
+                             f"{self.max_batch_tokens} and {self.warmup_steps}")
         positive = ("max_length", "max_candidates", "batch_groups", "grad_accum", "log_every", "save_every",
                     "keep_checkpoints", "eval_groups", "lora_r", "synthetic_examples")
         for name in positive:
@@ -223,11 +255,20 @@ def config_fields(config_class: type = None) -> Dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(config_class or TrainConfig)}
 
 
+def field_kind(field_: dataclasses.Field) -> type:
+    """The type of a config field's values: its default's, or for a default of None the annotation's
+    (``Optional[float]``: float), else str."""
+    default = field_.default if field_.default is not dataclasses.MISSING else field_.default_factory()
+    if default is not None:
+        return type(default)
+    annotation = field_.type if isinstance(field_.type, str) else getattr(field_.type, "__name__", "")
+    return {"Optional[float]": float, "Optional[int]": int}.get(annotation, str)
+
+
 def _coerce(field_: dataclasses.Field, value: Any, where: str) -> Any:
     """A YAML or command-line value converted to the field's type, with an error naming the field."""
     name = field_.name
-    default = field_.default if field_.default is not dataclasses.MISSING else field_.default_factory()
-    kind = type(default) if default is not None else str
+    kind = field_kind(field_)
     if value is None:
         return None
     try:

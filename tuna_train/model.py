@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -58,6 +58,16 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def stop_token_ids(model, tokenizer) -> List[int]:
+    """The ids that end a response: the tokenizer's EOS, then every ``eos_token_id`` of the model's generation
+    config (Gemma's chat turns end with ``<end_of_turn>``, which its generation config lists beside ``<eos>``)."""
+    config = getattr(model, "generation_config", None)
+    listed = getattr(config, "eos_token_id", None) if config is not None else None
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return ids + [i for i in dict.fromkeys(listed) if i not in ids]
 
 
 def adapter_base_path(path: str) -> Optional[str]:

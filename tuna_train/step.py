@@ -6,7 +6,7 @@ import contextlib
 import logging
 import math
 from pathlib import Path
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 
@@ -53,15 +53,22 @@ class OptimizerStep:
             finite = self.accelerator.reduce(finite, reduction="sum")
         return bool(finite.item() == self.world_size)
 
-    def __call__(self, step: int, batches: Iterable[PackedBatch], state: RunState) -> Dict[str, float]:
+    def __call__(self, step: int, batches: Iterable[PackedBatch], state: RunState,
+                 weights: Optional[Sequence[float]] = None) -> Dict[str, float]:
         """Optimizer step ``step`` (0-based) over ``batches`` (``grad_accum`` micro-batches, made lazily);
-        counts go into ``state``; returns the step's metrics, means over micro-batches and processes."""
+        counts go into ``state``; returns the step's metrics, means over micro-batches and processes.
+
+        ``weights``: one per batch, when micro-batches ran in pieces (``max_batch_tokens``): each piece's loss
+        and metrics count for its share of the step's groups (its groups / the micro-batch's / grad_accum)."""
         accum = self.config.grad_accum
+        count = accum if weights is None else len(weights)
         sums = dict.fromkeys(("loss",) + STEP_METRICS, 0.0)
         tokens = 0
         skip = False
         for micro, batch in enumerate(batches):
-            last = micro == accum - 1
+            last = micro == count - 1
+            # without pieces, a division by accum exactly as ever (the embedded default's figures)
+            share = (lambda value: value / accum) if weights is None else (lambda value, w=weights[micro]: value * w)
             if self.sharded:  # reduce-scatter the gradients once, after the last micro-batch
                 self.model.set_requires_gradient_sync(last)
             sync = contextlib.nullcontext() if last or self.sharded else self.accelerator.no_sync(self.model)
@@ -76,11 +83,11 @@ class OptimizerStep:
                             "learning rate, check the data, or pass --skip-nonfinite to skip such steps.")
                     skip = True
                     break
-                self.accelerator.backward(loss / accum)
+                self.accelerator.backward(share(loss))
             for key in STEP_METRICS:
                 value = float(metrics[key])
-                sums[key] += (0.0 if math.isnan(value) else value) / accum
-            sums["loss"] += float(loss.detach()) / accum
+                sums[key] += share(0.0 if math.isnan(value) else value)
+            sums["loss"] += share(float(loss.detach()))
             tokens += batch.stats["tokens"]
             state.count_batch(batch.stats, self.world_size)
         if self.world_size > 1:  # log the mean over processes: the same numbers as one process would give

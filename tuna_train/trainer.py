@@ -24,9 +24,9 @@ from tuna_hf.model import FusedCausalLM
 from tuna_kernels import TunaLoss
 
 from .build import (build_model, build_optimizer, build_reference_model, build_scheduler, check_ref_scores,
-                    load_datasets, release_single_process_state)
+                    load_datasets, release_single_process_state, warmup_steps)
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .collate import pack, pad_id_of, tokenize_group
+from .collate import TokenizedGroup, pack, pad_id_of, split_by_tokens, tokenize_group
 from .config import TrainConfig
 from .controls import prompt_free_accuracy, shuffled_prompts
 from .data import RankedExample
@@ -93,6 +93,7 @@ class Trainer:
         self.sampler = GroupSampler(len(self.data.train), config.batch_groups, config.grad_accum, self.world_size,
                                     self.rank, config.seed)
         self.total_steps = self.sampler.total_steps(config.max_steps, config.num_epochs)
+        self.warmup_steps = warmup_steps(config, self.total_steps)  # a warm-up as long as the run: warned now
         self.model, self.tokenizer = build_model(config) if model is None else (model, tokenizer)
         lm_head_spec(self.model)  # an lm_head the fused loss cannot reproduce is refused before any step
         self.pad_id = pad_id_of(self.tokenizer)
@@ -115,7 +116,7 @@ class Trainer:
             register_for_zero3(fused)
         params = [p for p in fused.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(config, params)
-        self.scheduler = build_scheduler(config, self.optimizer, self.total_steps)
+        self.scheduler = build_scheduler(config, self.optimizer, self.total_steps, self.warmup_steps)
         if self.sharded:
             self.wrapped = fused
         else:
@@ -147,9 +148,18 @@ class Trainer:
         return [self.data.train[i] for i in self.sampler.indices(step, micro)]
 
     def make_batch(self, examples: Sequence[RankedExample]):
-        groups = [tokenize_group(e, self.tokenizer, self.config.template, self.config.max_length,
-                                 self.config.max_candidates) for e in examples]
+        return self._pack(self._tokenize(examples))
+
+    def _tokenize(self, examples: Sequence[RankedExample]) -> List[TokenizedGroup]:
+        return [tokenize_group(e, self.tokenizer, self.config.template, self.config.max_length,
+                               self.config.max_candidates) for e in examples]
+
+    def _pack(self, groups: Sequence[TokenizedGroup]):
         return pack(groups, self.config.packing, self.pad_id).to(self.accelerator.device)
+
+    def pieces(self, examples: Sequence[RankedExample]) -> List[List[TokenizedGroup]]:
+        """The tokenised groups of ``examples`` in pieces of at most ``max_batch_tokens`` padded tokens each."""
+        return split_by_tokens(self._tokenize(examples), self.config.packing, self.config.max_batch_tokens)
 
     # ----------------------------------------------------------- evaluation
     def evaluate_with_controls(self) -> Dict[str, float]:
@@ -174,8 +184,12 @@ class Trainer:
         self.wrapped.eval()
         # FSDP's forward is collective: every process must run as many batches, so each scores all examples
         mine = examples if self.sharded else examples[self.rank::self.world_size]
-        for start in range(0, len(mine), self.config.batch_groups):
-            batch = self.make_batch(mine[start:start + self.config.batch_groups])
+        # FSDP: every process must run as many forwards, so pieces apply only when not sharded
+        chunks = [self.pieces(mine[start:start + self.config.batch_groups]) if not self.sharded
+                  else [self._tokenize(mine[start:start + self.config.batch_groups])]
+                  for start in range(0, len(mine), self.config.batch_groups)]
+        for groups in (piece for chunk in chunks for piece in chunk):
+            batch = self._pack(groups)
             with self.accelerator.autocast():  # the dtype path of training: the fused pass follows autocast
                 sums, counts = self.wrapped(batch, scores_only=True)
             scores = batch.layout.to_matrix(self.loss_fn.sequence_scores(sums, counts))
@@ -207,8 +221,19 @@ class Trainer:
 
     def train_step(self, step: int) -> Dict[str, float]:
         """Optimizer step ``step`` (0-based) on this process's micro-batches of it; returns its metrics."""
-        batches = (self.make_batch(self.groups_for(step, micro)) for micro in range(self.config.grad_accum))
-        metrics = self.optimizer_step(step, batches, self.state)
+        config = self.config
+        if not config.max_batch_tokens or self.sharded:  # FSDP's forwards are collective: no uneven pieces
+            batches = (self.make_batch(self.groups_for(step, micro)) for micro in range(config.grad_accum))
+            metrics = self.optimizer_step(step, batches, self.state)
+        else:  # each micro-batch in pieces within the token budget, weighted by their share of its groups
+            pieces, weights = [], []
+            for micro in range(config.grad_accum):
+                split = self.pieces(self.groups_for(step, micro))
+                total = sum(map(len, split))
+                pieces += split
+                weights += [len(piece) / total / config.grad_accum for piece in split]
+            metrics = self.optimizer_step(step, (self._pack(piece) for piece in pieces), self.state,
+                                          weights if len(pieces) > config.grad_accum else None)
         self._warn_truncation()
         return metrics
 

@@ -52,10 +52,6 @@ INHERITED_BY_TUNA_C = ("lora", "lora_r", "lora_alpha", "lora_dropout", "load_in_
                        "mixed_precision", "max_length", "template")
 
 
-#: template choices of the pipeline: the training ones, or auto (see PipelineConfig.template)
-PIPELINE_TEMPLATES = ("auto",) + TEMPLATES
-
-
 @dataclass
 class PipelineConfig:
     """The stages of ``tuna pipeline``; the defaults run the whole method on the built-in tasks on a CPU."""
@@ -85,8 +81,9 @@ class PipelineConfig:
     max_tries: int = option(3, "sampling rounds per instruction before keeping what it has")
     template: str = option("auto", "prompt template of every stage; auto = none when the pipeline makes its own "
                                    "start model (a tiny Llama from scratch, which learns the built-in tasks far "
-                                   "sooner when the instruction's last words sit next to its answer), else alpaca "
-                                   "(the paper's, for an Alpaca-tuned start model)", PIPELINE_TEMPLATES)
+                                   "sooner when the instruction's last words sit next to its answer), else the "
+                                   "start model's chat template where its tokenizer has one, else alpaca (the "
+                                   "paper's, for an Alpaca-tuned start model)", TEMPLATES)
     synthetic_examples: int = option(4000, "built-in tasks: groups for Tuna_p")
     contextual_examples: int = option(2000, "built-in tasks: instructions for contextual ranking")
     eval_examples: int = option(400, "built-in tasks: held-out groups")
@@ -123,10 +120,11 @@ class PipelineConfig:
 
     @property
     def prompt_template(self) -> str:
-        """The template every stage uses: ``template``, with auto resolved."""
+        """The template every stage uses: ``template``; auto is none for the pipeline's own start model, else
+        left to each stage, which resolves it on its model's tokenizer (:func:`.templates.resolve_template`)."""
         if self.template != "auto":
             return self.template
-        return "none" if self.model is None else "alpaca"
+        return "none" if self.model is None else "auto"
 
     @property
     def placement(self) -> Placement:

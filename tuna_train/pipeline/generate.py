@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from ..collate import pad_id_of
+from ..model import stop_token_ids
 from ..progress import progress_bar
 from ..schema import passed_through
 from .score import as_example
@@ -113,13 +114,15 @@ def decode_with_reasons(model, tokenizer, prompts: List[str], k: int, temperatur
             [SeededSampling(temperature, top_p, seeds, k, device, 50 if top_k is None else top_k)]))
     else:
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, num_return_sequences=k)
+    stops = stop_token_ids(model, tokenizer)
     out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                         pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **sampling)
+                         pad_token_id=pad, eos_token_id=stops or None, **sampling)
     new_tokens = out[:, width:]
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    # a row that produced EOS stopped there (generate pads it afterwards); one without EOS ran into the cap
-    reasons = [FINISH_STOP if tokenizer.eos_token_id is not None and bool((row == tokenizer.eos_token_id).any())
-               else FINISH_LENGTH for row in new_tokens]
+    # a row that produced a stop token stopped there (generate pads it afterwards); one without ran into the cap
+    stopped = torch.isin(new_tokens, torch.tensor(stops, device=new_tokens.device)).any(1).tolist() if stops \
+        else [False] * len(new_tokens)
+    reasons = [FINISH_STOP if row_stopped else FINISH_LENGTH for row_stopped in stopped]
     pairs = list(zip(texts, reasons))
     return [pairs[i * k:(i + 1) * k] for i in range(len(prompts))]
 

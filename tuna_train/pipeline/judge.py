@@ -259,8 +259,9 @@ class CheckedConstraintsJudge(VerifiableJudge):
 
 def make_judge(spec: str, base_url: Optional[str] = None, api_key_env: str = "OPENAI_API_KEY",
                timeout: float = 60.0, max_retries: int = 5, placement: Optional[Placement] = None,
-               max_backoff: float = 30.0):
-    """``openai:MODEL`` | ``local:PATH`` (loaded with ``placement``) | ``rule`` | ``verifiable``."""
+               max_backoff: float = 30.0, max_tokens: int = 2048):
+    """``openai:MODEL`` (answers of at most ``max_tokens``) | ``local:PATH`` (loaded with ``placement``) | ``rule``
+    | ``verifiable``."""
     if spec == "rule":
         return RuleJudge()
     if spec == "verifiable":
@@ -268,7 +269,7 @@ def make_judge(spec: str, base_url: Optional[str] = None, api_key_env: str = "OP
     if spec.startswith("openai:"):
         client = JsonClient(base_url or "https://api.openai.com/v1", api_key_env, timeout, max_retries,
                             max_backoff=max_backoff)
-        return ChatJudge(spec.split(":", 1)[1], client)
+        return ChatJudge(spec.split(":", 1)[1], client, max_tokens=max_tokens)
     if spec.startswith("local:"):
         return LocalJudge(spec.split(":", 1)[1], placement=placement)
     raise ValueError(f"--judge must be openai:MODEL, local:PATH, rule or verifiable, got {spec!r}")

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -128,6 +129,13 @@ class EndpointAnswerError(ValueError):
     """The endpoint answered, but not with usable prompt log-probs."""
 
 
+#: appended to the reason of a request failed by an HTTP error status: an endpoint that does not serve echoed prompt log-probs often refuses
+#: or errs on the request instead of answering without them (transformers serve answers max_tokens 0 with HTTP 500
+#: and ignores echo and logprobs)
+REFUSED_HINT = (" (the teacher is asked /completions with max_tokens 0, echo and logprobs: the endpoint must serve "
+                "echoed prompt log-probs, as vLLM does; transformers serve does not)")
+
+
 def completion_request(model_name: str, text: str) -> Dict[str, Any]:
     """The completions request that echoes ``text`` with each token's log-prob, generating nothing."""
     return {"model": model_name, "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 0, "temperature": 0}
@@ -173,8 +181,11 @@ def endpoint_entry(client: JsonClient, model_name: str, prompt: str, responses: 
         try:
             picked = response_logprobs(client.post("/completions", completion_request(model_name, prompt + response)),
                                        len(prompt))
-        except (RequestFailed, EndpointAnswerError) as error:
+        except EndpointAnswerError as error:
             return {"status": "failed", "reason": f"response {index}: {error}"}
+        except RequestFailed as error:  # an HTTP error (not a network fault) may be the endpoint refusing echo
+            hint = REFUSED_HINT if re.search(r"HTTP [45]\d\d", str(error)) else ""
+            return {"status": "failed", "reason": f"response {index}: {error}{hint}"}
         total = math.fsum(picked)
         if not math.isfinite(total):  # finite log-probs whose sum overflows
             return {"status": "failed", "reason": f"response {index}: the log-probs sum to {total}"}
