@@ -46,7 +46,8 @@ from .step import NonFiniteLossError
 from .templates import TEMPLATES, check_template
 from .trainer import Trainer
 from .verifiable.checks import MissingCheckers
-from .verifiable.evaluate import check_records, verifiable_metrics, verifiable_rows
+from .verifiable.evaluate import check_records
+from .verifiable.pipeline import HELDOUT_SPLITS, evaluate_model
 from .workflow import PipelineConfig, PipelineStopped, load_pipeline_config, resume_hint, run_pipeline
 
 
@@ -62,6 +63,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_class: type = Trai
             # "--lora" alone means true; "--lora false" is accepted too
             parser.add_argument(flag, dest=name, nargs="?", const="true", default=None, metavar="BOOL",
                                 help=f"{described} (default: {str(default).lower()})")
+        elif isinstance(default, list):  # names separated by commas (or a YAML list); checked by load_config
+            parser.add_argument(flag, dest=name, default=None, metavar="NAME[,NAME...]",
+                                help=f"{described}; any of {', '.join(choices_of(field_) or ())} "
+                                     f"(default: {','.join(default) or 'none'})")
         else:
             choices = choices_of(field_)
             parser.add_argument(flag, dest=name, default=None, metavar=kind.upper() if choices is None else None,
@@ -423,12 +428,8 @@ def _eval(args) -> int:
         write_jsonl(out / "verdicts.jsonl", result.pop("rows"))
         metrics = result
     elif args["kind"] == "verifiable":
-        records = read_jsonl(args["data"])
-        predictions = greedy_generations(model, tokenizer, records, out / "progress.jsonl", args["template"],
-                                                    args["max_new_tokens"], args["batch_size"])
-        rows = verifiable_rows(records, predictions, args["data"])
-        write_jsonl(out / "generations.jsonl", rows)
-        metrics = verifiable_metrics(rows)
+        metrics = evaluate_model(model, tokenizer, read_jsonl(args["data"]), out, args["template"],
+                                 args["max_new_tokens"], args["batch_size"], args["data"])
     else:
         records = read_jsonl(args["data"])
         predictions = greedy_generations(model, tokenizer, records, out / "progress.jsonl", args["template"],
@@ -463,6 +464,10 @@ def _pipeline(args) -> int:
     print(f"tuna pipeline: held-out pairwise ranking accuracy: before {fmt(accuracy['before'])}, "
           f"after Tuna_p {fmt(accuracy['after_tuna_p'])}, after Tuna_c {fmt(accuracy['after_tuna_c'])}")
     for name, metrics in report["eval"].items():
+        if set(metrics) == set(HELDOUT_SPLITS):  # instructions: verifiable
+            print(f"  tuna eval verifiable, {name}: prompt-level strict accuracy " + ", ".join(
+                f"{split} {fmt(metrics[split]['prompt_strict'])}" for split in HELDOUT_SPLITS))
+            continue
         print(f"  tuna eval, {name}: pairwise accuracy {fmt(metrics['pair_accuracy'])}, Kendall tau "
               f"{fmt(metrics['kendall_tau'])}, ROUGE-L {fmt(metrics['rouge_l'])}, "
               f"exact match {fmt(metrics.get('exact_match'))}")

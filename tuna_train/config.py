@@ -31,18 +31,23 @@ def option(default: Any, help: str, choices: Optional[Collection[Any]] = None) -
     if choices is not None and not isinstance(choices, (Mapping, tuple)):
         choices = tuple(choices)
     metadata = {"help": help, "choices": choices}
-    if isinstance(default, dict):  # a mutable default: each config gets its own copy
-        return field(default_factory=lambda: dict(default), metadata=metadata)
+    if isinstance(default, (dict, list)):  # a mutable default: each config gets its own copy
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
 def check_choices(config: Any) -> None:
     """Raise naming the first field of a config dataclass whose value is not one of its choices."""
     for field_ in dataclasses.fields(config):
-        allowed = choices_of(field_)
-        if allowed is not None and getattr(config, field_.name) not in allowed:
-            raise ValueError(f"config field '{field_.name}' must be one of {allowed}, "
-                             f"got {getattr(config, field_.name)!r}")
+        allowed, value = choices_of(field_), getattr(config, field_.name)
+        if allowed is None:
+            continue
+        if isinstance(value, list):  # a list field (the pipeline's controls): its choices, each at most once
+            if any(v not in allowed for v in value) or len(set(value)) < len(value):
+                raise ValueError(f"config field '{field_.name}' must be a list of distinct values of {allowed}, "
+                                 f"got {value!r}")
+        elif value not in allowed:
+            raise ValueError(f"config field '{field_.name}' must be one of {allowed}, got {value!r}")
 
 
 def choices_of(field_: dataclasses.Field) -> Optional[tuple]:
@@ -275,6 +280,13 @@ def _coerce(field_: dataclasses.Field, value: Any, where: str) -> Any:
         if kind is dict:  # a mapping of another config's fields (the pipeline's stages): YAML or a YAML string
             value = yaml.safe_load(value) if isinstance(value, str) else value
             if not isinstance(value, dict):
+                raise ValueError
+            return value
+        if kind is list:  # a YAML list; on the command line a YAML list or comma-separated names
+            value = yaml.safe_load(value) if isinstance(value, str) else value
+            if isinstance(value, str):
+                value = [name.strip() for name in value.split(",") if name.strip()]
+            if not isinstance(value, list):
                 raise ValueError
             return value
         if kind is bool:

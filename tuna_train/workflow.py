@@ -2,6 +2,13 @@
 evaluation and the pipeline's stages; nothing below imports it).
 
     [sft] -> [score] -> train_p (Tuna_p) -> generate (with Tuna_p) -> rank (judge) -> train_c (Tuna_c from Tuna_p)
+          -> [controls: the same data and budget, one ingredient taken away] -> evaluation
+
+``tuna_p: false`` leaves Tuna_p out: the start model samples its own candidates and Tuna_c starts from it.
+``instructions: verifiable`` builds the verifiable task set (IFEval constraints, :mod:`tuna_train.verifiable`) in
+the run directory and evaluates every model with IFEval's figures on its two held-out splits (in-kind and
+unseen-kind) instead of the built-in tasks' ranking and generation figures
+(``configs/smollm2_verifiable.yaml``).
 
 ``manifest.json`` records each stage's status, output and counts. A stage whose output is complete is
 skipped; a partial one resumes (training from its last checkpoint, generation and ranking from their
@@ -40,9 +47,11 @@ from .pipeline.judge import make_judge
 from .pipeline.rank import rank_records
 from .pipeline.score import score_with_model
 from .pipeline.store import read_jsonl, write_jsonl
+from .pipeline.training_controls import TRAINING_CONTROLS, control_records
 from .synthetic import make_records, make_task_records
 from .templates import TEMPLATES
 from .trainer import Trainer
+from .verifiable.pipeline import HELDOUT_SPLITS, evaluate_model, write_pipeline_task_set
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +59,10 @@ logger = logging.getLogger(__name__)
 #: so with LoRA it must load that adapter the same way (4-bit base, compute dtype) and keep training adapters
 INHERITED_BY_TUNA_C = ("lora", "lora_r", "lora_alpha", "lora_dropout", "load_in_4bit", "bnb_compute_dtype",
                        "mixed_precision", "max_length", "template")
+
+
+#: the ``instructions`` value that builds the verifiable task set in the run directory
+VERIFIABLE = "verifiable"
 
 
 @dataclass
@@ -62,7 +75,10 @@ class PipelineConfig:
     teacher: Optional[str] = option(None, "local model directory that (re)scores `data` before Tuna_p (the "
                                           "probabilistic ranking); none = the data's own scores")
     instructions: Optional[str] = option(None, "instructions Tuna_p samples candidates for (contextual ranking); "
-                                               "none = built-in tasks")
+                                               "none = built-in tasks; verifiable = the verifiable task set (IFEval "
+                                               "constraints) built from seed, contextual_examples of them, and "
+                                               "every model evaluated on its two held-out splits (eval_examples "
+                                               "each) with IFEval's figures")
     eval_data: Optional[str] = option(None, "held-out ranked records for every evaluation; none = built-in held-out")
     generation_tasks: Optional[str] = option(None, "tasks with references for the generation evaluation (ROUGE-L, "
                                                    "exact match); none = the held-out instructions' references")
@@ -85,14 +101,25 @@ class PipelineConfig:
                                    "start model's chat template where its tokenizer has one, else alpaca (the "
                                    "paper's, for an Alpaca-tuned start model)", TEMPLATES)
     synthetic_examples: int = option(4000, "built-in tasks: groups for Tuna_p")
-    contextual_examples: int = option(2000, "built-in tasks: instructions for contextual ranking")
-    eval_examples: int = option(400, "built-in tasks: held-out groups")
+    contextual_examples: int = option(2000, "built-in tasks (or instructions: verifiable): instructions for "
+                                            "contextual ranking")
+    eval_examples: int = option(400, "built-in tasks: held-out groups; instructions: verifiable: records of each "
+                                     "held-out split")
+    max_constraints: int = option(3, "instructions: verifiable: constraints per instruction, 1 to this many (more "
+                                     "constraints give the judge's fractions more values, so fewer tied candidates)")
+    batch_size: int = option(8, "instructions sampled together (generate) and answered together (evaluation)")
     seed: int = option(42, "seed of every stage (the built-in data use seed, seed+1, +2, +3: disjoint)")
     model: Optional[str] = option(None, "the start model (instruction-tuned; a directory); none = a tiny Llama "
                                         "tuned by the sft stage")
     sft_examples: int = option(3000, "built-in tasks for the supervised stage that makes the start model (0: none)")
     sft: dict = option({"num_epochs": 3.0, "learning_rate": 3e-3, "warmup_steps": 10, "eval_controls": False},
                        "tuna train fields of the supervised stage (a mapping; on the command line a YAML string)")
+    tuna_p: bool = option(True, "train Tuna_p (probabilistic ranking on data) first and sample Tuna_c's candidates "
+                                "with it; false = the start model samples its own and Tuna_c starts from it")
+    controls: list = option([], "controls trained on Tuna_c's data with its fields and evaluated beside it: "
+                                "random_judge (the judge's scores kept, the candidates shuffled among them, seeded "
+                                "per record: ties kept), best_only (supervised training on each group's best "
+                                "candidate alone: rejection-sampling fine-tuning)", TRAINING_CONTROLS)
     mix_sft_into_c: bool = option(True, "mix as many supervised examples into Tuna_c's data as it has ranked "
                                         "groups (the paper's regulariser; built-in start model only)")
     # The built-in defaults (measured over three seeds, see docs/pipeline.md): the MLE term on the best candidate only
@@ -113,9 +140,16 @@ class PipelineConfig:
 
     def validate(self) -> "PipelineConfig":
         check_choices(self)
-        for name in ("concurrency", "num_candidates", "max_new_tokens", "max_tries", "eval_examples"):
+        for name in ("concurrency", "num_candidates", "max_new_tokens", "max_tries", "eval_examples",
+                     "max_constraints", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config field '{name}' must be >= 1, got {getattr(self, name)}")
+        if not self.tuna_p and self.model is None and self.sft_examples < 1:
+            raise ValueError("config field 'tuna_p' is false, so the start model samples Tuna_c's candidates: set "
+                             "'model' (or sft_examples > 0 for the built-in start model)")
+        if self.instructions == VERIFIABLE and self.judge != VERIFIABLE:
+            raise ValueError(f"config field 'judge' must be verifiable with instructions: verifiable (their "
+                             f"constraints are the judge), got {self.judge!r}")
         return self
 
     @property
@@ -210,7 +244,14 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
 
     # inputs: the user's files, or the built-in tasks (three disjoint seeds)
     data_p, eval_path, instructions = config.data, config.eval_data, config.instructions
-    if data_p is None:
+    verifiable = instructions == VERIFIABLE
+    if verifiable:  # the task set, from the seed: the same in every run of these settings
+        splits = {name: root / "verifiable" / f"{name}.jsonl" for name in ("train",) + HELDOUT_SPLITS}
+        if not all(path.exists() for path in splits.values()):
+            write_pipeline_task_set(root / "verifiable", config.seed, config.contextual_examples,
+                                    config.eval_examples, config.max_new_tokens, config.max_constraints)
+        instructions = str(splits["train"])
+    if data_p is None and config.tuna_p:
         data_p = str(root / "data_p.jsonl")
         if not Path(data_p).exists():
             write_jsonl(Path(data_p), make_records(config.synthetic_examples, seed=config.seed))
@@ -224,7 +265,7 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
             # the same instruction drawn twice is sampled and judged once (records are keyed by content)
             write_jsonl(Path(instructions), make_task_records(config.contextual_examples, seed=config.seed + 2))
 
-    if config.teacher is not None:
+    if config.teacher is not None and config.tuna_p:
         scored = root / "scored.jsonl"
         if not manifest.done("score"):
             records = score_with_model(config.placement.load(config.teacher), load_tokenizer(config.teacher),
@@ -234,7 +275,8 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
             manifest.record("score", "done", outputs=[str(scored)], records=len(records))
         data_p = str(scored)
     else:
-        manifest.record("score", "skipped", reason="no teacher configured: the data's own scores rank it")
+        manifest.record("score", "skipped", reason="no teacher configured: the data's own scores rank it"
+                        if config.tuna_p else "tuna_p: false")
 
     def train(stage: str, overrides: Dict[str, Any]) -> Dict[str, Any]:
         out = root / stage
@@ -242,10 +284,11 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
         if manifest.done(stage):
             return json.loads(summary_path.read_text())
         settings = dict(dict(template=config.prompt_template, seed=config.seed), **overrides)
+        started = time.perf_counter()
         summary = Trainer(load_config(None, dict(settings, output_dir=str(out)))).run()
         finished = summary["status"] == "finished"
-        manifest.record(stage, "done" if finished else "partial",
-                        outputs=[str(summary_path), str(out / "final")], steps=summary["steps"])
+        manifest.record(stage, "done" if finished else "partial", outputs=[str(summary_path), str(out / "final")],
+                        steps=summary["steps"], seconds=round(time.perf_counter() - started, 1))
         if not finished:  # no final/ yet: the next stage would load a model that does not exist
             raise PipelineStopped(f"stage {stage} stopped at step {summary['steps']} of {summary['total_steps']} "
                                   f"(checkpoint in {out / 'checkpoints'}); {resume_hint(root)} it there")
@@ -260,22 +303,36 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
         train("sft", dict(config.sft, data=str(sft_data), eval_data=eval_path))
         start_model = str(root / "sft" / "final")
     model_p = {} if start_model is None else {"model": start_model}
-    summary_p = train("train_p", dict(config.train_p, data=data_p, eval_data=eval_path, **model_p))
-    tuna_p = str(root / "train_p" / "final")
+    # the ranked held-out records every training stage evaluates pairwise (the verifiable set has none: its
+    # figures are the eval stages')
+    train_eval = {} if verifiable else {"eval_data": eval_path}
+    summary_p: Dict[str, Any] = {}
+    tuna_p: Optional[str] = None
+    if config.tuna_p:
+        summary_p = train("train_p", dict(config.train_p, data=data_p, **train_eval, **model_p))
+        tuna_p = str(root / "train_p" / "final")
+    else:
+        manifest.record("train_p", "skipped", reason="tuna_p: false (Tuna_c starts from the start model)")
+    sampler = tuna_p or start_model  # the method's diversity rule: the model being trained samples its candidates
 
     generated = root / "generated.jsonl"
     if not manifest.done("generate"):
-        stats = generate_records(config.placement.load(tuna_p), load_tokenizer(tuna_p), read_jsonl(instructions), generated,
-                                 config.num_candidates, config.prompt_template, config.max_new_tokens, config.temperature,
-                                 rouge_threshold=config.rouge_threshold, max_tries=config.max_tries, seed=config.seed)
-        manifest.record("generate", "done", outputs=[str(generated)], **stats)
+        started = time.perf_counter()
+        stats = generate_records(config.placement.load(sampler), load_tokenizer(sampler), read_jsonl(instructions),
+                                 generated, config.num_candidates, config.prompt_template, config.max_new_tokens,
+                                 config.temperature, rouge_threshold=config.rouge_threshold, max_tries=config.max_tries,
+                                 batch_size=config.batch_size, seed=config.seed)
+        manifest.record("generate", "done", outputs=[str(generated)], seconds=round(time.perf_counter() - started, 1),
+                        **stats)
 
     ranked = root / "ranked.jsonl"
     if not manifest.done("rank"):
+        started = time.perf_counter()
         judge = make_judge(config.judge, config.base_url, config.api_key_env, placement=config.placement)
         stats = rank_records(read_jsonl(str(generated)), judge, ranked, config.concurrency,
                              include_judge_response=config.include_judge_response)
-        manifest.record("rank", "done", outputs=[str(ranked)], **stats)
+        manifest.record("rank", "done", outputs=[str(ranked)], seconds=round(time.perf_counter() - started, 1),
+                        **stats, **tie_counts(read_jsonl(str(ranked))))
 
     data_c = str(ranked)
     if start_model is not None and config.model is None and config.mix_sft_into_c:
@@ -285,9 +342,23 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
         data_c = str(root / "data_c.jsonl")
         write_jsonl(Path(data_c), ranked_records + read_jsonl(str(root / "sft.jsonl"))[:len(ranked_records)])
     inherited = {key: config.train_p[key] for key in INHERITED_BY_TUNA_C if key in config.train_p}
-    summary_c = train("train_c", dict(inherited, **config.train_c, model=tuna_p, data=data_c, eval_data=eval_path))
-    evaluations = evaluate_stages(config, root, manifest, eval_path, start_model, tuna_p,
-                                  str(root / "train_c" / "final"))
+    settings_c = dict(inherited, **config.train_c, **train_eval, **({"model": sampler} if sampler else {}))
+    summary_c = train("train_c", dict(settings_c, data=data_c))
+    models = {"start": start_model, "tuna_p": tuna_p, "tuna_c": str(root / "train_c" / "final")}
+    if not config.tuna_p:
+        del models["tuna_p"]
+    if config.controls:  # the same data and fields as Tuna_c, one ingredient taken away
+        records_c = read_jsonl(data_c)
+        for name in config.controls:
+            data = root / f"data_{name}.jsonl"
+            if not data.exists():
+                write_jsonl(data, control_records(name, records_c, config.seed))
+            train(f"control_{name}", dict(settings_c, data=str(data)))
+            models[name] = str(root / f"control_{name}" / "final")
+    if verifiable:
+        evaluations = evaluate_verifiable(config, root, manifest, models)
+    else:
+        evaluations = evaluate_stages(config, root, manifest, eval_path, models)
     report = {
         "pair_accuracy": {"before": _accuracy(summary_p.get("initial_eval")),
                           "after_tuna_p": _accuracy(summary_p.get("final_eval")),
@@ -299,10 +370,57 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
     return report
 
 
+def tie_counts(records) -> Dict[str, int]:
+    """How much of the ranked data the loss sees with ``skip_ties``: candidate pairs, pairs with unequal scores
+    and groups whose candidates all score the same (a record without scores has no ties)."""
+    pairs = untied = tied_groups = 0
+    for record in records:
+        scores = record.get("scores") or list(range(len(record["responses"])))
+        group_untied = sum(a != b for i, a in enumerate(scores) for b in scores[i + 1:])
+        pairs += len(scores) * (len(scores) - 1) // 2
+        untied += group_untied
+        tied_groups += len(scores) > 1 and group_untied == 0
+    return {"pairs": pairs, "untied_pairs": untied, "tied_groups": tied_groups}
+
+
+def load_stage_model(config: PipelineConfig, root: Path, path: Optional[str]):
+    """(model, tokenizer) of a model to evaluate: ``path``, or (None) the untrained start Tuna_p was built from."""
+    if path is None:
+        settings = dict(dict(template=config.prompt_template, seed=config.seed), **config.train_p)
+        return build_model(load_config(None, dict(settings, output_dir=str(root / "train_p"))))
+    return config.placement.load(path), load_tokenizer(path)
+
+
+def evaluate_verifiable(config: PipelineConfig, root: Path, manifest: Manifest,
+                        models: Dict[str, Optional[str]]) -> Dict[str, Dict[str, Any]]:
+    """`tuna eval verifiable` of every model on both held-out splits of the task set (``eval/<model>/<split>/``):
+    {model: {split: IFEval's four figures with intervals}}; ``eval/comparison.md`` and ``.png``, a column per
+    model and split."""
+    splits = {split: read_jsonl(str(root / "verifiable" / f"{split}.jsonl")) for split in HELDOUT_SPLITS}
+    results: Dict[str, Dict[str, Any]] = {}
+    for name, path in models.items():
+        outs = {split: root / "eval" / name / split for split in HELDOUT_SPLITS}
+        if not manifest.done(f"eval_{name}"):
+            started = time.perf_counter()
+            model, tokenizer = load_stage_model(config, root, path)
+            for split, records in splits.items():
+                metrics = evaluate_model(model, tokenizer, records, outs[split], config.prompt_template,
+                                         config.max_new_tokens, config.batch_size, f"{root / 'verifiable' / split}.jsonl")
+                write_report(outs[split], "verifiable", f"{name} {split}", metrics)
+            manifest.record(f"eval_{name}", "done", seconds=round(time.perf_counter() - started, 1), outputs=[
+                str(report_path(out, "verifiable")) for out in outs.values()])
+        results[name] = {split: json.loads(report_path(out, "verifiable").read_text())["metrics"]
+                         for split, out in outs.items()}
+    columns = [str(root / "eval" / name / split) for split in HELDOUT_SPLITS for name in results]
+    write_atomic(root / "eval" / "comparison.md", compare(columns, png=str(root / "eval" / "comparison.png")))
+    return results
+
+
 def evaluate_stages(config: PipelineConfig, root: Path, manifest: Manifest, eval_path: str,
-                    start_model: Optional[str], tuna_p: str, tuna_c: str) -> Dict[str, Dict[str, Any]]:
-    """`tuna eval ranking` and `tuna eval generation` (ROUGE-L, exact match) for the starting model, Tuna_p and
-    Tuna_c, on held-out instructions; ``eval/comparison.md`` and ``eval/comparison.png`` side by side."""
+                    models: Dict[str, Optional[str]]) -> Dict[str, Dict[str, Any]]:
+    """`tuna eval ranking` and `tuna eval generation` (ROUGE-L, exact match) for each model (the starting
+    model, Tuna_p, Tuna_c, the controls), on held-out instructions; ``eval/comparison.md`` and
+    ``eval/comparison.png`` side by side."""
     tasks_path = config.generation_tasks
     if tasks_path is None:
         tasks_path = str(root / "generation_tasks.jsonl")
@@ -313,18 +431,13 @@ def evaluate_stages(config: PipelineConfig, root: Path, manifest: Manifest, eval
     examples, _ = load_ranked(eval_path)
     tasks = read_jsonl(tasks_path)
     results: Dict[str, Dict[str, Any]] = {}
-    for name in ("start", "tuna_p", "tuna_c"):
+    for name, path in models.items():
         out = root / "eval" / name
         if manifest.done(f"eval_{name}"):
             ranking = json.loads(report_path(out / "ranking", "ranking").read_text())
             generation = json.loads(report_path(out / "generation", "generation").read_text())
         else:
-            if name == "start" and start_model is None:
-                settings = dict(dict(template=config.prompt_template, seed=config.seed), **config.train_p)
-                model, tokenizer = build_model(load_config(None, dict(settings, output_dir=str(root / "train_p"))))
-            else:
-                path = {"start": start_model, "tuna_p": tuna_p, "tuna_c": tuna_c}[name]
-                model, tokenizer = config.placement.load(path), load_tokenizer(path)
+            model, tokenizer = load_stage_model(config, root, path)
             ranking = write_report(out / "ranking", "ranking", name, evaluate_ranking(
                 model, tokenizer, examples, template=config.prompt_template))
             predictions = greedy_generations(model, tokenizer, tasks, out / "generation" / "progress.jsonl",
