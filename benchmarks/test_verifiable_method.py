@@ -11,14 +11,15 @@ random-judge control does not pass that same test. The criterion is fixed here, 
 to them. It writes ``benchmarks/results/verifiable_method.md`` (before asserting, so a failed run is reported
 too): the four models on both held-out splits per seed, the measured time of each stage, the judge's ties.
 
-Sizes (SIZES) were chosen from figures measured on the 2-core machine while about four other jobs shared it
-(load average 8-11, so this process had roughly a fifth of the machine): sampling 16 instructions x K = 4 at
-once, 7.4 tokens/s (2008 tokens in 272 s; 4 instructions at once: 4.7 tokens/s); Tuna_c training 10.7 tokens/s
-(2 steps of 8 groups x 4 candidates, 1846 tokens, 173 s). Unloaded, about 5x that: ~35 sampled tokens/s, ~50
-trained tokens/s, ~20-25 greedy eval tokens/s at 16 answers at once. One seed: 48 x 4 x 40 = 7680 sampled
-tokens (~220 s), 48 groups x ~240 tokens for Tuna_c and for the random judge plus ~120 per group for best-only
-(~580 s), 4 models x 2 splits x 24 answers x 40 tokens (~300 s): about 15-18 minutes unloaded. The measured
-figures of each run are in the results file ("sizing figures").
+Sizes (SIZES): first chosen from figures measured while about four other jobs shared the 2-core machine (load
+average 8-11): sampling 16 instructions x K = 4 at once 7.4 tokens/s, Tuna_c training 10.7 tokens/s (2 steps
+of 8 groups x 4 candidates in 173 s). At 48 training instructions, 24 records per held-out split and 40 new
+tokens, the seed run under that load took 38 minutes (generate 695 s, train_c 650 s, random judge 731 s), but the
+two seeds run on the freed machine took 344 s and 351 s: 105-120 sampled tokens/s (16 instructions x 4 at once),
+4.0-4.6 s per training step of 4 groups, 0.6 s per greedy eval answer (16 at once), model loads included; the
+load had slowed it ~10x, not the ~5x guessed. SIZES doubles instructions and held-out records from those
+figures: about 11-12 minutes a seed on the unloaded machine. Each run's own figures are in the results file
+("sizing figures").
 """
 
 import json
@@ -40,7 +41,7 @@ SEEDS = (42, 1, 2)
 MODELS = ("start", "tuna_c", "random_judge", "best_only")
 SPLITS = ("heldout", "heldout_unseen")
 #: pipeline fields over the config's: the run's size (how it was decided: the module docstring)
-SIZES = {"contextual_examples": 48, "eval_examples": 24, "max_new_tokens": 40}
+SIZES = {"contextual_examples": 96, "eval_examples": 48, "max_new_tokens": 40}
 
 
 def run_seed(workdir: Path, seed: int) -> dict:
