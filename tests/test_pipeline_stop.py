@@ -4,15 +4,13 @@ command resumes the stage from its checkpoint; Ctrl-C in generation is one line 
 from the records generated."""
 
 import json
-import os
-import signal
-from pathlib import Path
 
 import pytest
 
 from tuna_train import cli, workflow
 from tuna_train.pipeline.store import JsonlStore
 from tuna_train.trainer import Trainer
+from train_runs import ctrl_c_in_stage
 
 TINY_STAGE = ("{max_steps: %d, batch_groups: 2, tiny_hidden_size: 32, progress: false, eval_controls: false, "
               "eval_every: 0}")
@@ -24,18 +22,10 @@ def pipeline_flags(root):
             "--max-tries", "1", "--sft", TINY_STAGE % 2, "--train-p", TINY_STAGE % 4, "--train-c", TINY_STAGE % 2]
 
 
-class CtrlCInTrainP(Trainer):
-    """The trainer, with a real SIGINT sent to this process after train_p's first step (what Ctrl-C does)."""
-
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        if Path(config.output_dir).name == "train_p":
-            self.callbacks.append(lambda step, _: step == 1 and os.kill(os.getpid(), signal.SIGINT))
-
 
 def test_ctrl_c_in_a_training_stage_stops_the_pipeline_and_resumes_it(tmp_path, monkeypatch, capsys):
     root = tmp_path / "run"
-    monkeypatch.setattr(workflow, "Trainer", CtrlCInTrainP)
+    monkeypatch.setattr(workflow, "Trainer", ctrl_c_in_stage("train_p"))
     assert cli.main(pipeline_flags(root)) == 3
     err = capsys.readouterr().err
     message = [line for line in err.splitlines() if line.startswith("tuna pipeline:")]

@@ -24,6 +24,7 @@ from tuna_train.pipeline.training_controls import best_only, random_ranking
 from tuna_train.trainer import Trainer
 from tuna_train.verifiable import checks, tasks
 from tuna_train.verifiable.pipeline import HELDOUT_SPLITS, write_pipeline_task_set
+from train_runs import ctrl_c_in_stage
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "smollm2_verifiable.yaml"
@@ -122,18 +123,10 @@ def tiny_flags(root, controls="random_judge,best_only"):
             "--sft", TINY_STAGE % 2, "--train-c", TINY_STAGE % 3]
 
 
-class CtrlCInControl(Trainer):
-    """The trainer, with a real SIGINT sent to this process after the random-judge control's first step."""
-
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        if Path(config.output_dir).name == "control_random_judge":
-            self.callbacks.append(lambda step, _: step == 1 and os.kill(os.getpid(), signal.SIGINT))
-
 
 def test_verifiable_pipeline_trains_the_controls_on_tuna_cs_data_and_resumes(tmp_path, monkeypatch, capsys):
     root = tmp_path / "run"
-    monkeypatch.setattr(workflow, "Trainer", CtrlCInControl)
+    monkeypatch.setattr(workflow, "Trainer", ctrl_c_in_stage("control_random_judge"))
     assert cli.main(tiny_flags(root)) == 3
     assert "stage control_random_judge stopped at step 1 of 3" in capsys.readouterr().err
     stages = json.loads((root / "manifest.json").read_text())["stages"]
