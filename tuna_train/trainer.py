@@ -184,18 +184,17 @@ class Trainer:
         self.wrapped.eval()
         # FSDP's forward is collective: every process must run as many batches, so each scores all examples
         mine = examples if self.sharded else examples[self.rank::self.world_size]
-        # FSDP: every process must run as many forwards, so pieces apply only when not sharded
-        chunks = [self.pieces(mine[start:start + self.config.batch_groups]) if not self.sharded
-                  else [self._tokenize(mine[start:start + self.config.batch_groups])]
-                  for start in range(0, len(mine), self.config.batch_groups)]
-        for groups in (piece for chunk in chunks for piece in chunk):
-            batch = self._pack(groups)
-            with self.accelerator.autocast():  # the dtype path of training: the fused pass follows autocast
-                sums, counts = self.wrapped(batch, scores_only=True)
-            scores = batch.layout.to_matrix(self.loss_fn.sequence_scores(sums, counts))
-            for key, value in batch_counts(scores, batch.layout.valid(), batch.layout.target_scores,
-                                           sums, counts).items():
-                totals[key] += value
+        for start in range(0, len(mine), self.config.batch_groups):
+            chunk = mine[start:start + self.config.batch_groups]
+            # the token budget's pieces only when not sharded: under FSDP every process runs as many forwards
+            for groups in ([self._tokenize(chunk)] if self.sharded else self.pieces(chunk)):
+                batch = self._pack(groups)
+                with self.accelerator.autocast():  # the dtype path of training: the fused pass follows autocast
+                    sums, counts = self.wrapped(batch, scores_only=True)
+                scores = batch.layout.to_matrix(self.loss_fn.sequence_scores(sums, counts))
+                for key, value in batch_counts(scores, batch.layout.valid(), batch.layout.target_scores,
+                                               sums, counts).items():
+                    totals[key] += value
         if self.world_size > 1 and not self.sharded:
             vector = torch.tensor([totals[k] for k in COUNT_KEYS], dtype=torch.float64, device=self.accelerator.device)
             vector = self.accelerator.reduce(vector, reduction="sum")
