@@ -38,9 +38,10 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest tests -q -m "not slow"
 
-# Regenerate docs/cli.md from the parser (a test checks it is in sync).
+# Regenerate docs/cli.md from the parser and configs/pipeline_example.yaml from PipelineConfig (tests check both).
 docs: setup
 	$(PY) -m tuna_train.cli_reference > docs/cli.md
+	$(PY) -m tuna_train.cli_reference --pipeline-example > configs/pipeline_example.yaml
 
 # Ahead-of-time compile report of every Triton kernel for sm_80/86/89/90 (no GPU needed).
 report: setup

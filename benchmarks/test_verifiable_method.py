@@ -42,7 +42,7 @@ SEEDS = (42, 1, 2)
 MODELS = ("start", "tuna_c", "random_judge", "best_only")
 SPLITS = ("heldout", "heldout_unseen")
 #: pipeline fields over the config's: the run's size (how it was decided: the module docstring)
-SIZES = {"contextual_examples": 48, "eval_examples": 24, "max_new_tokens": 40}
+SIZES = {"contextual_examples": 64, "eval_examples": 32, "max_new_tokens": 40}
 
 
 def run_seed(workdir: Path, seed: int) -> dict:

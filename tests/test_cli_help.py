@@ -5,7 +5,8 @@ import argparse
 import pytest
 
 from tuna_train.cli import build_parser
-from tuna_train.config import choices_of, config_fields
+from tuna_train.config import config_fields
+from tuna_train.options import choices_of
 
 
 def subcommands():

@@ -28,7 +28,7 @@ def test_resumed_generate_writes_the_records_of_an_uninterrupted_run(tmp_path, m
     with the same seed writes (the seed came from the batch, so most records differed)."""
     model, tokenizer = build_tiny_llama(hidden_size=64, seed=5), synthetic_tokenizer()
     records = generation_inputs(12)
-    run = dict(k=3, template="none", max_new_tokens=6, batch_size=4, seed=11)
+    run = dict(num_candidates=3, template="none", max_new_tokens=6, batch_size=4, seed=11)
     generate_records(model, tokenizer, records, tmp_path / "straight.jsonl", **run)
 
     put, done = store.JsonlStore.put, []
@@ -59,7 +59,7 @@ def test_generated_records_say_which_responses_max_new_tokens_cut(tmp_path):
     with torch.no_grad():  # EOS made likely enough that a cap of 3 cuts some responses, not all (7 of 24 stop)
         model.lm_head.weight[tokenizer.eos_token_id] *= 10
     records = generation_inputs(8)
-    run = dict(k=3, template="none", max_tries=1, seed=3)
+    run = dict(num_candidates=3, template="none", max_tries=1, seed=3)
     generate_records(model, tokenizer, records, tmp_path / "short.jsonl", max_new_tokens=3, **run)
     generate_records(model, tokenizer, records, tmp_path / "long.jsonl", max_new_tokens=64, **run)
     short = [json.loads(line) for line in (tmp_path / "short.jsonl").read_text().splitlines()]

@@ -10,6 +10,7 @@ from torch.utils.data import SequentialSampler
 from tuna_train.build import load_datasets
 from tuna_train.config import load_config
 from tuna_train.hf_trainer import GroupCollator, TunaTrainer, TunaTrainingArguments
+from tuna_train.options import GroupOptions
 from tuna_train.model import add_lora, build_tiny_llama, synthetic_tokenizer
 from tuna_train.synthetic import make_records
 from tuna_train.trainer import Trainer
@@ -50,7 +51,7 @@ def test_groups_are_never_split_across_batches_or_devices(tmp_path, packing):
 
     trainer = TunaTrainer(model=build_tiny_llama(hidden_size=32), args=arguments(tmp_path, eval_strategy="no"),
                           train_dataset=dataset,
-                          data_collator=Recording(synthetic_tokenizer(), packing=packing))
+                          data_collator=Recording(synthetic_tokenizer(), GroupOptions(packing=packing)))
     loader = trainer.get_train_dataloader()
     for _ in loader:
         pass

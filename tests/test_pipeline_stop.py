@@ -23,6 +23,23 @@ def pipeline_flags(root):
 
 
 
+def test_ctrl_c_in_a_stages_last_step_stops_the_pipeline_after_that_stage(tmp_path, monkeypatch, capsys):
+    """The stop is not lost when it comes during a stage's last step: the stage finishes (its final model is
+    written), the pipeline stops before the next stage, and the same command goes on from there."""
+    root = tmp_path / "run"
+    monkeypatch.setattr(workflow, "Trainer", ctrl_c_in_stage("train_p", at_step=4))
+    assert cli.main(pipeline_flags(root)) == 3
+    message = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tuna pipeline:")]
+    assert len(message) == 1 and "stage train_p finished its last step (4) and stopped there" in message[0]
+    stages = json.loads((root / "manifest.json").read_text())["stages"]
+    assert stages["train_p"]["status"] == "done" and (root / "train_p" / "final").exists()
+    assert "generate" not in stages
+    monkeypatch.setattr(workflow, "Trainer", Trainer)
+    assert cli.main(pipeline_flags(root)) == 0
+    stages = json.loads((root / "manifest.json").read_text())["stages"]
+    assert all(stages[name]["status"] == "done" for name in ("generate", "rank", "train_c"))
+
+
 def test_ctrl_c_in_a_training_stage_stops_the_pipeline_and_resumes_it(tmp_path, monkeypatch, capsys):
     root = tmp_path / "run"
     monkeypatch.setattr(workflow, "Trainer", ctrl_c_in_stage("train_p"))

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tuna_train.cli import build_parser
+from tuna_train.cli import build_parser, parse_config
 from tuna_train.model import Placement
 from tuna_train.synthetic import make_records
 
@@ -20,9 +20,9 @@ MODEL_COMMANDS = {"score": ["--teacher", "M", "--data", "D", "--out", "O"],
 @pytest.mark.parametrize("command", sorted(MODEL_COMMANDS))
 def test_every_model_command_has_the_placement_options_with_help(command):
     parser = build_parser()
-    args = vars(parser.parse_args([command, *MODEL_COMMANDS[command], "--device", "cpu", "--dtype", "bfloat16",
-                                   "--load-in-4bit"]))
-    assert (args["device"], args["dtype"], args["load_in_4bit"]) == ("cpu", "bfloat16", True)
+    _, config = parse_config([command, *MODEL_COMMANDS[command], "--device", "cpu", "--dtype", "bfloat16",
+                              "--load-in-4bit"])
+    assert config.placement == Placement(device="cpu", dtype="bfloat16", load_in_4bit=True)
     subparser = parser._subparsers._group_actions[0].choices[command]
     helps = {action.dest: action.help for action in subparser._actions}
     assert all(helps[name] for name in ("device", "dtype", "load_in_4bit"))

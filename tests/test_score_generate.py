@@ -57,9 +57,9 @@ def test_generate_is_diverse_resumable_and_readable(teacher_dir, tmp_path):
     instructions = [dict({k: v for k, v in r.items() if k not in ("responses", "scores")}, id=i)
                     for i, r in enumerate(make_records(5, seed=4))]
     out = tmp_path / "generated.jsonl"
-    stats = generate_records(model, tokenizer, instructions[:3], out, k=3, max_new_tokens=6, batch_size=2)
+    stats = generate_records(model, tokenizer, instructions[:3], out, num_candidates=3, max_new_tokens=6, batch_size=2)
     assert stats == {"records": 3, "generated": 3}
-    stats = generate_records(model, tokenizer, instructions, out, k=3, max_new_tokens=6, batch_size=2)
+    stats = generate_records(model, tokenizer, instructions, out, num_candidates=3, max_new_tokens=6, batch_size=2)
     assert stats == {"records": 5, "generated": 2}  # the first three came from the progress file
     generated = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(generated) == 5 and all(len(g["responses"]) == 3 for g in generated)

@@ -12,6 +12,7 @@ from tuna_kernels import LOSSES, RankingOptions, ordered_pairs, register_loss
 from tuna_kernels.backend import LogprobBackend
 from tuna_kernels.chunked import ChunkedBackend
 from tuna_kernels.kernels.launch import TritonBackend
+from tuna_train.cli_reference import example_config
 from tuna_train.config import load_config
 from tuna_train.trainer import Trainer
 from tuna_train.workflow import PipelineConfig, load_pipeline_config
@@ -125,11 +126,13 @@ def test_a_new_loss_is_one_function_and_one_registry_line(tmp_path):
 
 
 def test_the_pipeline_example_config_is_every_field_at_its_default():
+    """configs/pipeline_example.yaml is generated from PipelineConfig (make docs) and in sync with it."""
     example = ROOT / "configs" / "pipeline_example.yaml"
     assert load_pipeline_config(str(example)) == PipelineConfig()
     text = example.read_text()
     for name in PipelineConfig.__dataclass_fields__:
         assert re.search(rf"^{name}:", text, re.M), name
+    assert text == example_config(), "configs/pipeline_example.yaml is out of date: run make docs"
 
 
 def test_test_modules_import_no_other_test_module():

@@ -185,7 +185,7 @@ def test_task_records_keep_their_constraints_through_generate_and_rank(tmp_path,
     assert [json.loads(line) for line in paths["heldout"].read_text().splitlines()] == task_set["heldout"]
     records = task_set["heldout_unseen"][:3]
     model, tokenizer = build_tiny_llama(hidden_size=64, seed=5), synthetic_tokenizer()
-    generate_records(model, tokenizer, records, tmp_path / "generated.jsonl", k=2, template="none",
+    generate_records(model, tokenizer, records, tmp_path / "generated.jsonl", num_candidates=2, template="none",
                      max_new_tokens=3, max_tries=1)
     generated = [json.loads(line) for line in (tmp_path / "generated.jsonl").read_text().splitlines()]
     assert [g["constraints"] for g in generated] == [r["constraints"] for r in records]

@@ -79,14 +79,14 @@ def assert_resumed_exactly(tmp_path, stop_after, total, **overrides):
     assert resumed["final_eval"] == straight["final_eval"] and resumed["initial_eval"] == straight["initial_eval"]
 
 
-def ctrl_c_in_stage(stage: str) -> type:
-    """A Trainer that sends this process a real SIGINT (what Ctrl-C does) after the first step of the pipeline
-    stage whose output directory is ``stage``; the other stages train as usual."""
+def ctrl_c_in_stage(stage: str, at_step: int = 1) -> type:
+    """A Trainer that sends this process a real SIGINT (what Ctrl-C does) at the end of step ``at_step`` of the
+    pipeline stage whose output directory is ``stage``; the other stages train as usual."""
 
     class CtrlCInStage(Trainer):
         def __init__(self, config, *args, **kwargs):
             super().__init__(config, *args, **kwargs)
             if Path(config.output_dir).name == stage:
-                self.callbacks.append(lambda step, _: step == 1 and os.kill(os.getpid(), signal.SIGINT))
+                self.callbacks.append(lambda step, _: step == at_step and os.kill(os.getpid(), signal.SIGINT))
 
     return CtrlCInStage

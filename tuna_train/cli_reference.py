@@ -1,16 +1,24 @@
-"""The CLI reference (docs/cli.md), rendered from the parser that `tuna` runs, so it cannot drift from it.
+"""The CLI reference (docs/cli.md), rendered from the parser that `tuna` runs, and the example pipeline file
+(configs/pipeline_example.yaml), rendered from PipelineConfig, so that neither can drift from the code.
 
-``python -m tuna_train.cli_reference > docs/cli.md`` (or ``make docs``) rewrites the page; a test renders it
-again and compares.
+``python -m tuna_train.cli_reference > docs/cli.md`` and ``python -m tuna_train.cli_reference --pipeline-example >
+configs/pipeline_example.yaml`` (both: ``make docs``) rewrite them; tests render them again and compare.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
+import sys
+import textwrap
 from typing import List, Tuple
 
+import yaml
+
 from .cli import build_parser
+from .options import choices_of, ordered_fields
+from .workflow import PipelineConfig
 
 HEADER = """# CLI reference
 
@@ -42,7 +50,7 @@ _HELP_DEFAULT = re.compile(r"\s*\(default: (.*)\)$")
 def _help_and_default(action: argparse.Action) -> Tuple[str, str]:
     """The config-built flags (train, pipeline) default to None in the parser, so that a YAML file can set them,
     and state the config's default at the end of their help: that is the default a user gets."""
-    text = action.help or ""
+    text = (action.help or "").replace("%%", "%")  # argparse's escape of a literal %
     match = _HELP_DEFAULT.search(text)
     if action.default is None and match:
         return text[:match.start()], f"`{_cell(match.group(1))}`"
@@ -79,5 +87,29 @@ def render(parser: argparse.ArgumentParser = None) -> str:
     return "".join(parts)
 
 
+PIPELINE_EXAMPLE_HEADER = """\
+# tuna pipeline --config configs/pipeline_example.yaml   (every field, at its default; flags override it)
+# Generated from PipelineConfig (make docs). The defaults run the whole method on the built-in tasks on a CPU. For a
+# real run, set model (an instruction-tuned start model), data (+ teacher), instructions, judge and the stages' tuna
+# train fields (configs/tuna_p_llama7b_qlora.yaml and configs/tuna_c_llama7b_qlora.yaml hold the paper's settings).
+"""
+
+
+def example_config(config_class: type = PipelineConfig, header: str = PIPELINE_EXAMPLE_HEADER) -> str:
+    """A YAML file of every field of ``config_class`` at its default, each under its help (and choices)."""
+    parts = [header]
+    for name, field_ in ordered_fields(config_class).items():
+        default = field_.default if field_.default is not dataclasses.MISSING else field_.default_factory()
+        text = field_.metadata["help"]
+        choices = choices_of(field_)
+        if choices and not isinstance(default, list):
+            text += f" ({' | '.join(map(str, choices))})"
+        parts.append("\n" + textwrap.fill(text, width=118, initial_indent="# ", subsequent_indent="# ") + "\n")
+        # a mapping or list default on one line (flow style), under its key
+        flow = None if isinstance(default, (dict, list)) else False
+        parts.append(yaml.safe_dump({name: default}, default_flow_style=flow, width=118, sort_keys=True))
+    return "".join(parts)
+
+
 if __name__ == "__main__":
-    print(render(), end="")
+    print(example_config() if sys.argv[1:] == ["--pipeline-example"] else render(), end="")

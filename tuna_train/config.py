@@ -6,63 +6,22 @@ fields one to one (``--lora-r 8`` sets ``lora_r``). ``configs/`` holds the paper
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Dict, Mapping, Optional
+from typing import Any, Dict, Optional
 
 import yaml
 
-from tuna_hf import REFERENCES, reference_model_path
-from tuna_kernels import IMPLS, LOSSES, MLE_ON, REFERENCE_LOSSES
-
-from .collate import LAYOUTS
 from .data import FORMATS
-from .model import ADAPTER_MODES, DTYPES, PLACEMENT_DTYPES
+from .model import ADAPTER_MODES, DTYPES
+from .options import GroupOptions, LossOptions, at_least, check_options, option
 from .sharding import SHARDINGS
-from .templates import TEMPLATES
-
-
-def option(default: Any, help: str, choices: Optional[Collection[Any]] = None) -> Any:
-    """A TrainConfig field with its help text and allowed values (the CLI and validate() read them).
-
-    A registry (a dict such as ``tuna_kernels.LOSSES``) is kept live, so a name registered after this module
-    is imported (``tuna_kernels.register_loss``) is a valid choice; a sequence is frozen to a tuple (a tuple is
-    kept as it is: a subclass may hold more than it lists, as ``tuna_hf.REFERENCES`` holds every model:PATH)."""
-    if choices is not None and not isinstance(choices, (Mapping, tuple)):
-        choices = tuple(choices)
-    metadata = {"help": help, "choices": choices}
-    if isinstance(default, (dict, list)):  # a mutable default: each config gets its own copy
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def check_choices(config: Any) -> None:
-    """Raise naming the first field of a config dataclass whose value is not one of its choices."""
-    for field_ in dataclasses.fields(config):
-        allowed, value = choices_of(field_), getattr(config, field_.name)
-        if allowed is None:
-            continue
-        if isinstance(value, list):  # a list field (the pipeline's controls): its choices, each at most once
-            if any(v not in allowed for v in value) or len(set(value)) < len(value):
-                raise ValueError(f"config field '{field_.name}' must be a list of distinct values of {allowed}, "
-                                 f"got {value!r}")
-        elif value not in allowed:
-            raise ValueError(f"config field '{field_.name}' must be one of {allowed}, got {value!r}")
-
-
-def choices_of(field_: dataclasses.Field) -> Optional[tuple]:
-    """The allowed values of a config field now (None: any value of its type)."""
-    allowed = field_.metadata.get("choices")
-    if allowed is None or isinstance(allowed, tuple):
-        return allowed
-    return tuple(allowed)
 
 
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 #: lr_schedule -> the transformers scheduler it names; each starts with a linear warm-up from 0
 LR_SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
-TRAIN_IMPLS = tuple(impl for impl in IMPLS if impl != "reference")  # the reference is for tests
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
@@ -75,7 +34,10 @@ REAL_MODEL_BATCH_TOKENS = 2048
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(GroupOptions, LossOptions):
+    """``tuna train``: the loss (:class:`.options.LossOptions`), the groups' tokens (:class:`.options.GroupOptions`),
+    and the fields below; the defaults run the embedded default."""
+
     # data
     data: Optional[str] = option(None, "training records: a JSON lines, JSON, Parquet or CSV file, a saved dataset "
                                        "directory, or a hub name; none = the built-in tasks")
@@ -84,22 +46,12 @@ class TrainConfig:
     eval_fraction: float = option(0.1, "fraction of the training data held out when eval_data is not given "
                                        "(0: nothing held out, nothing evaluated)")
     skip_bad_records: bool = option(False, "skip and count malformed records instead of stopping at the first")
-    include_judge_response: bool = option(False, "contextual records: keep the judge's own response as a candidate")
-    template: str = option("auto", "prompt template: auto (the tokenizer's chat template where it has one, else "
-                                   "Alpaca: the embedded tiny Llama's), the Alpaca template (as the paper), the "
-                                   "tokenizer's chat template, or the instruction as it is", TEMPLATES)
-    max_length: int = option(512, "tokens per candidate: prompt (BOS included) + response + EOS. A response longer "
-                                  "than what its prompt leaves is cut on the right (its end and EOS are lost); a "
-                                  "prompt of max_length tokens or more keeps only its last max_length - 1 tokens "
-                                  "(cut on the left) and every response then keeps one token. Counted as "
-                                  "prompts_truncated / responses_truncated in the progress bar, metrics.jsonl and "
-                                  "summary.json")
+    include_judge_response: bool = option(False, "keep the judge's own reference response (the ###Response K the "
+                                                 "method's judge writes; the rule judge's: the task's answer) as a "
+                                                 "ranked candidate where the judge ranks it")
     truncation_warning: float = option(0.05, "warn when more than this fraction of the training groups seen so far "
                                              "had their prompt or a response cut by max_length")
-    max_candidates: int = option(16, "candidates kept per group (best first)")
-    packing: str = option("shared", "shared: the prompt once per group, then every response (4D mask); "
-                                    "per_candidate: one row per candidate", LAYOUTS)
-    synthetic_examples: int = option(4000, "built-in tasks: number of groups (when data is not given)")
+    synthetic_examples: int = option(4000, "built-in tasks: number of groups (when data is not given)", type=at_least(int, 1))
     synthetic_seed: int = option(1234, "built-in tasks: the seed that draws them")
 
     # model
@@ -113,7 +65,7 @@ class TrainConfig:
     bnb_compute_dtype: str = option("bfloat16", "load_in_4bit: the dtype 4-bit layers compute in", tuple(DTYPES))
     bnb_double_quant: bool = option(True, "load_in_4bit: quantise the quantisation constants too")
     lora: bool = option(False, "train LoRA adapters (peft) instead of every weight")
-    lora_r: int = option(16, "LoRA rank")
+    lora_r: int = option(16, "LoRA rank", type=at_least(int, 1))
     lora_alpha: int = option(32, "LoRA scaling numerator (scale = lora_alpha / lora_r)")
     lora_dropout: float = option(0.05, "dropout on the LoRA input")
     lora_target_modules: str = option("all-linear", "modules that get adapters: all-linear, or names separated by "
@@ -126,33 +78,6 @@ class TrainConfig:
     tiny_layers: int = option(2, "the built-in tiny Llama: layers")
     tiny_heads: int = option(4, "the built-in tiny Llama: attention heads")
 
-    # loss (tuna_kernels.TunaLoss)
-    loss: str = option("tuna_margin", "ranking loss on the candidates' scores (tuna_margin: the paper's)",
-                       LOSSES)
-    margin: float = option(0.1, "tuna_margin: margin per rank gap")
-    alpha: float = option(1.0, "score = sum of token log-probs / tokens ** alpha (1: the mean)")
-    mle_weight: float = option(1.0, "weight of the token cross-entropy term")
-    mle_on: str = option("all", "the cross-entropy term covers every candidate's tokens, or the best one's",
-                         MLE_ON)
-    skip_ties: bool = option(False, "drop pairs tied in the ranking's own scores")
-    beta: float = option(0.1, "pairwise_logistic, plackett_luce, lipo_lambda: the reward scale (r = beta * "
-                              "(score - reference score))")
-    gamma: float = option(0.0, "pairwise_logistic: target reward margin")
-    reference: str = option("none", "reference scores of plackett_luce, lipo_lambda, pairwise_logistic: none; "
-                                    "adapter (the model with its LoRA adapters off, computed in the same step; "
-                                    "needs lora); field (each record's ref_scores); model:PATH (a separate frozen "
-                                    "model with the same tokenizer, on the training device, placed as tuna "
-                                    "score's teacher: reference_dtype, reference_load_in_4bit)", REFERENCES)
-    reference_dtype: str = option("auto", "reference model:PATH: its dtype (auto: bfloat16 on GPUs that support it, "
-                                          "float16 on older GPUs, float32 on the CPU)", PLACEMENT_DTYPES)
-    reference_load_in_4bit: bool = option(False, "reference model:PATH: its weights in 4-bit NF4 (bitsandbytes), "
-                                                 "computing in reference_dtype")
-    impl: str = option("auto", "fused kernels: triton on CUDA, chunked torch elsewhere (auto)", TRAIN_IMPLS)
-    kernel_autotune: bool = option(False, "Triton: time the candidate kernel configurations once per shape "
-                                          "(or TUNA_AUTOTUNE=1)")
-    grad_filter_eps: float = option(0.0, "gradient filtering: the backward skips logit tiles whose largest "
-                                         "|onehot - p| is at most this (bf16's unit roundoff: 0.00390625; 0: off)")
-
     # optimisation
     optimizer: str = option("adamw", "optimizer (paged_adamw_8bit: bitsandbytes, for QLoRA)", OPTIMIZERS)
     learning_rate: Optional[float] = option(None, "peak learning rate; none = 2e-4 for LoRA on a model (a real "
@@ -164,15 +89,15 @@ class TrainConfig:
                                         "constant is its constant_with_warmup)", LR_SCHEDULES)
     warmup_steps: Optional[int] = option(None, "linear warm-up steps; none = 10% of the run's steps for LoRA on a "
                                                "model, else 20. A warm-up as long as the run (the peak learning rate "
-                                               "never reached) is warned about")
+                                               "never reached) is warned about", type=at_least(int, 0))
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
-    batch_groups: int = option(16, "instructions (groups of candidates) per micro-batch and process")
+    batch_groups: int = option(16, "instructions (groups of candidates) per micro-batch and process", type=at_least(int, 1))
     max_batch_tokens: Optional[int] = option(None, "token budget of one forward: a micro-batch whose packed tokens "
                                                    "(padding included, as packing lays them out) pass it runs in "
                                                    "pieces of whole groups, their gradients accumulated (the same "
                                                    "groups per step, less peak memory); 0 = no budget; none = 2048 "
-                                                   "for a model, no budget for the embedded tiny Llama")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
+                                                   "for a model, no budget for the embedded tiny Llama", type=at_least(int, 0))
+    grad_accum: int = option(1, "micro-batches per optimizer step", type=at_least(int, 1))
     num_epochs: float = option(2.0, "passes over the training data")
     max_steps: int = option(0, "optimizer steps; > 0 overrides num_epochs")
     mixed_precision: str = option("no", "autocast dtype of the forward (the fused loss follows it)",
@@ -185,12 +110,12 @@ class TrainConfig:
 
     # run
     output_dir: str = option("runs/tuna", "where config.json, metrics.jsonl, summary.json, checkpoints/ and final/ go")
-    log_every: int = option(10, "log training metrics every this many steps")
+    log_every: int = option(10, "log training metrics every this many steps", type=at_least(int, 1))
     eval_every: int = option(100, "evaluate every this many steps (0: before training and at the end only)")
-    eval_groups: int = option(256, "at most this many held-out groups per evaluation")
+    eval_groups: int = option(256, "at most this many held-out groups per evaluation", type=at_least(int, 1))
     eval_controls: bool = option(True, "also evaluate with shuffled prompts and a prompt-free scorer")
-    save_every: int = option(100, "write a checkpoint every this many steps")
-    keep_checkpoints: int = option(2, "checkpoints kept (the newest)")
+    save_every: int = option(100, "write a checkpoint every this many steps", type=at_least(int, 1))
+    keep_checkpoints: int = option(2, "checkpoints kept (the newest)", type=at_least(int, 1))
     resume: str = option("auto", "auto (the latest checkpoint in output_dir) | never | a checkpoint directory")
     overwrite: bool = option(False, "delete an earlier run's checkpoints, metrics and results in output_dir and "
                                     "start afresh")
@@ -214,17 +139,7 @@ class TrainConfig:
             self.max_batch_tokens = 0 if self.model is None else REAL_MODEL_BATCH_TOKENS
 
     def validate(self) -> "TrainConfig":
-        check_choices(self)
-        if self.max_batch_tokens < 0 or (self.warmup_steps is not None and self.warmup_steps < 0):
-            raise ValueError("config fields 'max_batch_tokens' and 'warmup_steps' must be >= 0, got "
-                             f"{self.max_batch_tokens} and {self.warmup_steps}")
-        positive = ("max_length", "max_candidates", "batch_groups", "grad_accum", "log_every", "save_every",
-                    "keep_checkpoints", "eval_groups", "lora_r", "synthetic_examples")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"config field '{name}' must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.grad_filter_eps < 1.0:
-            raise ValueError(f"config field 'grad_filter_eps' must be in [0, 1), got {self.grad_filter_eps}")
+        check_options(self)
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"config field 'eval_fraction' must be in [0, 1), got {self.eval_fraction}")
         if self.load_in_4bit and not self.lora:
@@ -236,17 +151,9 @@ class TrainConfig:
         if self.overwrite and (self.resume_with_new_settings or self.resume not in ("auto", "never")):
             raise ValueError("config field 'overwrite' starts afresh: it cannot go with 'resume_with_new_settings' "
                              f"or a checkpoint to resume (resume: {self.resume!r})")
-        if self.reference != "none" and self.loss not in REFERENCE_LOSSES:
-            raise ValueError(f"config field 'reference' {self.reference!r} needs a loss that reads reference scores "
-                             f"({', '.join(sorted(REFERENCE_LOSSES))}), got loss={self.loss!r}")
         if self.reference == "adapter" and not self.lora:
             raise ValueError("config field 'reference' 'adapter' needs 'lora': the reference is the model with its "
                              "adapters off")
-        if reference_model_path(self.reference) is None:
-            for name, default in (("reference_dtype", "auto"), ("reference_load_in_4bit", False)):
-                if getattr(self, name) != default:
-                    raise ValueError(f"config field '{name}' places a reference model: it needs 'reference' "
-                                     f"model:PATH, got reference={self.reference!r}")
         if self.load_in_4bit and self.model is None:
             raise ValueError("config field 'load_in_4bit' needs 'model' (a local model directory to quantise)")
         return self

@@ -22,78 +22,46 @@ from typing import Any, Dict, List, Sequence
 import torch
 from transformers import Trainer, TrainingArguments
 
-from tuna_hf import REFERENCES, apply_fused_losses, reference_model_path
-from tuna_kernels import LOSSES, REFERENCE_LOSSES, TunaLoss
+from tuna_hf import apply_fused_losses, reference_model_path
 
-from .collate import LAYOUTS, pack, pad_id_of, tokenize_group
+from .collate import pack, pad_id_of, tokenize_group
 from .data import RankedExample, examples_from_records
-from .model import PLACEMENT_DTYPES, Placement, load_reference_model
+from .model import load_reference_model
+from .options import GroupOptions, LossOptions, check_options
 
 LOGGED_METRICS = ("rank_loss", "mle_loss", "pair_accuracy", "score_gap")
 
 
 @dataclass
-class TunaTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the Tuna loss and the packing of groups (same meaning as in ``tuna train``)."""
+class TunaTrainingArguments(GroupOptions, LossOptions, TrainingArguments):
+    """``TrainingArguments`` plus the Tuna loss (:class:`.options.LossOptions`) and the packing of groups
+    (:class:`.options.GroupOptions`): the same fields, defaults, help and choices as ``tuna train``'s."""
 
-    # the registry itself, not a copy: a loss registered after this import (register_loss) is a valid choice
-    loss: str = field(default="tuna_margin", metadata={"help": "ranking loss, one of tuna_kernels.LOSSES",
-                                                       "choices": LOSSES})
-    margin: float = field(default=0.1, metadata={"help": "tuna_margin: margin per rank gap"})
-    beta: float = field(default=0.1, metadata={"help": "pairwise_logistic, plackett_luce, lipo_lambda: reward scale"})
-    gamma: float = field(default=0.0, metadata={"help": "pairwise_logistic: target reward margin"})
-    temperature: float = field(default=1.0, metadata={"help": "listmle: temperature"})
-    reference: str = field(default="none", metadata={"help": "reference scores: none; adapter (the model with "
-                                                             "its peft adapters off); model:PATH (a separate "
-                                                             "frozen model with the same tokenizer)",
-                                                     "choices": REFERENCES})
-    reference_dtype: str = field(default="auto", metadata={"help": "reference model:PATH: its dtype (auto: "
-                                                                   "bfloat16 on GPUs that support it, float32 on "
-                                                                   "the CPU)", "choices": PLACEMENT_DTYPES})
-    reference_load_in_4bit: bool = field(default=False, metadata={"help": "reference model:PATH: 4-bit NF4 weights"})
-    alpha: float = field(default=1.0, metadata={"help": "score = sum of log-probs / tokens ** alpha"})
-    mle_weight: float = field(default=1.0, metadata={"help": "weight of the token cross-entropy term"})
-    mle_on: str = field(default="all", metadata={"help": "all | best: whose tokens the MLE term covers"})
-    skip_ties: bool = field(default=False, metadata={"help": "drop pairs tied in the ranking's scores"})
-    impl: str = field(default="auto", metadata={"help": "auto | triton | chunked"})
-    template: str = field(default="alpaca", metadata={"help": "alpaca | chat | none"})
-    max_length: int = field(default=512, metadata={"help": "tokens per candidate (prompt + response + EOS)"})
-    max_candidates: int = field(default=16, metadata={"help": "candidates kept per group (best first)"})
-    packing: str = field(default="shared", metadata={"help": "shared (prompt once per group) | per_candidate"})
     # the collator reads whole records: the Trainer must not drop their columns
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep every record field (needed)"})
 
     def __post_init__(self) -> None:
         # the choices are read now, not at import: a loss registered in between is accepted
-        for name in ("loss", "reference", "reference_dtype"):
-            allowed = self.__dataclass_fields__[name].metadata["choices"]
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"TunaTrainingArguments field '{name}' must be one of {tuple(allowed)}, "
-                                 f"got {getattr(self, name)!r}")
-        if self.reference != "none" and self.loss not in REFERENCE_LOSSES:
-            raise ValueError(f"TunaTrainingArguments field 'reference' {self.reference!r} needs a loss that reads "
-                             f"reference scores ({', '.join(sorted(REFERENCE_LOSSES))}), got loss={self.loss!r}")
+        check_options(self, LossOptions, GroupOptions)
         super().__post_init__()
 
 
 class GroupCollator:
     """Records (or RankedExamples) of a batch -> ``{"tuna_batch": PackedBatch}``, every group whole."""
 
-    def __init__(self, tokenizer, template: str = "alpaca", max_length: int = 512, packing: str = "shared",
-                 max_candidates: int = 16) -> None:
-        if packing not in LAYOUTS:
-            raise ValueError(f"packing must be one of {LAYOUTS}, got {packing!r}")
-        self.tokenizer, self.template, self.max_length = tokenizer, template, max_length
-        self.packing, self.max_candidates = packing, max_candidates
-        self.pad_id = pad_id_of(tokenizer)
+    def __init__(self, tokenizer, options: GroupOptions = GroupOptions()) -> None:
+        """``options``: the template, max_length, max_candidates and packing (checked)."""
+        check_options(options, GroupOptions)
+        self.tokenizer, self.options, self.pad_id = tokenizer, options, pad_id_of(tokenizer)
 
     def __call__(self, features: Sequence[Any]) -> Dict[str, Any]:
         examples = [f for f in features if isinstance(f, RankedExample)]
         records = [f for f in features if not isinstance(f, RankedExample)]
         examples += examples_from_records(records, data_format="auto", source="dataset")
-        groups = [tokenize_group(e, self.tokenizer, self.template, self.max_length, self.max_candidates)
+        options = self.options
+        groups = [tokenize_group(e, self.tokenizer, options.template, options.max_length, options.max_candidates)
                   for e in examples]
-        return {"tuna_batch": pack(groups, self.packing, self.pad_id)}
+        return {"tuna_batch": pack(groups, options.packing, self.pad_id)}
 
 
 class TunaTrainer(Trainer):
@@ -112,23 +80,18 @@ class TunaTrainer(Trainer):
             raise TypeError("TunaTrainer needs TunaTrainingArguments (TrainingArguments + the Tuna loss settings)")
         if processing_class is None and data_collator is None:
             raise ValueError("TunaTrainer needs processing_class (the tokenizer) or a data_collator")
-        self.tuna_loss_fn = TunaLoss(loss=args.loss, margin=args.margin, alpha=args.alpha,
-                                     mle_weight=args.mle_weight, mle_on=args.mle_on, skip_ties=args.skip_ties,
-                                     beta=args.beta, gamma=args.gamma, temperature=args.temperature, impl=args.impl)
+        self.tuna_loss_fn = args.tuna_loss()
         path = reference_model_path(args.reference)
         if path is not None and reference_model is None:
             if processing_class is None:
                 raise ValueError("TunaTrainer: reference model:PATH is checked against the tokenizer: pass "
                                  "processing_class")
-            placement = Placement(device=str(args.device), dtype=args.reference_dtype,
-                                  load_in_4bit=args.reference_load_in_4bit)
-            reference_model = load_reference_model(path, placement, processing_class)
+            reference_model = load_reference_model(path, args.reference_placement(args.device), processing_class)
         self.reference_model = reference_model
         apply_fused_losses(model, self.tuna_loss_fn, reference=args.reference, reference_model=reference_model,
-                           impl=args.impl)
+                           impl=args.impl, autotune=args.autotune)
         if data_collator is None:
-            data_collator = GroupCollator(processing_class, args.template, args.max_length, args.packing,
-                                          args.max_candidates)
+            data_collator = GroupCollator(processing_class, args)
         self._tuna_metrics: Dict[str, Dict[str, List[float]]] = {"train": defaultdict(list),
                                                                    "eval": defaultdict(list)}
         super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class,

@@ -21,7 +21,6 @@ from accelerate.utils import set_seed
 
 from tuna_hf.head import base_model, lm_head_spec
 from tuna_hf.model import FusedCausalLM
-from tuna_kernels import TunaLoss
 
 from .build import (build_model, build_optimizer, build_reference_model, build_scheduler, check_ref_scores,
                     load_datasets, release_single_process_state, warmup_steps)
@@ -97,18 +96,14 @@ class Trainer:
         self.model, self.tokenizer = build_model(config) if model is None else (model, tokenizer)
         lm_head_spec(self.model)  # an lm_head the fused loss cannot reproduce is refused before any step
         self.pad_id = pad_id_of(self.tokenizer)
-        self.loss_fn = TunaLoss(loss=config.loss, margin=config.margin, alpha=config.alpha,
-                                mle_weight=config.mle_weight, mle_on=config.mle_on, skip_ties=config.skip_ties,
-                                beta=config.beta, gamma=config.gamma, impl=config.impl,
-                                autotune=config.kernel_autotune or None,
-                                grad_filter_eps=config.grad_filter_eps)
+        self.loss_fn = config.tuna_loss()
         # reference model:PATH: frozen, held by the fused module but not one of its parameters (so not in the
         # optimizer, the DDP / FSDP wrapper or the checkpoints)
         self.reference_model = build_reference_model(config, self.accelerator.device, self.tokenizer)
         # the causal LM and the fused loss in one module: the one DDP / FSDP / ZeRO-3 wraps
         fused = FusedCausalLM(self.model, self.loss_fn, reference=config.reference,
                               reference_model=self.reference_model, impl=config.impl,
-                              autotune=config.kernel_autotune or None)
+                              autotune=config.autotune)
         self.sharded = config.sharding == "fsdp"
         if self.sharded:  # shard first: the optimizer holds the shards
             fused = shard_fsdp(fused, config.fsdp_cpu_offload)
@@ -333,7 +328,9 @@ class Trainer:
                    "world_size": self.world_size, "sharding": config.sharding,
                    "local_param_fraction": local_fraction(self.wrapped), "train_groups": len(self.data.train),
                    "eval_groups": min(len(self.data.eval), config.eval_groups), "skipped_records": self.data.skipped,
-                   "resumed_from_step": resumed_from, "steps_this_run": final_step - start_step}
+                   "resumed_from_step": resumed_from, "steps_this_run": final_step - start_step,
+                   # a stop asked for during the last step: the run finished, and whoever runs it stops next
+                   "stop_requested": self.stop_requested}
         if not interrupted:
             # the last checkpoint comes before the final evaluation: a run killed after it (while final/ is
             # written) resumes at the end, drops that evaluation's row (metrics_rows) and logs it once again

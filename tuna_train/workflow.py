@@ -34,14 +34,14 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from .build import build_model
-from .config import check_choices, load_config, option
+from .config import TrainConfig, load_config
 from .data import load_ranked
 from .evaluation.generation import greedy_generations, save_generations
 from .evaluation.reports import compare, report_path, write_report
 from .evaluation.scoring import evaluate_ranking
 from .evaluation.text import generation_metrics
 from .files import read_json, write_atomic
-from .model import PLACEMENT_DTYPES, Placement, load_tokenizer
+from .model import load_tokenizer
 from .pipeline.generate import generate_records
 from .pipeline.judge import make_judge
 from .pipeline.rank import rank_records
@@ -49,7 +49,8 @@ from .pipeline.score import score_with_model
 from .pipeline.store import read_jsonl, write_jsonl
 from .pipeline.training_controls import TRAINING_CONTROLS, control_records
 from .synthetic import make_records, make_task_records
-from .templates import TEMPLATES
+from .options import (JudgeOptions, PlacementOptions, SamplingOptions, TextOptions, at_least, check_options, field_of,
+                      option, options_of)
 from .trainer import Trainer
 from .verifiable.pipeline import HELDOUT_SPLITS, evaluate_model, write_pipeline_task_set
 
@@ -66,8 +67,11 @@ VERIFIABLE = "verifiable"
 
 
 @dataclass
-class PipelineConfig:
-    """The stages of ``tuna pipeline``; the defaults run the whole method on the built-in tasks on a CPU."""
+class PipelineConfig(SamplingOptions, JudgeOptions, PlacementOptions):
+    """The stages of ``tuna pipeline``; the defaults run the whole method on the built-in tasks on a CPU. The
+    generate stage samples as :class:`.options.SamplingOptions` say, the rank stage asks its judge as
+    :class:`.options.JudgeOptions` say, and the stages that only run a model (score, generate, a local judge,
+    evaluate) load it as :class:`.options.PlacementOptions` say."""
 
     output_dir: str = option("runs/pipeline", "run directory: every stage's output, manifest.json, summary.json")
     data: Optional[str] = option(None, "probabilistic-ranking records for Tuna_p (any format tuna train reads); "
@@ -84,30 +88,20 @@ class PipelineConfig:
                                                    "exact match); none = the held-out instructions' references")
     judge: str = option("rule", "who ranks the samples: rule (the built-in tasks' grader), openai:MODEL (an "
                                 "OpenAI-compatible endpoint at base_url) or local:PATH (a local chat model)")
-    base_url: Optional[str] = option(None, "endpoint of an openai:MODEL judge")
-    api_key_env: str = option("OPENAI_API_KEY", "environment variable holding the judge's API key")
-    concurrency: int = option(4, "judge requests in flight")
-    include_judge_response: bool = option(True, "keep the judge's own reference response (the ###Response K the "
-                                                "method's judge writes; the rule judge's is the task's answer) "
-                                                "as a ranked candidate of Tuna_c's groups")
-    num_candidates: int = option(4, "responses Tuna_p samples per instruction")
-    max_new_tokens: int = option(16, "tokens per sampled response and per greedy evaluation answer")
-    temperature: float = option(1.0, "sampling temperature of the first draw")
-    rouge_threshold: float = option(0.8, "resample a group whose two responses have ROUGE-L F at or above this")
-    max_tries: int = option(3, "sampling rounds per instruction before keeping what it has")
-    template: str = option("auto", "prompt template of every stage; auto = none when the pipeline makes its own "
-                                   "start model (a tiny Llama from scratch, which learns the built-in tasks far "
-                                   "sooner when the instruction's last words sit next to its answer), else the "
-                                   "start model's chat template where its tokenizer has one, else alpaca (the "
-                                   "paper's, for an Alpaca-tuned start model)", TEMPLATES)
+    include_judge_response: bool = field_of(TrainConfig, "include_judge_response", True)
+    max_new_tokens: int = field_of(SamplingOptions, "max_new_tokens", 16)
+    template: str = field_of(TextOptions, "template")
     synthetic_examples: int = option(4000, "built-in tasks: groups for Tuna_p")
     contextual_examples: int = option(2000, "built-in tasks (or instructions: verifiable): instructions for "
                                             "contextual ranking")
     eval_examples: int = option(400, "built-in tasks: held-out groups; instructions: verifiable: records of each "
-                                     "held-out split")
+                                     "held-out split", type=at_least(int, 1))
     max_constraints: int = option(3, "instructions: verifiable: constraints per instruction, 1 to this many (more "
-                                     "constraints give the judge's fractions more values, so fewer tied candidates)")
-    batch_size: int = option(8, "instructions sampled together (generate) and answered together (evaluation)")
+                                     "constraints give the judge's fractions more values, so fewer tied candidates)",
+                                  type=at_least(int, 1))
+    train_kinds: list = option([], "instructions: verifiable: the IFEval constraint kinds of the training and "
+                                   "in-kind held-out instructions (ids such as keywords:frequency); empty = every "
+                                   "usable kind but the unseen split's")
     seed: int = option(42, "seed of every stage (the built-in data use seed, seed+1, +2, +3: disjoint)")
     model: Optional[str] = option(None, "the start model (instruction-tuned; a directory); none = a tiny Llama "
                                         "tuned by the sft stage")
@@ -131,19 +125,9 @@ class PipelineConfig:
     train_c: dict = option({"learning_rate": 3e-4, "mle_weight": 4.0, "num_epochs": 2.0, "warmup_steps": 5,
                             "batch_groups": 16, "mle_on": "best", "skip_ties": True},
                            "tuna train fields of Tuna_c; " + ", ".join(INHERITED_BY_TUNA_C) + " default to Tuna_p's")
-    # where the stages that only run a model (score, generate, a local judge, evaluate) load it
-    device: str = option("auto", "device of the stages that run a model without training it: auto (the first GPU "
-                                 "if there is one, else the CPU), cpu, cuda or cuda:N")
-    dtype: str = option("auto", "their weight and compute dtype: auto = bfloat16 on GPUs that support it, float16 "
-                                "on older GPUs, float32 on the CPU", PLACEMENT_DTYPES)
-    load_in_4bit: bool = option(False, "load those models in 4-bit NF4 (bitsandbytes), computing in dtype")
 
     def validate(self) -> "PipelineConfig":
-        check_choices(self)
-        for name in ("concurrency", "num_candidates", "max_new_tokens", "max_tries", "eval_examples",
-                     "max_constraints", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"config field '{name}' must be >= 1, got {getattr(self, name)}")
+        check_options(self)
         if not self.tuna_p and self.model is None and self.sft_examples < 1:
             raise ValueError("config field 'tuna_p' is false, so the start model samples Tuna_c's candidates: set "
                              "'model' (or sft_examples > 0 for the built-in start model)")
@@ -159,10 +143,6 @@ class PipelineConfig:
         if self.template != "auto":
             return self.template
         return "none" if self.model is None else "auto"
-
-    @property
-    def placement(self) -> Placement:
-        return Placement(self.device, self.dtype, self.load_in_4bit)
 
 
 def load_pipeline_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> PipelineConfig:
@@ -249,7 +229,8 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
         splits = {name: root / "verifiable" / f"{name}.jsonl" for name in ("train",) + HELDOUT_SPLITS}
         if not all(path.exists() for path in splits.values()):
             write_pipeline_task_set(root / "verifiable", config.seed, config.contextual_examples,
-                                    config.eval_examples, config.max_new_tokens, config.max_constraints)
+                                    config.eval_examples, config.max_new_tokens, config.max_constraints,
+                                    config.train_kinds)
         instructions = str(splits["train"])
     if data_p is None and config.tuna_p:
         data_p = str(root / "data_p.jsonl")
@@ -292,6 +273,9 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
         if not finished:  # no final/ yet: the next stage would load a model that does not exist
             raise PipelineStopped(f"stage {stage} stopped at step {summary['steps']} of {summary['total_steps']} "
                                   f"(checkpoint in {out / 'checkpoints'}); {resume_hint(root)} it there")
+        if summary.get("stop_requested"):  # Ctrl-C in the stage's last step: the stage is done, the run stops
+            raise PipelineStopped(f"stage {stage} finished its last step ({summary['steps']}) and stopped there, as "
+                                  f"asked; {resume_hint(root)} the stages after it")
         return summary
 
     start_model = config.model
@@ -319,17 +303,16 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
     if not manifest.done("generate"):
         started = time.perf_counter()
         stats = generate_records(config.placement.load(sampler), load_tokenizer(sampler), read_jsonl(instructions),
-                                 generated, config.num_candidates, config.prompt_template, config.max_new_tokens,
-                                 config.temperature, rouge_threshold=config.rouge_threshold, max_tries=config.max_tries,
-                                 batch_size=config.batch_size, seed=config.seed)
+                                 generated, config.prompt_template, seed=config.seed,
+                                 **options_of(config, SamplingOptions))
         manifest.record("generate", "done", outputs=[str(generated)], seconds=round(time.perf_counter() - started, 1),
                         **stats)
 
     ranked = root / "ranked.jsonl"
     if not manifest.done("rank"):
         started = time.perf_counter()
-        judge = make_judge(config.judge, config.base_url, config.api_key_env, placement=config.placement)
-        stats = rank_records(read_jsonl(str(generated)), judge, ranked, config.concurrency,
+        judge = make_judge(config.judge, config, config.placement)
+        stats = rank_records(read_jsonl(str(generated)), judge, ranked, config.concurrency, config.parse_attempts,
                              include_judge_response=config.include_judge_response)
         manifest.record("rank", "done", outputs=[str(ranked)], seconds=round(time.perf_counter() - started, 1),
                         **stats, **tie_counts(read_jsonl(str(ranked))))

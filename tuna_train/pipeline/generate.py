@@ -38,6 +38,7 @@ from transformers import (
 
 from ..collate import pad_id_of
 from ..model import stop_token_ids
+from ..options import SamplingOptions, TextOptions
 from ..progress import progress_bar
 from ..schema import passed_through
 from .score import as_example
@@ -147,10 +148,17 @@ def pending_batches(records: List[Dict[str, Any]], keys: List[str], store: Jsonl
             bar.update(len(indices))
 
 
-def generate_records(model, tokenizer, records: List[Dict[str, Any]], out: Path, k: int = 4,
-                     template: str = "alpaca", max_new_tokens: int = 512, temperature: float = 1.0,
-                     top_p: float = 1.0, rouge_threshold: float = 0.8, temperature_step: float = 0.1,
-                     max_tries: int = 3, batch_size: int = 8, seed: int = 0) -> Dict[str, int]:
+def generate_records(model, tokenizer, records: List[Dict[str, Any]], out: Path, template: str = TextOptions.template,
+                     num_candidates: int = SamplingOptions.num_candidates,
+                     max_new_tokens: int = SamplingOptions.max_new_tokens,
+                     temperature: float = SamplingOptions.temperature, top_p: float = SamplingOptions.top_p,
+                     rouge_threshold: float = SamplingOptions.rouge_threshold,
+                     temperature_step: float = SamplingOptions.temperature_step,
+                     max_tries: int = SamplingOptions.max_tries, batch_size: int = SamplingOptions.batch_size,
+                     seed: int = 0) -> Dict[str, int]:
+    """``num_candidates`` responses sampled for each record (the arguments: :class:`.options.SamplingOptions`), a
+    set resampled at a higher temperature while two of its responses overlap by ``rouge_threshold``; resumable
+    through ``out.progress.jsonl``, ``out`` written at the end. Counts of records and of records sampled now."""
     out = Path(out)
     store = JsonlStore(out.with_name(out.name + ".progress.jsonl"))
     keys = [record_key(r) for r in records]
@@ -164,7 +172,8 @@ def generate_records(model, tokenizer, records: List[Dict[str, Any]], out: Path,
             if not waiting:
                 break
             heat = temperature + temperature_step * attempt
-            samples = decode_with_reasons(model, tokenizer, [prompts[indices.index(i)] for i in waiting], k, heat,
+            samples = decode_with_reasons(model, tokenizer, [prompts[indices.index(i)] for i in waiting],
+                                          num_candidates, heat,
                                           top_p, max_new_tokens, seeds=[record_seed(keys[i], seed, attempt)
                                                                         for i in waiting])
             still = []

@@ -22,6 +22,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..model import Placement, load_tokenizer
+from ..options import JudgeOptions
 from ..synthetic import correct_answer, grade, parse_instruction
 from ..templates import alpaca_prompt
 from ..verifiable.checks import ConstraintSpecError
@@ -257,19 +258,17 @@ class CheckedConstraintsJudge(VerifiableJudge):
             raise JudgeNotApplicable(str(error)) from error
 
 
-def make_judge(spec: str, base_url: Optional[str] = None, api_key_env: str = "OPENAI_API_KEY",
-               timeout: float = 60.0, max_retries: int = 5, placement: Optional[Placement] = None,
-               max_backoff: float = 30.0, max_tokens: int = 2048):
-    """``openai:MODEL`` (answers of at most ``max_tokens``) | ``local:PATH`` (loaded with ``placement``) | ``rule``
-    | ``verifiable``."""
+def make_judge(spec: str, options: JudgeOptions = JudgeOptions(), placement: Optional[Placement] = None):
+    """``openai:MODEL`` (asked as ``options`` say: a :class:`.options.JudgeOptions`, or a configuration that mixes
+    it in) | ``local:PATH`` (loaded with ``placement``) | ``rule`` | ``verifiable``."""
     if spec == "rule":
         return RuleJudge()
     if spec == "verifiable":
         return CheckedConstraintsJudge()
     if spec.startswith("openai:"):
-        client = JsonClient(base_url or "https://api.openai.com/v1", api_key_env, timeout, max_retries,
-                            max_backoff=max_backoff)
-        return ChatJudge(spec.split(":", 1)[1], client, max_tokens=max_tokens)
+        client = JsonClient(options.base_url or "https://api.openai.com/v1", options.api_key_env, options.timeout,
+                            options.max_retries, max_backoff=options.max_backoff)
+        return ChatJudge(spec.split(":", 1)[1], client, max_tokens=options.judge_max_tokens)
     if spec.startswith("local:"):
         return LocalJudge(spec.split(":", 1)[1], placement=placement)
     raise ValueError(f"--judge must be openai:MODEL, local:PATH, rule or verifiable, got {spec!r}")

@@ -31,6 +31,7 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..options import EndpointOptions, JudgeOptions
 from ..schema import passed_through
 from .http import RequestFailed
 from .judge import JudgeNotApplicable, RankingParseError, judge_messages, judge_response, parse_ranking, parse_scores
@@ -156,8 +157,8 @@ def ranked_record(record: Dict[str, Any], entry: Dict[str, Any], judge_name: str
     return out
 
 
-def rank_records(records: List[Dict[str, Any]], judge, out: Path, concurrency: int = 4,
-                 parse_attempts: int = 3, retry_failed: bool = False,
+def rank_records(records: List[Dict[str, Any]], judge, out: Path, concurrency: int = EndpointOptions.concurrency,
+                 parse_attempts: int = JudgeOptions.parse_attempts, retry_failed: bool = False,
                  include_judge_response: bool = False) -> Dict[str, int]:
     """Rank every record (bounded concurrency, cached); write ``out`` and ``out.failures.jsonl``. With
     ``include_judge_response`` a ranked record keeps the judge's own reference response as a candidate.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 from ..evaluation.generation import greedy_generations
 from ..pipeline.store import write_jsonl
@@ -29,17 +29,18 @@ WORDS_PER_TOKEN = 0.75
 
 
 def write_pipeline_task_set(out: Path, seed: int, train_size: int, heldout_size: int, max_new_tokens: int,
-                            max_constraints: int = 3) -> Dict[str, Path]:
+                            max_constraints: int = 3, train_kinds: Sequence[str] = ()) -> Dict[str, Path]:
     """The three splits in ``out/<split>.jsonl``: ``train_size`` training records, ``heldout_size`` of each
     held-out split (fewer when the task set has fewer). No record asks for more words than ``max_new_tokens``
-    allow. Returns the paths by split."""
+    allow; ``train_kinds``: the trained (and in-kind held-out) constraint kinds, empty = all but the unseen
+    ones. Returns the paths by split."""
     bases = base_instructions()
     heldout_bases = sum(is_heldout(base, HELDOUT_FRACTION) for base in bases)
     # records per base instruction, enough for the larger of the sizes asked for
     per_instruction = max(math.ceil(train_size / (len(bases) - heldout_bases)),
                           math.ceil(heldout_size / heldout_bases), 1)
     splits = build_task_set(seed=seed, heldout_fraction=HELDOUT_FRACTION, per_instruction=per_instruction,
-                            max_constraints=max_constraints, max_words=int(WORDS_PER_TOKEN * max_new_tokens))
+                            max_constraints=max_constraints, max_words=int(WORDS_PER_TOKEN * max_new_tokens), train_kinds=train_kinds)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, records in splits.items():

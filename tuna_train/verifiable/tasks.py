@@ -136,18 +136,24 @@ def task_record(base: str, constraints: List[Dict[str, Any]], split: str, index:
 
 
 def build_task_set(seed: int = 0, heldout_fraction: float = 0.2, unseen_kinds: Sequence[str] = UNSEEN_KINDS,
-                   per_instruction: int = 1, max_constraints: int = 3, max_words: Optional[int] = None
-                   ) -> Dict[str, List[Dict[str, Any]]]:
+                   per_instruction: int = 1, max_constraints: int = 3, max_words: Optional[int] = None,
+                   train_kinds: Sequence[str] = ()) -> Dict[str, List[Dict[str, Any]]]:
     """The three splits (see the module docstring): ``per_instruction`` records per base instruction and split.
     ``max_words``: the responses' length budget in words (about 0.75 x new tokens), so that no record asks for
-    more (None: IFEval's own 100-500)."""
+    more (None: IFEval's own 100-500). ``train_kinds``: the kinds of the train and heldout splits (empty: every
+    usable kind but ``unseen_kinds``), e.g. only those the start model follows sometimes, so that its K samples
+    differ in the judge's eyes."""
     usable = checks.usable_kinds()
-    unknown = [kind for kind in unseen_kinds if kind not in usable]
-    if unknown:
-        raise ValueError(f"unseen_kinds: {unknown} are not usable IFEval kinds (usable: {', '.join(usable)})")
+    for field, kinds in (("unseen_kinds", unseen_kinds), ("train_kinds", train_kinds)):
+        unknown = [kind for kind in kinds if kind not in usable]
+        if unknown:
+            raise ValueError(f"{field}: {unknown} are not usable IFEval kinds (usable: {', '.join(usable)})")
+    both = sorted(set(train_kinds) & set(unseen_kinds))
+    if both:
+        raise ValueError(f"train_kinds: {both} are unseen kinds too (never trained on by definition)")
     if not 0 < heldout_fraction < 1:
         raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
-    seen = [kind for kind in usable if kind not in unseen_kinds]
+    seen = list(train_kinds) or [kind for kind in usable if kind not in unseen_kinds]
     splits: Dict[str, List[Dict[str, Any]]] = {"train": [], "heldout": [], "heldout_unseen": []}
     for base in base_instructions():
         names = ["heldout", "heldout_unseen"] if is_heldout(base, heldout_fraction) else ["train"]
