@@ -6,6 +6,7 @@ import json
 import logging
 import random
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -178,6 +179,23 @@ def test_records_are_deterministic_valid_and_describe_their_constraints(task_set
                if c["id"] == "length_constraints:number_words" for w in [c["kwargs"]])  # IFEval's own draws do
     with pytest.raises(ValueError, match="unseen_kinds"):
         tasks.build_task_set(unseen_kinds=["length_constraints:number_sentences"])
+
+
+def test_train_kinds_choose_the_trained_and_in_kind_held_out_constraints():
+    """configs/smollm2_verifiable.yaml trains on the kinds its start model follows sometimes: train and heldout
+    draw from those only (each of them used), heldout_unseen stays as it is; a bad list names its field."""
+    from tuna_train.workflow import load_pipeline_config
+
+    chosen = load_pipeline_config(str(Path(__file__).parents[1] / "configs" / "smollm2_verifiable.yaml")).train_kinds
+    assert chosen and not set(chosen) & set(tasks.UNSEEN_KINDS)
+    narrowed = tasks.build_task_set(seed=3, max_constraints=2, train_kinds=chosen)
+    kinds = {name: {c["id"] for r in records for c in r["constraints"]} for name, records in narrowed.items()}
+    assert kinds["train"] == kinds["heldout"] == set(chosen)
+    assert narrowed["heldout_unseen"] == tasks.build_task_set(seed=3, max_constraints=2)["heldout_unseen"]
+    with pytest.raises(ValueError, match=r"train_kinds: \['keywords:nonsense'\] are not usable"):
+        tasks.build_task_set(train_kinds=["keywords:nonsense"])
+    with pytest.raises(ValueError, match="train_kinds: .*unseen kinds too"):
+        tasks.build_task_set(train_kinds=[tasks.UNSEEN_KINDS[0]])
 
 
 def test_task_records_keep_their_constraints_through_generate_and_rank(tmp_path, task_set):

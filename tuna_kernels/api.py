@@ -212,17 +212,9 @@ def linear_cross_entropy(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     hidden, weight, bias, impl, autocast_device, grad_filter_eps = _prepare(
         hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl, grad_filter_eps)
-    total = None
     with _autocast_off(autocast_device):
-        if impl == "chunked":
-            backend = _chunked_backend(chunk_tokens, chunk_vocab, grad_filter_eps, hidden.dtype)
-            # without grad mode (evaluation) the forward alone is one product on either path
-            if backend.nll_with_grads_fits(weight, torch.is_grad_enabled() and weight.requires_grad):
-                total = FusedLinearNll.apply(backend, hidden, weight, bias, labels, float(logit_scale),
-                                             None if softcap is None else float(softcap), ignore_index)
-        if total is None:
-            total = -_dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl,
-                               chunk_tokens, chunk_vocab, deterministic, grad_filter_eps, autotune).sum()
+        total = _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl,
+                          chunk_tokens, chunk_vocab, deterministic, grad_filter_eps, autotune, summed_nll=True)
     if reduction == "sum":
         return total
     # a mean over no target is NaN with zero (not NaN) gradients, as F.cross_entropy's; no host sync
@@ -257,14 +249,20 @@ def _chunked_backend(chunk_tokens: Optional[int], chunk_vocab: Optional[int], gr
 
 
 def _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl,
-              chunk_tokens, chunk_vocab, deterministic, grad_filter_eps, autotune):
-    """The one dispatch between implementations of the per-token log-probabilities (inputs already checked)."""
+              chunk_tokens, chunk_vocab, deterministic, grad_filter_eps, autotune, summed_nll: bool = False):
+    """The one dispatch between implementations (inputs already checked): the per-token log-probabilities
+    [N], or with ``summed_nll`` their negated sum [] (``linear_cross_entropy``), which the chunked backend forms
+    with its gradients in one sweep when they fit (``ChunkedBackend.nll_with_grads_fits``)."""
     logit_scale = float(logit_scale)
     softcap = None if softcap is None else float(softcap)
     if impl == "reference":
-        return reference_token_logprobs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index)
+        logprobs = reference_token_logprobs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index)
+        return -logprobs.sum() if summed_nll else logprobs
     if impl == "chunked":
         backend = _chunked_backend(chunk_tokens, chunk_vocab, grad_filter_eps, hidden.dtype)
+        # without grad mode (evaluation) the forward alone is one product on either path
+        if summed_nll and backend.nll_with_grads_fits(weight, torch.is_grad_enabled() and weight.requires_grad):
+            return FusedLinearNll.apply(backend, hidden, weight, bias, labels, logit_scale, softcap, ignore_index)
     else:
         if hidden.dtype == torch.float64:
             raise TypeError("impl='triton' supports fp16, bf16 and fp32 inputs, not float64; use impl='chunked'")
@@ -275,7 +273,8 @@ def _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, 
         backend = TritonBackend(deterministic=bool(deterministic), grad_filter_eps=grad_filter_eps,
                                 autotune=bool(autotune))
 
-    return FusedTokenLogprobs.apply(backend, hidden, weight, bias, labels, logit_scale, softcap, ignore_index)
+    logprobs = FusedTokenLogprobs.apply(backend, hidden, weight, bias, labels, logit_scale, softcap, ignore_index)
+    return -logprobs.sum() if summed_nll else logprobs
 
 
 def sequence_logprobs(

@@ -113,7 +113,8 @@ def build_reference_model(config: TrainConfig, device: torch.device, tokenizer):
     path = reference_model_path(config.reference)
     if path is None:
         return None
-    return load_reference_model(path, config.reference_placement(device), tokenizer, attn_implementation=config.attn_implementation,
+    return load_reference_model(path, config.reference_placement(device), tokenizer,
+                                attn_implementation=config.attn_implementation,
                                 trust_remote_code=config.trust_remote_code)
 
 

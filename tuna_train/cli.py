@@ -217,7 +217,8 @@ def _generate(config: GenerateConfig) -> int:
 def _rank(config: RankConfig) -> int:
     """Exit codes: 0 when a record was ranked; 3 when none was (:func:`_none_done`); 130 on Ctrl-C (main), with
     what was cached and how to resume."""
-    stats = rank_records(read_jsonl(config.data), make_judge(config.judge, config, config.placement), config.out, config.concurrency,
+    judge = make_judge(config.judge, config, config.placement)
+    stats = rank_records(read_jsonl(config.data), judge, config.out, config.concurrency,
                          config.parse_attempts, config.retry_failed, config.include_judge_response)
     print(f"tuna rank: {stats} -> {config.out}")
     return 0 if stats["ranked"] else _none_done("rank", "ranked", stats, config)

@@ -51,7 +51,8 @@ class TrainConfig(GroupOptions, LossOptions):
                                                  "ranked candidate where the judge ranks it")
     truncation_warning: float = option(0.05, "warn when more than this fraction of the training groups seen so far "
                                              "had their prompt or a response cut by max_length")
-    synthetic_examples: int = option(4000, "built-in tasks: number of groups (when data is not given)", type=at_least(int, 1))
+    synthetic_examples: int = option(4000, "built-in tasks: number of groups (when data is not given)",
+                                     type=at_least(int, 1))
     synthetic_seed: int = option(1234, "built-in tasks: the seed that draws them")
 
     # model
@@ -91,12 +92,14 @@ class TrainConfig(GroupOptions, LossOptions):
                                                "model, else 20. A warm-up as long as the run (the peak learning rate "
                                                "never reached) is warned about", type=at_least(int, 0))
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
-    batch_groups: int = option(16, "instructions (groups of candidates) per micro-batch and process", type=at_least(int, 1))
+    batch_groups: int = option(16, "instructions (groups of candidates) per micro-batch and process",
+                               type=at_least(int, 1))
     max_batch_tokens: Optional[int] = option(None, "token budget of one forward: a micro-batch whose packed tokens "
                                                    "(padding included, as packing lays them out) pass it runs in "
                                                    "pieces of whole groups, their gradients accumulated (the same "
                                                    "groups per step, less peak memory); 0 = no budget; none = 2048 "
-                                                   "for a model, no budget for the embedded tiny Llama", type=at_least(int, 0))
+                                                   "for a model, no budget for the embedded tiny Llama",
+                                     type=at_least(int, 0))
     grad_accum: int = option(1, "micro-batches per optimizer step", type=at_least(int, 1))
     num_epochs: float = option(2.0, "passes over the training data")
     max_steps: int = option(0, "optimizer steps; > 0 overrides num_epochs")

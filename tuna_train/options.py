@@ -13,8 +13,8 @@ so its fields stay flat (one YAML key and one ``--flag`` per field) while each i
 - :class:`SamplingOptions`: how candidates are sampled (``tuna generate`` and the pipeline's generate stage).
 
 A configuration that takes one field of a group, or wants another default for it, names it with :func:`field_of`
-(the help, choices and bound stay the group's). Bounds are argparse types (:func:`at_least`, :func:`above`): the command line
-refuses a bad value with argparse's usage error, and :func:`check_options` refuses it in YAML and in code.
+(the help, choices and bound stay the group's). Bounds are argparse types (:func:`at_least`, :func:`above`): the
+command line refuses a bad value with argparse's usage error, and :func:`check_options` refuses it in YAML and in code.
 """
 
 from __future__ import annotations

@@ -18,11 +18,10 @@ from typing import Any, Dict, List, Sequence
 from ..evaluation.generation import greedy_generations
 from ..pipeline.store import write_jsonl
 from .evaluate import verifiable_metrics, verifiable_rows
-from .tasks import base_instructions, build_task_set, is_heldout
+from .tasks import HELDOUT_FRACTION, base_instructions, build_task_set, is_heldout
 
 #: the held-out splits every verifiable evaluation reports, in order
 HELDOUT_SPLITS = ("heldout", "heldout_unseen")
-HELDOUT_FRACTION = 0.2
 
 #: words per new token of a response (English text, SmolLM2's and Gemma's tokenizers: about 0.75)
 WORDS_PER_TOKEN = 0.75

@@ -56,6 +56,8 @@ UNSEEN_KINDS = (
     "punctuation:no_comma",
     "startend:end_checker",
 )
+#: the share of base instructions held out (by a hash of their text)
+HELDOUT_FRACTION = 0.2
 # the checker that repeats the request: its argument is the text before it, so it goes last
 _REPEAT = "combination:repeat_prompt"
 
@@ -135,7 +137,7 @@ def task_record(base: str, constraints: List[Dict[str, Any]], split: str, index:
             "constraints": constraints}
 
 
-def build_task_set(seed: int = 0, heldout_fraction: float = 0.2, unseen_kinds: Sequence[str] = UNSEEN_KINDS,
+def build_task_set(seed: int = 0, heldout_fraction: float = HELDOUT_FRACTION, unseen_kinds: Sequence[str] = UNSEEN_KINDS,
                    per_instruction: int = 1, max_constraints: int = 3, max_words: Optional[int] = None,
                    train_kinds: Sequence[str] = ()) -> Dict[str, List[Dict[str, Any]]]:
     """The three splits (see the module docstring): ``per_instruction`` records per base instruction and split.
