@@ -2,11 +2,18 @@
 
 TRITON_INTERPRET must be set before any kernel module is imported (triton.jit decides at decoration
 time), hence here, at the top of the first file pytest loads.
+
+A suite started in the background of a non-interactive shell (``make test &``, ``nohup``) inherits SIGINT
+ignored (POSIX), and Python then keeps it ignored: the Ctrl-C tests, which send this process and its children a
+real SIGINT, need Python's own handler, so it is put back (the children, exec'd, then start with the default).
 """
 
 import os
+import signal
 
 import torch
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
