@@ -257,23 +257,23 @@ def _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, 
     softcap = None if softcap is None else float(softcap)
     if impl == "reference":
         logprobs = reference_token_logprobs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index)
-        return -logprobs.sum() if summed_nll else logprobs
-    if impl == "chunked":
-        backend = _chunked_backend(chunk_tokens, chunk_vocab, grad_filter_eps, hidden.dtype)
-        # without grad mode (evaluation) the forward alone is one product on either path
-        if summed_nll and backend.nll_with_grads_fits(weight, torch.is_grad_enabled() and weight.requires_grad):
-            return FusedLinearNll.apply(backend, hidden, weight, bias, labels, logit_scale, softcap, ignore_index)
     else:
-        if hidden.dtype == torch.float64:
-            raise TypeError("impl='triton' supports fp16, bf16 and fp32 inputs, not float64; use impl='chunked'")
-        from .kernels.launch import TritonBackend  # imports triton: an optional dependency off Linux
+        if impl == "chunked":
+            backend = _chunked_backend(chunk_tokens, chunk_vocab, grad_filter_eps, hidden.dtype)
+            # without grad mode (evaluation) the forward alone is one product on either path
+            if summed_nll and backend.nll_with_grads_fits(weight, torch.is_grad_enabled() and weight.requires_grad):
+                return FusedLinearNll.apply(backend, hidden, weight, bias, labels, logit_scale, softcap, ignore_index)
+        else:
+            if hidden.dtype == torch.float64:
+                raise TypeError("impl='triton' supports fp16, bf16 and fp32 inputs, not float64; use impl='chunked'")
+            from .kernels.launch import TritonBackend  # imports triton: an optional dependency off Linux
 
-        if autotune is None:
-            autotune = os.environ.get("TUNA_AUTOTUNE", "0") == "1"
-        backend = TritonBackend(deterministic=bool(deterministic), grad_filter_eps=grad_filter_eps,
-                                autotune=bool(autotune))
-
-    logprobs = FusedTokenLogprobs.apply(backend, hidden, weight, bias, labels, logit_scale, softcap, ignore_index)
+            if autotune is None:
+                autotune = os.environ.get("TUNA_AUTOTUNE", "0") == "1"
+            backend = TritonBackend(deterministic=bool(deterministic), grad_filter_eps=grad_filter_eps,
+                                    autotune=bool(autotune))
+        logprobs = FusedTokenLogprobs.apply(backend, hidden, weight, bias, labels, logit_scale, softcap,
+                                            ignore_index)
     return -logprobs.sum() if summed_nll else logprobs
 
 
