@@ -154,6 +154,11 @@ def test_mean_of_no_target_is_nan_with_zero_gradients_and_a_bad_reduction_is_nam
     for bad in (2.0, -1.0, float("nan"), "AUTO"):  # >= 1 would silently drop every gradient tile
         with pytest.raises(ValueError, match="grad_filter_eps must be None, 'auto' or a number in"):
             linear_cross_entropy(hidden, weight, labels, grad_filter_eps=bad)
+    # the options are token_logprobs' by name: a misspelt one is refused, not ignored
+    with pytest.raises(TypeError, match="linear_cross_entropy.*unexpected keyword argument 'soft_cap'"):
+        linear_cross_entropy(hidden, weight, labels, soft_cap=30.0)
+    non_default_ignore = torch.where(labels == -100, -1, labels)
+    assert torch.isnan(linear_cross_entropy(hidden, weight, non_default_ignore, ignore_index=-1))
 
 
 def test_an_input_changed_in_place_before_the_backward_is_an_error():

@@ -10,6 +10,7 @@ import pytest
 
 from helpers import naive_sums
 from tuna_train.data import load_ranked
+from tuna_train.options import ScoringOptions
 from tuna_train.pipeline.generate import generate_records, max_pairwise_rouge_l
 from tuna_train.pipeline.score import score_with_model
 from tuna_train.synthetic import correct_answer, make_records
@@ -26,7 +27,7 @@ def test_score_matches_naive_logits(teacher_dir):
     model, tokenizer = load_model(str(teacher_dir)), load_tokenizer(str(teacher_dir))
     records = make_records(6, seed=2)
     records[1]["responses"] = records[1]["responses"][:2]
-    scored = score_with_model(model, tokenizer, records, token_budget=700)  # several batches
+    scored = score_with_model(model, tokenizer, records, ScoringOptions(token_budget=700))  # several batches
     for record, result in zip(records, scored):
         sums, counts = naive_sums(model, tokenizer, record)
         assert result["teacher"]["tokens"] == counts

@@ -17,6 +17,7 @@ Every implementation computes, for each token t with hidden state ``h_t`` and ta
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 from typing import Optional, Tuple
@@ -169,11 +170,8 @@ def token_logprobs(
         [N] float32 (float64 for float64 inputs) log p(labels[t]), 0 at ignored positions.
         Differentiable with respect to ``hidden``, ``weight`` and ``bias`` for any upstream gradient.
     """
-    hidden, weight, bias, impl, autocast_device, grad_filter_eps = _prepare(
-        hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl, grad_filter_eps)
-    with _autocast_off(autocast_device):
-        return _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl,
-                         chunk_tokens, chunk_vocab, deterministic, grad_filter_eps, autotune)
+    return _fused(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl, chunk_tokens, chunk_vocab,
+                  deterministic, grad_filter_eps, autotune, summed_nll=False)
 
 
 def linear_cross_entropy(
@@ -182,22 +180,14 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     *,
     reduction: str = "mean",
-    bias: Optional[torch.Tensor] = None,
-    logit_scale: float = 1.0,
-    softcap: Optional[float] = None,
-    ignore_index: int = -100,
-    impl: str = "auto",
-    chunk_tokens: Optional[int] = None,
-    chunk_vocab: Optional[int] = None,
-    deterministic: bool = False,
-    grad_filter_eps: Optional[float] = None,
-    autotune: Optional[bool] = None,
+    **options,
 ) -> torch.Tensor:
     """Token cross-entropy ``-logp_t`` of :func:`token_logprobs`, averaged (``reduction="mean"``, over the
     target tokens; NaN when there is none, as ``F.cross_entropy``) or summed (``"sum"``) into one number.
 
-    Same arguments as :func:`token_logprobs` (porting from ``F.linear_cross_entropy``: the bias is ``bias=``,
-    per-token losses are ``-token_logprobs(...)``; no label smoothing or class weights). Because the loss is a
+    ``options``: the keyword options of :func:`token_logprobs`, by name (porting from ``F.linear_cross_entropy``:
+    the bias is ``bias=``, per-token losses are ``-token_logprobs(...)``; no label smoothing or class weights).
+    Because the loss is a
     scalar, every token's upstream gradient is known at the forward up to one number, and the chunked
     implementation forms the gradients while it has each logit tile: three N x V x D products (logits,
     grad_hidden, grad_weight) against four for ``token_logprobs(...).sum()`` (whose backward must recompute the
@@ -210,16 +200,37 @@ def linear_cross_entropy(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    hidden, weight, bias, impl, autocast_device, grad_filter_eps = _prepare(
-        hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl, grad_filter_eps)
-    with _autocast_off(autocast_device):
-        total = _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl,
-                          chunk_tokens, chunk_vocab, deterministic, grad_filter_eps, autotune, summed_nll=True)
+    # token_logprobs' signature declares the options once: an unknown name is a TypeError naming it
+    try:
+        arguments = _TOKEN_LOGPROBS_SIGNATURE.bind(hidden, weight, labels, **options)
+    except TypeError as error:
+        raise TypeError(f"linear_cross_entropy() {error}") from None
+    arguments.apply_defaults()
+    total = _fused(**arguments.arguments, summed_nll=True)
     if reduction == "sum":
         return total
     # a mean over no target is NaN with zero (not NaN) gradients, as F.cross_entropy's; no host sync
-    num_targets = (labels != ignore_index).sum()
+    num_targets = (labels != arguments.arguments["ignore_index"]).sum()
     return torch.where(num_targets > 0, total / num_targets.clamp(min=1), float("nan"))
+
+
+_TOKEN_LOGPROBS_SIGNATURE = inspect.signature(token_logprobs)
+# help(linear_cross_entropy) and IDEs list every option it takes, not **options
+linear_cross_entropy.__signature__ = _TOKEN_LOGPROBS_SIGNATURE.replace(parameters=[
+    *list(_TOKEN_LOGPROBS_SIGNATURE.parameters.values())[:3],
+    inspect.Parameter("reduction", inspect.Parameter.KEYWORD_ONLY, default="mean", annotation="str"),
+    *list(_TOKEN_LOGPROBS_SIGNATURE.parameters.values())[3:],
+])
+
+
+def _fused(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl, chunk_tokens, chunk_vocab,
+           deterministic, grad_filter_eps, autotune, summed_nll: bool):
+    """The entry both public functions share: :func:`_prepare`, then :func:`_dispatch` with autocast off."""
+    hidden, weight, bias, impl, autocast_device, grad_filter_eps = _prepare(
+        hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl, grad_filter_eps)
+    with _autocast_off(autocast_device):
+        return _dispatch(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl,
+                         chunk_tokens, chunk_vocab, deterministic, grad_filter_eps, autotune, summed_nll)
 
 
 def _prepare(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, impl, grad_filter_eps):

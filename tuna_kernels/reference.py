@@ -7,15 +7,9 @@ from typing import Optional
 import torch
 
 
-def reference_token_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    logit_scale: float = 1.0,
-    softcap: Optional[float] = None,
-    ignore_index: int = -100,
-) -> torch.Tensor:
+def reference_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             bias: Optional[torch.Tensor], logit_scale: float, softcap: Optional[float],
+                             ignore_index: int) -> torch.Tensor:
     """log_softmax(softcap(logit_scale * hidden @ weight.T + bias))[t, labels[t]], 0 where ignored.
 
     hidden: [N, D], weight: [V, D], labels: [N]. Computes in float64 for float64 inputs, else float32.

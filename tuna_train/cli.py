@@ -197,8 +197,7 @@ def _score(config: ScoreConfig) -> int:
         return 0 if stats["scored"] else _none_done("score", "scored", stats, config)
     records = read_jsonl(config.data)
     tokenizer = _checked_tokenizer(config.teacher, config.template)
-    scored = score_with_model(config.placement.load(config.teacher), tokenizer, records,
-                              config.template, config.max_length, config.token_budget, config.alpha,
+    scored = score_with_model(config.placement.load(config.teacher), tokenizer, records, config,
                               teacher_name=config.teacher)
     write_jsonl(config.out, scored)
     print(f"tuna score: {len(scored)} records scored -> {config.out}")
@@ -252,8 +251,7 @@ def _eval(config: EvalConfig) -> int:
     out, name = Path(config.out), config.name or Path(config.adapter or config.model).name
     if config.kind == "ranking":
         examples, _ = load_ranked(config.data)
-        metrics = evaluate_ranking(model, tokenizer, examples, template=config.template,
-                                   max_length=config.max_length, alpha=config.alpha)
+        metrics = evaluate_ranking(model, tokenizer, examples, config)
     elif config.kind == "judge":
         questions = read_jsonl(config.data)
         baseline = [first_field(a, ANSWER_FIELDS) for a in read_jsonl(config.baseline_answers)]

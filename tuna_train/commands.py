@@ -11,8 +11,8 @@ from typing import List, Optional
 
 from .config import TrainConfig
 from .model import PLACEMENT_DTYPES
-from .options import (EndpointOptions, JudgeOptions, PlacementOptions, SamplingOptions, ScoreOptions, TextOptions,
-                      at_least, check_options, field_of, option)
+from .options import (EndpointOptions, JudgeOptions, PlacementOptions, SamplingOptions, ScoringOptions, TextOptions,
+                      check_options, field_of, option)
 
 #: what ``tuna eval`` measures
 EVAL_KINDS = ("ranking", "generation", "judge", "verifiable")
@@ -36,13 +36,12 @@ class RetryOptions:
 
 
 @dataclass
-class ScoreConfig(ScoreOptions, TextOptions, EndpointOptions, RetryOptions, PlacementOptions, Checked):
+class ScoreConfig(ScoringOptions, EndpointOptions, RetryOptions, PlacementOptions, Checked):
     """``tuna score``: probabilistic ranking, each record's responses scored by a teacher's log-likelihoods."""
 
     teacher: str = option(None, "local model directory, or openai:MODEL with base_url", required=True)
     data: str = option(None, "JSON lines of instructions with their responses", required=True)
     out: str = option(None, "JSON lines written: each record with its scores and ranking", required=True)
-    token_budget: int = option(16384, "tokens per scoring batch", type=at_least(int, 1))
 
 
 @dataclass
@@ -70,7 +69,7 @@ class RankConfig(JudgeOptions, RetryOptions, PlacementOptions, Checked):
 
 
 @dataclass
-class EvalConfig(ScoreOptions, TextOptions, JudgeOptions, PlacementOptions, Checked):
+class EvalConfig(ScoringOptions, JudgeOptions, PlacementOptions, Checked):
     """``tuna eval``: one model's report of a kind, or ``--compare`` of reports."""
 
     kind: Optional[str] = option(None, "ranking: pairwise accuracy and Kendall tau of held-out ranked records; "

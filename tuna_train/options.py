@@ -7,7 +7,10 @@ so its fields stay flat (one YAML key and one ``--flag`` per field) while each i
 - :class:`ScoreOptions`: how token log-probabilities become a candidate's score (alpha);
 - :class:`LossOptions`: the Tuna loss (``TrainConfig`` and ``TunaTrainingArguments``); :meth:`~LossOptions.tuna_loss`
   builds the ``TunaLoss`` in one call;
-- :class:`GroupOptions`: how a ranked group becomes tokens (template, max_length, max_candidates, packing);
+- :class:`TextOptions`: how a record becomes a prompt (template) and how long a candidate may be (max_length);
+- :class:`ScoringOptions`: how a model that only runs scores ranked groups (alpha, template, max_length, token_budget);
+- :class:`GroupOptions`: how a ranked group becomes tokens for training (template, max_length, max_candidates,
+  packing);
 - :class:`PlacementOptions`: where a model that only runs (a teacher, a sampler, a judge, an evaluated model) loads;
 - :class:`EndpointOptions` and :class:`JudgeOptions`: an OpenAI-compatible endpoint, and a judge asked through one;
 - :class:`SamplingOptions`: how candidates are sampled (``tuna generate`` and the pipeline's generate stage).
@@ -227,6 +230,15 @@ class TextOptions:
                                   "than what its prompt leaves is cut on the right (its end and EOS are lost); a "
                                   "prompt of max_length tokens or more keeps only its last max_length - 1 tokens "
                                   "(cut on the left) and every response then keeps one token", type=at_least(int, 1))
+
+
+@dataclass
+class ScoringOptions(ScoreOptions, TextOptions):
+    """How a model that only runs scores ranked groups (``tuna score``'s local teacher, ``tuna eval ranking``): each
+    candidate's summed log-likelihood by the fused kernels, in batches of whole groups."""
+
+    token_budget: int = option(16384, "tokens per scoring batch (whole groups; a group's prompt counts once)",
+                               type=at_least(int, 1))
 
 
 @dataclass

@@ -49,8 +49,8 @@ from .pipeline.score import score_with_model
 from .pipeline.store import read_jsonl, write_jsonl
 from .pipeline.training_controls import TRAINING_CONTROLS, control_records
 from .synthetic import make_records, make_task_records
-from .options import (JudgeOptions, PlacementOptions, SamplingOptions, TextOptions, at_least, check_options, field_of,
-                      option, options_of)
+from .options import (JudgeOptions, PlacementOptions, SamplingOptions, ScoringOptions, TextOptions, at_least,
+                      check_options, field_of, option, options_of)
 from .trainer import Trainer
 from .verifiable.pipeline import HELDOUT_SPLITS, evaluate_model, write_pipeline_task_set
 
@@ -143,6 +143,12 @@ class PipelineConfig(SamplingOptions, JudgeOptions, PlacementOptions):
         if self.template != "auto":
             return self.template
         return "none" if self.model is None else "auto"
+
+    @property
+    def scoring(self) -> ScoringOptions:
+        """How the teacher scores Tuna_p's data and the evaluation scores each model's ranking: the pipeline's
+        template, the scoring group's other defaults."""
+        return ScoringOptions(template=self.prompt_template)
 
 
 def load_pipeline_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> PipelineConfig:
@@ -250,8 +256,7 @@ def run_pipeline(config: PipelineConfig) -> Dict[str, Any]:
         scored = root / "scored.jsonl"
         if not manifest.done("score"):
             records = score_with_model(config.placement.load(config.teacher), load_tokenizer(config.teacher),
-                                       read_jsonl(data_p),
-                                       config.prompt_template, teacher_name=config.teacher)
+                                       read_jsonl(data_p), config.scoring, teacher_name=config.teacher)
             write_jsonl(scored, records)
             manifest.record("score", "done", outputs=[str(scored)], records=len(records))
         data_p = str(scored)
@@ -422,7 +427,7 @@ def evaluate_stages(config: PipelineConfig, root: Path, manifest: Manifest, eval
         else:
             model, tokenizer = load_stage_model(config, root, path)
             ranking = write_report(out / "ranking", "ranking", name, evaluate_ranking(
-                model, tokenizer, examples, template=config.prompt_template))
+                model, tokenizer, examples, config.scoring))
             predictions = greedy_generations(model, tokenizer, tasks, out / "generation" / "progress.jsonl",
                                                         config.prompt_template, config.max_new_tokens)
             save_generations(out / "generation", tasks, predictions)

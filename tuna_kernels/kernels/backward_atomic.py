@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .common import dot_operand, grouped_tile, recompute_grad_tile, tile_needed
+from .common import dot_operand, grad_logit_tile, grouped_tile, logit_tile, tile_needed, token_rows
 
 
 @triton.jit
@@ -31,13 +31,14 @@ def logprob_backward_atomic_kernel(
     pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(num_tokens, BLOCK_N), tl.cdiv(vocab_size, BLOCK_V), GROUP_V)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_n = offs_n < num_tokens
     mask_v = offs_v < vocab_size
-    dz, grad_token = recompute_grad_tile(
-        hidden_ptr, weight_ptr, bias_ptr, labels_ptr, lse_ptr, grad_token_ptr, offs_n, offs_v,
-        num_tokens, vocab_size, hidden_dim, stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap,
+    mask_n, labels, lse, grad_token = token_rows(labels_ptr, lse_ptr, grad_token_ptr, offs_n, num_tokens)
+    z = logit_tile(
+        hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, num_tokens, vocab_size, hidden_dim,
+        stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap,
         HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION,
     )
+    dz = grad_logit_tile(z, lse, grad_token, labels, mask_n, offs_v, vocab_size, softcap, HAS_SOFTCAP)
     if NEED_GRAD_BIAS:
         tl.atomic_add(grad_bias_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
     if tile_needed(dz, grad_token, filter_eps, FILTER):

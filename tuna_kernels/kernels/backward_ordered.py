@@ -4,7 +4,30 @@ logit tile, no float atomics; the token tiles add to each grad_weight tile in a 
 import triton
 import triton.language as tl
 
-from .common import dot_operand, grad_logit_tile, logit_tile, tile_needed
+from .common import dot_operand, grad_logit_tile, logit_tile, tile_needed, token_rows
+
+
+@triton.jit
+def add_product(sum_rows, mask_rows, lhs, operand_rows, stride_operand_d, mask_operand, hidden_dim, out_scale,
+                SUM_CACHE: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """sums[r, :] += out_scale * lhs @ operand[:, :] over the hidden dimension, BLOCK_D columns at a time, with
+    plain loads and stores: the rows are this program's alone, or its turn's (the ticket).
+
+    ``sum_rows``: [R, 1] pointers to fp32 rows of ``hidden_dim`` contiguous sums, ``mask_rows`` [R];
+    ``lhs``: [R, K] in the input dtype; ``operand_rows``: [K, 1] pointers to the operand's rows, whose columns
+    are ``stride_operand_d`` apart, ``mask_operand`` [K]; ``SUM_CACHE``: the load's cache modifier for the sums.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, hidden_dim, BLOCK_D):
+        cols = d0 + offs_d
+        cols64 = cols.to(tl.int64)
+        mask_d = cols < hidden_dim
+        operand = tl.load(operand_rows + cols64[None, :] * stride_operand_d,
+                          mask=mask_operand[:, None] & mask_d[None, :], other=0.0)
+        mask_sums = mask_rows[:, None] & mask_d[None, :]
+        sums = tl.load(sum_rows + cols64[None, :], mask=mask_sums, other=0.0, cache_modifier=SUM_CACHE)
+        sums += tl.dot(lhs, operand, input_precision=DOT_PRECISION) * out_scale
+        tl.store(sum_rows + cols64[None, :], sums, mask=mask_sums)
 
 
 @triton.jit
@@ -47,11 +70,7 @@ def logprob_backward_ordered_kernel(
     vocab_start = pid_split * vocab_per_split
     vocab_end = tl.minimum(vocab_start + vocab_per_split, vocab_size)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < num_tokens
-    labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1)
-    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-    grad_token = tl.load(grad_token_ptr + offs_n, mask=mask_n, other=0.0)
-    offs_d = tl.arange(0, BLOCK_D)
+    mask_n, labels, lse, grad_token = token_rows(labels_ptr, lse_ptr, grad_token_ptr, offs_n, num_tokens)
     hidden_rows = grad_hidden_ptr + (pid_split.to(tl.int64) * num_tokens + offs_n)[:, None] * hidden_dim
     for v0 in range(vocab_start, vocab_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
@@ -67,16 +86,8 @@ def logprob_backward_ordered_kernel(
         out_scale = dz_scale * logit_scale
         if NEED_GRAD_HIDDEN:
             if needed:
-                for d0 in range(0, hidden_dim, BLOCK_D):
-                    cols = d0 + offs_d
-                    cols64 = cols.to(tl.int64)
-                    mask_d = cols < hidden_dim
-                    mask_nd = mask_n[:, None] & mask_d[None, :]
-                    w = tl.load(weight_ptr + offs_v.to(tl.int64)[:, None] * stride_wv + cols64[None, :] * stride_wd,
-                                mask=mask_v[:, None] & mask_d[None, :], other=0.0)
-                    partial = tl.load(hidden_rows + cols64[None, :], mask=mask_nd, other=0.0)
-                    partial += tl.dot(dz_dot, w, input_precision=DOT_PRECISION) * out_scale
-                    tl.store(hidden_rows + cols64[None, :], partial, mask=mask_nd)
+                add_product(hidden_rows, mask_n, dz_dot, weight_ptr + offs_v.to(tl.int64)[:, None] * stride_wv,
+                            stride_wd, mask_v, hidden_dim, out_scale, "", BLOCK_D, DOT_PRECISION)
         if NEED_GRAD_WEIGHT or NEED_GRAD_BIAS:
             ticket = tickets_ptr + 1 + v0 // BLOCK_V
             while tl.load(ticket, volatile=True) != pid_n:  # polls without fences or L1 invalidation
@@ -87,17 +98,9 @@ def logprob_backward_ordered_kernel(
                 tl.store(grad_bias_ptr + offs_v, bias_sums + tl.sum(dz, axis=0), mask=mask_v)
             if NEED_GRAD_WEIGHT:
                 if needed:
-                    weight_rows = grad_weight_ptr + offs_v.to(tl.int64)[:, None] * hidden_dim
-                    for d0 in range(0, hidden_dim, BLOCK_D):
-                        cols = d0 + offs_d
-                        cols64 = cols.to(tl.int64)
-                        mask_d = cols < hidden_dim
-                        mask_vd = mask_v[:, None] & mask_d[None, :]
-                        h = tl.load(hidden_ptr + offs_n.to(tl.int64)[:, None] * stride_hn + cols64[None, :] * stride_hd,
-                                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-                        # .cg: read at L2, where the previous turn's stores are (the acquire invalidated L1 too)
-                        sums = tl.load(weight_rows + cols64[None, :], mask=mask_vd, other=0.0, cache_modifier=".cg")
-                        sums += tl.dot(tl.trans(dz_dot), h, input_precision=DOT_PRECISION) * out_scale
-                        tl.store(weight_rows + cols64[None, :], sums, mask=mask_vd)
+                    # ".cg": read the sums at L2, where the previous turn's stores are (the acquire invalidated L1 too)
+                    add_product(grad_weight_ptr + offs_v.to(tl.int64)[:, None] * hidden_dim, mask_v, tl.trans(dz_dot),
+                                hidden_ptr + offs_n.to(tl.int64)[:, None] * stride_hn, stride_hd, mask_n, hidden_dim,
+                                out_scale, ".cg", BLOCK_D, DOT_PRECISION)
             tl.debug_barrier()  # every thread's stores are issued before the hand-over
             tl.atomic_xchg(ticket, pid_n + 1, sem="release")

@@ -1,4 +1,4 @@
-"""Tile helpers shared by the kernels: one logit tile, and its gradient.
+"""Tile helpers shared by the kernels: one logit tile, its gradient, and the token rows a backward tile reads.
 
 A logit tile is [BLOCK_N tokens, BLOCK_V vocabulary entries], accumulated in fp32 by walking the hidden
 dimension in BLOCK_D slices, so no full [BLOCK_N, D] row is ever held in registers.
@@ -121,25 +121,11 @@ def dot_operand(dz, grad_token, dtype):
 
 
 @triton.jit
-def recompute_grad_tile(
-    hidden_ptr, weight_ptr, bias_ptr, labels_ptr, lse_ptr, grad_token_ptr,
-    offs_n, offs_v, num_tokens, vocab_size, hidden_dim,
-    stride_hn, stride_hd, stride_wv, stride_wd,
-    logit_scale, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Backward's first half for one tile: load the tokens' labels, log-sum-exps and upstream gradients,
-    recompute the logits and return dL/dz_raw, [BLOCK_N, BLOCK_V] fp32 (0 for rows past num_tokens), and the
-    upstream gradients g, [BLOCK_N] fp32 (for :func:`dot_operand`)."""
+def token_rows(labels_ptr, lse_ptr, grad_token_ptr, offs_n, num_tokens):
+    """What a backward tile needs of its tokens: ``(mask_n, labels, lse, grad_token)``, [BLOCK_N] each; rows past
+    ``num_tokens`` read label -1 (no vocabulary entry), lse 0 and gradient 0."""
     mask_n = offs_n < num_tokens
     labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1)
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     grad_token = tl.load(grad_token_ptr + offs_n, mask=mask_n, other=0.0)
-    z = logit_tile(
-        hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, num_tokens, vocab_size, hidden_dim,
-        stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap,
-        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION,
-    )
-    return grad_logit_tile(z, lse, grad_token, labels, mask_n, offs_v, vocab_size, softcap, HAS_SOFTCAP), grad_token
+    return mask_n, labels, lse, grad_token

@@ -36,6 +36,7 @@ from tuna_kernels import length_normalised
 
 from ..collate import pack, pad_id_of, tokenize_group
 from ..data import RankedExample, contextual_prompt
+from ..options import ScoringOptions
 from ..progress import progress_bar
 from ..schema import PROMPT_FIELDS, RESPONSE_FIELDS, first_field, record_name
 from .http import JsonClient, RequestFailed
@@ -84,13 +85,15 @@ def _with_scores(record, sums: List[float], tokens: List[int], alpha: float, tea
 
 
 @torch.no_grad()
-def group_logprobs(model, tokenizer, examples: List[RankedExample], template: str = "alpaca", max_length: int = 512,
-                   token_budget: int = 16384, impl: str = "auto") -> List[Tuple[List[float], List[int]]]:
+def group_logprobs(model, tokenizer, examples: List[RankedExample], options: Optional[ScoringOptions] = None
+                   ) -> List[Tuple[List[float], List[int]]]:
     """Per group, each response's summed log-likelihood and its token count (EOS included), by the fused
-    ``sequence_logprobs``; batches hold as many groups as fit ``token_budget`` tokens (prompt shared)."""
+    ``sequence_logprobs``; ``options`` (default: :class:`ScoringOptions`' defaults) give the template, max_length
+    and the batches' size: as many groups as fit ``token_budget`` tokens (prompt shared)."""
+    options = options or ScoringOptions()
     device = next(model.parameters()).device
     model.eval()
-    groups = [tokenize_group(example, tokenizer, template, max_length) for example in examples]
+    groups = [tokenize_group(example, tokenizer, options.template, options.max_length) for example in examples]
     pad_id = pad_id_of(tokenizer)
     out: List[Tuple[List[float], List[int]]] = []
     with progress_bar(len(groups), "score", unit="group") as bar:
@@ -99,11 +102,11 @@ def group_logprobs(model, tokenizer, examples: List[RankedExample], template: st
             end, tokens = start, 0
             while end < len(groups):
                 size = len(groups[end].prompt_ids) + sum(map(len, groups[end].response_ids))
-                if end > start and tokens + size > token_budget:
+                if end > start and tokens + size > options.token_budget:
                     break
                 tokens, end = tokens + size, end + 1
             batch = pack(groups[start:end], "shared", pad_id).to(device)
-            sums, counts = fused_batch_forward(model, batch, scores_only=True, impl=impl)
+            sums, counts = fused_batch_forward(model, batch, scores_only=True)
             sums, counts = sums.double().cpu().tolist(), counts.cpu().tolist()
             seq = 0
             for group in groups[start:end]:
@@ -115,14 +118,13 @@ def group_logprobs(model, tokenizer, examples: List[RankedExample], template: st
     return out
 
 
-def score_with_model(model, tokenizer, records: List[Dict[str, Any]], template: str = "alpaca",
-                     max_length: int = 512, token_budget: int = 16384, alpha: float = 1.0,
-                     impl: str = "auto", teacher_name: str = "local") -> List[Dict[str, Any]]:
-    """Scored records (see the module docstring)."""
+def score_with_model(model, tokenizer, records: List[Dict[str, Any]], options: Optional[ScoringOptions] = None,
+                     teacher_name: str = "local") -> List[Dict[str, Any]]:
+    """Scored records (see the module docstring); ``options`` as :func:`group_logprobs` takes them, and alpha."""
+    options = options or ScoringOptions()
     examples = [as_example(record) for record in records]
-    sums_counts = group_logprobs(model, tokenizer, examples, template, max_length, token_budget, impl)
-    return [_with_scores(record, sums, counts, alpha, teacher_name)
-            for record, (sums, counts) in zip(records, sums_counts)]
+    return [_with_scores(record, sums, counts, options.alpha, teacher_name)
+            for record, (sums, counts) in zip(records, group_logprobs(model, tokenizer, examples, options))]
 
 
 class EndpointAnswerError(ValueError):
