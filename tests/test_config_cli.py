@@ -6,7 +6,7 @@ import pytest
 
 from tuna_train.cli import build_parser, main
 from tuna_train.config import TrainConfig, load_config
-from tuna_train.workflow import PipelineConfig
+from tuna_train.pipeline.workflow import PipelineConfig
 
 
 def test_every_field_is_a_flag_and_a_yaml_key(tmp_path):

@@ -107,7 +107,7 @@ def test_the_trainer_arguments_are_tuna_trains_loss_and_group_options():
     ({"num_candidates": "0"}, "config field 'num_candidates' must be >= 1, got 0"),
 ])
 def test_yaml_and_code_refuse_what_the_command_line_refuses(tmp_path, source, words):
-    from tuna_train.workflow import PipelineConfig
+    from tuna_train.pipeline.workflow import PipelineConfig
 
     path = tmp_path / "pipeline.yaml"
     path.write_text("".join(f"{key}: {value}\n" for key, value in source.items()))

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from tuna_train import cli, workflow
+from tuna_train import cli
+from tuna_train.pipeline import workflow
 from tuna_train.pipeline.store import JsonlStore
 from tuna_train.trainer import Trainer
 from train_runs import ctrl_c_in_stage

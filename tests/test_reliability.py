@@ -11,7 +11,7 @@ from tuna_train.pipeline.http import JsonClient, RequestFailed
 from tuna_train.pipeline.judge import ChatJudge
 from tuna_train.pipeline.rank import rank_records
 from tuna_train.pipeline.store import JsonlStore
-from tuna_train.workflow import Manifest
+from tuna_train.pipeline.workflow import Manifest
 
 
 def records(names, responses=("alpha", "beta", "gamma")):

@@ -15,7 +15,7 @@ from tuna_kernels.kernels.launch import TritonBackend
 from tuna_train.cli_reference import example_config
 from tuna_train.config import load_config
 from tuna_train.trainer import Trainer
-from tuna_train.workflow import PipelineConfig, load_pipeline_config
+from tuna_train.pipeline.workflow import PipelineConfig, load_pipeline_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("tuna_kernels", "tuna_hf", "tuna_train")
@@ -149,7 +149,7 @@ def test_test_modules_import_no_other_test_module():
 def test_training_loads_no_pipeline_stage():
     """Importing the training loop or the Trainer loads no pipeline stage, no ROUGE and no IFEval checker."""
     code = ("import sys, tuna_train.trainer, tuna_train.hf_trainer; print(sorted(m for m in sys.modules if "
-            "m.startswith(('tuna_train.pipeline', 'tuna_train.verifiable', 'tuna_train.workflow', 'rouge_score'))))")
+            "m.startswith(('tuna_train.pipeline', 'tuna_train.verifiable', 'rouge_score'))))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert loaded.stdout.strip() == "[]", loaded.stdout
 

@@ -184,7 +184,7 @@ def test_records_are_deterministic_valid_and_describe_their_constraints(task_set
 def test_train_kinds_choose_the_trained_and_in_kind_held_out_constraints():
     """configs/smollm2_verifiable.yaml trains on the kinds its start model follows sometimes: train and heldout
     draw from those only (each of them used), heldout_unseen stays as it is; a bad list names its field."""
-    from tuna_train.workflow import load_pipeline_config
+    from tuna_train.pipeline.workflow import load_pipeline_config
 
     chosen = load_pipeline_config(str(Path(__file__).parents[1] / "configs" / "smollm2_verifiable.yaml")).train_kinds
     assert chosen and not set(chosen) & set(tasks.UNSEEN_KINDS)

@@ -18,7 +18,8 @@ import pytest
 
 pytest.importorskip("if_verifiable")
 
-from tuna_train import cli, workflow
+from tuna_train import cli
+from tuna_train.pipeline import workflow
 from tuna_train.pipeline.store import read_jsonl
 from tuna_train.pipeline.training_controls import best_only, random_ranking
 from tuna_train.trainer import Trainer

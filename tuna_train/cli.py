@@ -42,6 +42,7 @@ from .pipeline.pool import Interrupted
 from .pipeline.rank import rank_records
 from .pipeline.score import score_with_endpoint, score_with_model
 from .pipeline.store import read_jsonl, write_jsonl
+from .pipeline.workflow import PipelineConfig, PipelineStopped, resume_hint, run_pipeline
 from .records import read_records, record_where
 from .real_models import REAL_MODELS, install_hint, is_prepared, models_dir, prepare
 from .run_dir import RESUME_HELP
@@ -52,7 +53,6 @@ from .trainer import Trainer
 from .verifiable.checks import MissingCheckers
 from .verifiable.evaluate import check_records
 from .verifiable.pipeline import HELDOUT_SPLITS, evaluate_model
-from .workflow import PipelineConfig, PipelineStopped, resume_hint, run_pipeline
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> None:

@@ -18,13 +18,13 @@ import yaml
 
 from .cli import build_parser
 from .options import choices_of, ordered_fields
-from .workflow import PipelineConfig
+from .pipeline.workflow import PipelineConfig
 
 HEADER = """# CLI reference
 
 Every flag of every `tuna` command: its default, its choices and what it does. This page is generated from
 the parser that `tuna` runs (`make docs`; a test checks that it is in sync). The `train` flags are the fields
-of `tuna_train.config.TrainConfig` and the `pipeline` flags those of `tuna_train.workflow.PipelineConfig`:
+of `tuna_train.config.TrainConfig` and the `pipeline` flags those of `tuna_train.pipeline.workflow.PipelineConfig`:
 each one is also a key of the command's YAML file (`--config`).
 """
 
