@@ -26,7 +26,7 @@ def mean_token_logprobs(model, batch):
 
 def test_every_cpu_attention_gives_the_same_logprobs_in_both_layouts():
     tokenizer = synthetic_tokenizer()
-    groups = [tokenize_group(e, tokenizer) for e in examples_from_records(make_records(6, seed=7), source="test")]
+    groups = [tokenize_group(e, tokenizer, "alpaca", 512) for e in examples_from_records(make_records(6, seed=7), source="test")]
     batches = {layout: pack(groups, layout) for layout in ("shared", "per_candidate")}
     assert batches["shared"].attention_mask.dim() == 4
     reference = mean_token_logprobs(build_tiny_llama(seed=1, attn_implementation="sdpa").eval(),

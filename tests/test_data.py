@@ -90,7 +90,7 @@ def test_contextual_trains_on_instruct_not_on_the_judge_prompt(tmp_path, key, ju
     example = examples[0]
     for template in ("alpaca", "chat", "none"):  # templated once: no template is applied again
         assert example.prompt_text(template) == record["instruct"]
-    assert "###Response" not in example.prompt_text()
+    assert "###Response" not in example.prompt_text("alpaca")
     assert example.meta["judge_prompt"] == record["prompt"]  # kept for audit, never trained on
     assert example.responses == ["Paris, France", "Paris", "Lyon", "Marseille"]
 

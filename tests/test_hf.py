@@ -55,14 +55,15 @@ def gemma2_with_softcap():
 
 def models(tiny_model_dir):
     yield "llama", build_tiny_llama(hidden_size=32, seed=2)
-    lora = add_lora(build_tiny_llama(hidden_size=32, seed=2), r=4, dropout=0.0)
+    lora = add_lora(build_tiny_llama(hidden_size=32, seed=2), r=4, alpha=32, dropout=0.0, target_modules="all-linear")
     with torch.no_grad():
         for name, param in lora.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
     yield "peft-lora", lora
     yield "qlora-4bit", add_lora(load_model(str(tiny_model_dir), load_in_4bit=True, compute_dtype="float32",
-                                            trainable=True), r=4, dropout=0.0, quantized=True)
+                                            trainable=True), r=4, alpha=32, dropout=0.0, target_modules="all-linear",
+                                  quantized=True)
     yield "gemma2-softcap", gemma2_with_softcap()
 
 

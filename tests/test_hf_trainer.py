@@ -65,7 +65,7 @@ def test_groups_are_never_split_across_batches_or_devices(tmp_path, packing):
 
 
 def test_tuna_trainer_trains_a_peft_model_logs_and_checkpoints(tmp_path):
-    model = add_lora(build_tiny_llama(hidden_size=32), r=4)
+    model = add_lora(build_tiny_llama(hidden_size=32), r=4, alpha=32, dropout=0.05, target_modules="all-linear")
     trainer = TunaTrainer(model=model, args=arguments(tmp_path), train_dataset=Dataset.from_list(make_records(60)),
                           eval_dataset=Dataset.from_list(make_records(16, seed=9)),
                           processing_class=synthetic_tokenizer())

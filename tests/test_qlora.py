@@ -55,11 +55,12 @@ def test_lora_gradients_of_the_4bit_model_equal_the_dequantised_model(tiny_model
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
     reference = dequantised_copy(tiny_model_dir, model)  # before any evaluation touches the 4-bit weights
-    reference = add_lora(reference, r=8, alpha=config.lora_alpha, dropout=0.0)
+    reference = add_lora(reference, r=8, alpha=config.lora_alpha, dropout=0.0,
+                         target_modules=config.lora_target_modules)
     reference.load_state_dict({n: p for n, p in model.state_dict().items() if "lora_" in n}, strict=False)
 
     examples = examples_from_records(make_records(6, seed=3), source="test")
-    batch = pack([tokenize_group(e, tokenizer) for e in examples], "shared")
+    batch = pack([tokenize_group(e, tokenizer, "alpaca", 512) for e in examples], "shared")
     if evaluate_first:  # what the trainer does before its first step
         model.eval()
         with torch.no_grad():

@@ -145,7 +145,7 @@ def test_qlora_4bit_lora_gradients_match_the_model_own_forward(smollm2_dir):
     """QLoRA on CPU on SmolLM2 (NF4 base, LoRA everywhere but the head): loss and LoRA gradients equal those of
     the same quantised model's own forward."""
     model = add_lora(load_model(str(smollm2_dir), load_in_4bit=True, compute_dtype="float32", trainable=True),
-                     r=4, dropout=0.0, quantized=True)
+                     r=4, alpha=32, dropout=0.0, target_modules="all-linear", quantized=True)
     with torch.no_grad():
         generator = torch.Generator().manual_seed(1)
         for param_name, param in model.named_parameters():

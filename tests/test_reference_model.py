@@ -122,7 +122,7 @@ def test_tuna_trainer_with_a_reference_model_trains_as_the_adapter_reference(tmp
     losses = {}
     for name in ("adapter", f"model:{tiny_model_dir}"):
         torch.manual_seed(0)  # the same LoRA initialisation in both runs
-        model = add_lora(load_model(str(tiny_model_dir)), r=4, dropout=0.0)
+        model = add_lora(load_model(str(tiny_model_dir)), r=4, alpha=32, dropout=0.0, target_modules="all-linear")
         args = TunaTrainingArguments(output_dir=str(tmp_path / name.replace("/", "_")), loss="plackett_luce",
                                      reference=name, per_device_train_batch_size=4, learning_rate=0.05,
                                      max_steps=3, logging_steps=1, report_to=[], use_cpu=True, seed=0,

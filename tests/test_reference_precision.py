@@ -69,7 +69,7 @@ def test_the_adapter_reference_under_qlora_is_the_dequantised_base_model(tiny_mo
     trained_looking(model).train()
     base = dequantised_base(tiny_model_dir, model)
     examples = examples_from_records(make_records(4, seed=3), source="test")
-    packed = pack([tokenize_group(e, tokenizer) for e in examples], "per_candidate")
+    packed = pack([tokenize_group(e, tokenizer, "alpaca", 512) for e in examples], "per_candidate")
     loss_fn = RecordingLoss(loss=loss_name, beta=2.0, impl="chunked")
     loss, _ = fused_batch_forward(model, packed, loss_fn, reference="adapter")
     ref = loss_fn.seen_ref_scores
@@ -93,7 +93,7 @@ def trained_looking_policy(quantised, base):
     """The policy in float32: ``base`` (dequantised) with the 4-bit model's LoRA weights."""
     from tuna_train.model import add_lora
 
-    policy = add_lora(copy.deepcopy(base), r=8, alpha=32, dropout=0.0)
+    policy = add_lora(copy.deepcopy(base), r=8, alpha=32, dropout=0.0, target_modules="all-linear")
     policy.load_state_dict({n: p for n, p in quantised.state_dict().items() if "lora_" in n}, strict=False)
     return policy
 

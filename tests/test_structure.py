@@ -2,6 +2,7 @@
 metric defined once, a loss added with one function and one registry line, the pipeline's config documented."""
 
 import ast
+import dataclasses
 import inspect
 import re
 import subprocess
@@ -12,8 +13,9 @@ from tuna_kernels import LOSSES, RankingOptions, ordered_pairs, register_loss
 from tuna_kernels.backend import LogprobBackend
 from tuna_kernels.chunked import ChunkedBackend
 from tuna_kernels.kernels.launch import TritonBackend
+from tuna_train import commands
 from tuna_train.cli_reference import example_config
-from tuna_train.config import load_config
+from tuna_train.config import TrainConfig, load_config
 from tuna_train.trainer import Trainer
 from tuna_train.pipeline.workflow import PipelineConfig, load_pipeline_config
 
@@ -161,3 +163,42 @@ def test_both_backends_implement_the_one_backend_interface():
         for method in ("forward", "backward"):
             declared = list(inspect.signature(getattr(LogprobBackend, method)).parameters)
             assert list(inspect.signature(getattr(backend, method)).parameters) == declared, (backend, method)
+
+
+#: parameters that share an option's name and default but not its meaning: every function that draws random
+#: numbers takes its own seed (0 unless told); the sampler's structural grad_accum; the built-in tasks' own
+#: candidates per group; the local judge's answer budget
+OWN_DEFAULTS = {"seed", ("GroupSampler", "grad_accum"), ("make_records", "num_candidates"),
+                ("LocalJudge", "max_new_tokens")}
+
+
+def test_no_function_writes_an_options_default_again():
+    """A function parameter named after an option takes the option's default by reference (``timeout: float =
+    EndpointOptions.timeout``), or none: not the same literal written again, which drifts when the option's
+    changes."""
+    configs = [TrainConfig, PipelineConfig, *(value for value in vars(commands).values()
+                                               if isinstance(value, type) and dataclasses.is_dataclass(value))]
+    defaults = {}
+    for config in configs:
+        for declared in dataclasses.fields(config):
+            if isinstance(declared.default, (int, float, str)) and not isinstance(declared.default, bool):
+                defaults.setdefault(declared.name, set()).add(declared.default)
+    repeated = []
+    for module, path, tree in modules():
+        if not module.startswith("tuna_train"):
+            continue
+        owners = {id(item): node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)
+                  for item in node.body}
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            owner = owners.get(id(node), node.name)
+            positional = node.args.posonlyargs + node.args.args
+            pairs = [*zip(positional[len(positional) - len(node.args.defaults):], node.args.defaults),
+                     *zip(node.args.kwonlyargs, node.args.kw_defaults)]
+            for arg, default in pairs:
+                if (isinstance(default, ast.Constant) and not isinstance(default.value, bool)
+                        and default.value in defaults.get(arg.arg, ()) and arg.arg not in OWN_DEFAULTS
+                        and (owner, arg.arg) not in OWN_DEFAULTS):
+                    repeated.append(f"{path.relative_to(ROOT)}:{node.lineno} {owner}: {arg.arg}={default.value!r}")
+    assert not repeated, repeated

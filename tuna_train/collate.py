@@ -44,7 +44,7 @@ def pad_id_of(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def tokenize_group(example: RankedExample, tokenizer, template: str = "alpaca", max_length: int = 512,
+def tokenize_group(example: RankedExample, tokenizer, template: str, max_length: int,
                    max_candidates: Optional[int] = None) -> TokenizedGroup:
     """Prompt and responses of one example; each candidate (prompt + response + EOS) fits ``max_length``.
 

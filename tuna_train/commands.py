@@ -1,7 +1,7 @@
 """The configuration of each ``tuna`` command besides ``train`` (:class:`.config.TrainConfig`) and ``pipeline``
-(:class:`.pipeline.workflow.PipelineConfig`): one dataclass a command, made of the option groups of :mod:`.options` and the
-command's own fields. The command line is built from them (:mod:`.cli`: one flag a field, with its help, choices
-and bound), and code can run a command's configuration without it.
+(:class:`.pipeline.workflow.PipelineConfig`): one dataclass a command, made of the option groups of
+:mod:`.options` and the command's own fields. The command line is built from them (:mod:`.cli`: one flag a
+field, with its help, choices and bound), and code can run a command's configuration without it.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 import yaml
 
 from .data import FORMATS
-from .model import ADAPTER_MODES, DTYPES
+from .model import ADAPTER_MODES, ATTN_IMPLEMENTATIONS, DTYPES, WEIGHT_DTYPE
 from .options import GroupOptions, LossOptions, at_least, check_options, option
 from .sharding import SHARDINGS
 
@@ -22,7 +22,6 @@ OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 #: lr_schedule -> the transformers scheduler it names; each starts with a linear warm-up from 0
 LR_SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 #: the defaults of LoRA on a model (TrainConfig.__post_init__): peft's usual rate, a warm-up of a tenth of the run
@@ -41,7 +40,7 @@ class TrainConfig(GroupOptions, LossOptions):
     # data
     data: Optional[str] = option(None, "training records: a JSON lines, JSON, Parquet or CSV file, a saved dataset "
                                        "directory, or a hub name; none = the built-in tasks")
-    data_format: str = option("auto", "record format; auto detects it from the first record", FORMATS)
+    data_format: str = option(FORMATS[0], "record format; auto detects it from the first record", FORMATS)
     eval_data: Optional[str] = option(None, "held-out records; none = eval_fraction of the training data")
     eval_fraction: float = option(0.1, "fraction of the training data held out when eval_data is not given "
                                        "(0: nothing held out, nothing evaluated)")
@@ -58,10 +57,10 @@ class TrainConfig(GroupOptions, LossOptions):
     # model
     model: Optional[str] = option(None, "a local Hugging Face model directory, or a LoRA adapter directory (loaded "
                                         "on its base); none = a tiny Llama built from a config")
-    adapter: str = option("attach", "when model is a LoRA adapter: attach it (with lora: continue training it) or "
+    adapter: str = option(ADAPTER_MODES[0], "when model is a LoRA adapter: attach it (with lora: continue training it) or "
                                     "merge it into the base first", ADAPTER_MODES)
     tokenizer: Optional[str] = option(None, "tokenizer directory; none = the model's (or the adapter's base's)")
-    torch_dtype: str = option("float32", "weights of a model that is not quantised", tuple(DTYPES))
+    torch_dtype: str = option(WEIGHT_DTYPE, "weights of a model that is not quantised", tuple(DTYPES))
     load_in_4bit: bool = option(False, "QLoRA: the base model's weights in 4-bit NF4 (bitsandbytes); needs lora")
     bnb_compute_dtype: str = option("bfloat16", "load_in_4bit: the dtype 4-bit layers compute in", tuple(DTYPES))
     bnb_double_quant: bool = option(True, "load_in_4bit: quantise the quantisation constants too")
@@ -72,7 +71,7 @@ class TrainConfig(GroupOptions, LossOptions):
     lora_target_modules: str = option("all-linear", "modules that get adapters: all-linear, or names separated by "
                                                     "commas (q_proj,v_proj)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward (less memory, more time)")
-    attn_implementation: str = option("sdpa", "attention implementation; flash_attention_2 needs "
+    attn_implementation: str = option(ATTN_IMPLEMENTATIONS[0], "attention implementation; flash_attention_2 needs "
                                               "packing per_candidate", ATTN_IMPLEMENTATIONS)
     trust_remote_code: bool = option(False, "allow a model directory's own Python code")
     tiny_hidden_size: int = option(128, "the built-in tiny Llama: hidden size")

@@ -69,7 +69,7 @@ class RankedExample:
     source: str = ""
     meta: Dict[str, Any] = field(default_factory=dict)
 
-    def prompt_text(self, template: str = "alpaca", tokenizer=None) -> str:
+    def prompt_text(self, template: str, tokenizer=None) -> str:
         if self.prompt_is_formatted:
             return self.instruction
         return format_prompt(self.instruction, self.input, template, tokenizer)
@@ -303,7 +303,7 @@ def check_text(example: RankedExample, record: Any, where: str) -> None:
             raise DataError(f"{where}: field '{name}' is not valid text: {what} at character {error.start}") from None
 
 
-def load_ranked(path: str, data_format: str = "auto", skip_bad_records: bool = False,
+def load_ranked(path: str, data_format: str = FORMATS[0], skip_bad_records: bool = False,
                 include_judge_response: bool = False) -> Tuple[RankedExamples, LoadReport]:
     """All examples of a file (a compact read-only sequence, see :mod:`tuna_train.example_store`), and a
     report of what was loaded and skipped."""

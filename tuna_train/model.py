@@ -29,7 +29,11 @@ from .real_models import resolve_model
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ADAPTER_MODES = ("attach", "merge")
+ADAPTER_MODES = ("attach", "merge")  # the first is the default
+#: the dtype of a model that is not quantised, unless asked otherwise
+WEIGHT_DTYPE = "float32"
+#: attention implementations a model loads with; the first, PyTorch's scaled-dot-product attention, is the default
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 def synthetic_tokenizer():
@@ -39,7 +43,7 @@ def synthetic_tokenizer():
 
 def build_tiny_llama(vocab_size: int = 384, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                      intermediate_size: int = 192, max_positions: int = 1024, seed: int = 0,
-                     attn_implementation: str = "sdpa"):
+                     attn_implementation: str = ATTN_IMPLEMENTATIONS[0]):
     """A small LlamaForCausalLM built from a config (no hub), seeded."""
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                          num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
@@ -117,8 +121,9 @@ def _load_base(path: str, *, load_in_4bit: bool, compute_dtype: str, double_quan
 
 
 def load_model(path: str, *, load_in_4bit: bool = False, compute_dtype: str = "bfloat16",
-               double_quant: bool = True, torch_dtype: str = "float32", attn_implementation: str = "sdpa",
-               trust_remote_code: bool = False, device_map=None, adapter: str = "attach", trainable: bool = False):
+               double_quant: bool = True, torch_dtype: str = WEIGHT_DTYPE,
+               attn_implementation: str = ATTN_IMPLEMENTATIONS[0], trust_remote_code: bool = False, device_map=None,
+               adapter: str = ADAPTER_MODES[0], trainable: bool = False):
     """A local causal LM directory (no hub access), or a LoRA adapter directory on its local base model.
 
     With ``load_in_4bit``: bitsandbytes NF4 weights, double quantisation and ``compute_dtype`` (QLoRA); the
@@ -210,7 +215,7 @@ class Placement:
             return "float32"
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
-    def load(self, path: str, *, attn_implementation: str = "sdpa", trust_remote_code: bool = False):
+    def load(self, path: str, *, attn_implementation: str = ATTN_IMPLEMENTATIONS[0], trust_remote_code: bool = False):
         """The model at ``path`` (a model or an adapter directory) in eval mode on this placement."""
         device, dtype = self.resolved_device(), self.resolved_dtype()
         if self.load_in_4bit:
@@ -227,7 +232,7 @@ PLACEMENT_DEVICES = ("auto", "cpu", "cuda")
 PLACEMENT_DTYPES = ("auto",) + tuple(DTYPES)
 
 
-def load_reference_model(path: str, placement: Placement, tokenizer, *, attn_implementation: str = "sdpa",
+def load_reference_model(path: str, placement: Placement, tokenizer, *, attn_implementation: str = ATTN_IMPLEMENTATIONS[0],
                          trust_remote_code: bool = False):
     """The frozen reference model of ``reference="model:PATH"``: loaded as ``tuna score`` loads its teacher
     (:meth:`Placement.load`: device, dtype, 4-bit), eval mode, no parameter requiring a gradient.
@@ -248,7 +253,7 @@ def load_reference_model(path: str, placement: Placement, tokenizer, *, attn_imp
     return model.requires_grad_(False)
 
 
-def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "float32", trust_remote_code: bool = False) -> Path:
+def merge_adapter(adapter_dir: str, out_dir: str, dtype: str, trust_remote_code: bool = False) -> Path:
     """Merge a LoRA adapter into its base model's weights and save the result whole (safetensors, config,
     tokenizer) in ``out_dir``, loadable with ``from_pretrained`` and trainable from (``tuna train --model``).
 
@@ -262,9 +267,11 @@ def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "float32", trust_
     return out
 
 
-def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules="all-linear",
-             quantized: bool = False, gradient_checkpointing: bool = False):
-    """Wrap ``model`` with peft LoRA adapters (the base stays frozen; for 4-bit models, QLoRA)."""
+def add_lora(model, r: int, alpha: int, dropout: float, target_modules: str, quantized: bool = False,
+             gradient_checkpointing: bool = False):
+    """Wrap ``model`` with peft LoRA adapters of rank ``r``, scale ``alpha / r`` and ``dropout`` on the
+    ``target_modules`` ("all-linear", or names separated by commas); the base stays frozen (for 4-bit models,
+    QLoRA). The defaults are ``tuna train``'s (``lora_r``, ``lora_alpha``, ...)."""
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -15,8 +15,8 @@ from .text import rouge_l
 
 
 @torch.no_grad()
-def greedy_generations(model, tokenizer, records: List[Dict[str, Any]], progress: Path, template: str = "alpaca",
-                       max_new_tokens: int = 128, batch_size: int = 16) -> List[str]:
+def greedy_generations(model, tokenizer, records: List[Dict[str, Any]], progress: Path, template: str,
+                       max_new_tokens: int, batch_size: int) -> List[str]:
     """Greedy responses, resumable through the ``progress`` store (one entry per finished record)."""
     store = JsonlStore(progress)
     keys = [record_key(r) for r in records]

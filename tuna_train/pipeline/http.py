@@ -37,6 +37,8 @@ import urllib.parse
 import urllib.request
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from ..options import EndpointOptions
+
 
 class RequestFailed(RuntimeError):
     """A request that failed for good (a final HTTP error, or retries exhausted)."""
@@ -67,8 +69,9 @@ def retry_after_seconds(value: Optional[str]) -> Optional[float]:
 
 
 class JsonClient:
-    def __init__(self, base_url: str, api_key_env: Optional[str] = "OPENAI_API_KEY", timeout: float = 60.0,
-                 max_retries: int = 5, backoff: float = 1.0, max_backoff: float = 30.0,
+    def __init__(self, base_url: str, api_key_env: Optional[str] = EndpointOptions.api_key_env,
+                 timeout: float = EndpointOptions.timeout, max_retries: int = EndpointOptions.max_retries,
+                 backoff: float = 1.0, max_backoff: float = EndpointOptions.max_backoff,
                  sleep: Optional[Callable[[float], None]] = None) -> None:
         if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
             raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")

@@ -140,7 +140,8 @@ def judge_response(answer: str, num_responses: int) -> Optional[str]:
 class ChatJudge:
     """An OpenAI-compatible chat-completions judge."""
 
-    def __init__(self, model: str, client: JsonClient, temperature: float = 0.0, max_tokens: int = 2048) -> None:
+    def __init__(self, model: str, client: JsonClient, temperature: float = 0.0,
+                 max_tokens: int = JudgeOptions.judge_max_tokens) -> None:
         self.model, self.client = model, client
         self.temperature, self.max_tokens = temperature, max_tokens
         self.name = f"openai:{model}"

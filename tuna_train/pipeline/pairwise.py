@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..options import EndpointOptions, JudgeOptions
 from ..stats import bootstrap_ratio_ci
 from ..templates import alpaca_prompt
 from .http import RequestFailed
@@ -77,7 +78,8 @@ def bootstrap_ci(outcomes: List[str], samples: int = 2000, seed: int = 0, level:
 
 
 def judge_pairwise(judge, questions: List[Dict[str, Any]], model_answers: List[str], baseline_answers: List[str],
-                   cache_path: Path, concurrency: int = 4, parse_attempts: int = 3) -> Dict[str, Any]:
+                   cache_path: Path, concurrency: int = EndpointOptions.concurrency,
+                   parse_attempts: int = JudgeOptions.parse_attempts) -> Dict[str, Any]:
     """Ask both orders for every question; return counts, the win rate with its CI, and per-question rows.
     ``concurrency`` and ``parse_attempts`` must be >= 1 (checked before the cache is opened)."""
     require_counts(concurrency=concurrency, parse_attempts=parse_attempts)

@@ -96,7 +96,7 @@ def judgement_key(judge, record: Dict[str, Any]) -> str:
     return "judgement:" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def rank_one(judge, record: Dict[str, Any], parse_attempts: int = 3) -> Dict[str, Any]:
+def rank_one(judge, record: Dict[str, Any], parse_attempts: int = JudgeOptions.parse_attempts) -> Dict[str, Any]:
     """The cache entry of one record: status ok (ranking) or failed (reason); raw answers kept (as stored)."""
     answers, errors = [], []
     for attempt in range(parse_attempts):

@@ -36,7 +36,7 @@ from tuna_kernels import length_normalised
 
 from ..collate import pack, pad_id_of, tokenize_group
 from ..data import RankedExample, contextual_prompt
-from ..options import ScoringOptions
+from ..options import EndpointOptions, ScoreOptions, ScoringOptions, TextOptions
 from ..progress import progress_bar
 from ..schema import PROMPT_FIELDS, RESPONSE_FIELDS, first_field, record_name
 from .http import JsonClient, RequestFailed
@@ -204,7 +204,8 @@ def endpoint_key(teacher: str, prompt: str, responses: Sequence[str]) -> str:
 
 
 def score_with_endpoint(client: JsonClient, model_name: str, records: List[Any], out: Path,
-                        template: str = "alpaca", alpha: float = 1.0, concurrency: int = 4,
+                        template: str = TextOptions.template, alpha: float = ScoreOptions.alpha,
+                        concurrency: int = EndpointOptions.concurrency,
                         retry_failed: bool = False, where: Optional[List[str]] = None) -> Dict[str, int]:
     """Score every record by the endpoint (see the module docstring); write ``out`` (the scored records) and
     ``out.failures.jsonl`` (the others, each with ``score_failure``: where it is, its id and why).

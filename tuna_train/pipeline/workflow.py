@@ -10,9 +10,9 @@ the run directory and evaluates every model with IFEval's figures on its two hel
 unseen-kind) instead of the built-in tasks' ranking and generation figures
 (``configs/smollm2_verifiable.yaml``).
 
-``manifest.json`` records each stage's status, outputs, time and counts; :func:`run_pipeline` runs each stage of the
-table once: a stage whose outputs are complete is skipped; a partial one resumes (training from its last checkpoint, generation and ranking from their
-progress files). With no configuration it runs on the built-in tasks: a tiny Llama instruction-tuned first
+``manifest.json`` records each stage's status, outputs, time and counts; :func:`run_pipeline` runs each stage of
+the table once: a stage whose outputs are complete is skipped; a partial one resumes (training from its last
+checkpoint, generation and ranking from their progress files). With no configuration it runs on the built-in tasks: a tiny Llama instruction-tuned first
 (``sft``: MLE on the tasks' reference answers, as the paper starts from an Alpaca-tuned model), Tuna_p on the
 tasks' ranked candidates, Tuna_c on its own samples ranked by the rule judge (the task's correctness), and
 reports for the start model, Tuna_p and Tuna_c, on held-out instructions: ROUGE-L and exact match of greedy
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from ..build import build_model
+from ..commands import EvalConfig
 from ..config import TrainConfig, load_config
 from ..data import load_ranked
 from ..evaluation.generation import greedy_generations, save_generations
@@ -47,6 +48,7 @@ from ..options import (JudgeOptions, PlacementOptions, SamplingOptions, ScoringO
 from ..synthetic import make_records, make_task_records
 from ..trainer import Trainer
 from ..verifiable.pipeline import HELDOUT_SPLITS, evaluate_model, write_pipeline_task_set
+from ..verifiable.tasks import MAX_CONSTRAINTS
 from .generate import generate_records
 from .judge import make_judge
 from .rank import rank_records
@@ -96,7 +98,7 @@ class PipelineConfig(SamplingOptions, JudgeOptions, PlacementOptions):
                                             "contextual ranking")
     eval_examples: int = option(400, "built-in tasks: held-out groups; instructions: verifiable: records of each "
                                      "held-out split", type=at_least(int, 1))
-    max_constraints: int = option(3, "instructions: verifiable: constraints per instruction, 1 to this many (more "
+    max_constraints: int = option(MAX_CONSTRAINTS, "instructions: verifiable: constraints per instruction, 1 to this many (more "
                                      "constraints give the judge's fractions more values, so fewer tied candidates)",
                                   type=at_least(int, 1))
     train_kinds: list = option([], "instructions: verifiable: the IFEval constraint kinds of the training and "
@@ -481,8 +483,9 @@ def evaluate_built_in(run: PipelineRun, name: str, model, tokenizer) -> Dict[str
     out, tasks = run.root / "eval" / name, read_jsonl(_generation_tasks(run))
     examples, _ = load_ranked(run.eval_path)
     write_report(out / "ranking", "ranking", name, evaluate_ranking(model, tokenizer, examples, run.config.scoring))
+    # batched as tuna eval generation batches by default
     predictions = greedy_generations(model, tokenizer, tasks, out / "generation" / "progress.jsonl",
-                                     run.config.prompt_template, run.config.max_new_tokens)
+                                     run.config.prompt_template, run.config.max_new_tokens, EvalConfig.batch_size)
     save_generations(out / "generation", tasks, predictions)
     write_report(out / "generation", "generation", name, generation_metrics(tasks, predictions))
     return {"outputs": [str(report_path(out / "ranking", "ranking")),

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Sequence
 from ..evaluation.generation import greedy_generations
 from ..pipeline.store import write_jsonl
 from .evaluate import verifiable_metrics, verifiable_rows
-from .tasks import HELDOUT_FRACTION, base_instructions, build_task_set, is_heldout
+from .tasks import HELDOUT_FRACTION, MAX_CONSTRAINTS, base_instructions, build_task_set, is_heldout
 
 #: the held-out splits every verifiable evaluation reports, in order
 HELDOUT_SPLITS = ("heldout", "heldout_unseen")
@@ -28,7 +28,8 @@ WORDS_PER_TOKEN = 0.75
 
 
 def write_pipeline_task_set(out: Path, seed: int, train_size: int, heldout_size: int, max_new_tokens: int,
-                            max_constraints: int = 3, train_kinds: Sequence[str] = ()) -> Dict[str, Path]:
+                            max_constraints: int = MAX_CONSTRAINTS, train_kinds: Sequence[str] = ()
+                            ) -> Dict[str, Path]:
     """The three splits in ``out/<split>.jsonl``: ``train_size`` training records, ``heldout_size`` of each
     held-out split (fewer when the task set has fewer). No record asks for more words than ``max_new_tokens``
     allow; ``train_kinds``: the trained (and in-kind held-out) constraint kinds, empty = all but the unseen
@@ -51,7 +52,7 @@ def write_pipeline_task_set(out: Path, seed: int, train_size: int, heldout_size:
 
 
 def evaluate_model(model, tokenizer, records: List[Dict[str, Any]], out: Path, template: str, max_new_tokens: int,
-                   batch_size: int = 16, source: str = "records") -> Dict[str, Any]:
+                   batch_size: int, source: str) -> Dict[str, Any]:
     """Greedy answers to ``records`` (resumable through ``out/progress.jsonl``), each checked against its
     constraints (``out/generations.jsonl``), and IFEval's four figures with their intervals."""
     predictions = greedy_generations(model, tokenizer, records, out / "progress.jsonl", template, max_new_tokens,

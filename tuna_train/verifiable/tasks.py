@@ -58,6 +58,8 @@ UNSEEN_KINDS = (
 )
 #: the share of base instructions held out (by a hash of their text)
 HELDOUT_FRACTION = 0.2
+#: constraints per instruction, 1 to this many (the default of the pipeline's max_constraints)
+MAX_CONSTRAINTS = 3
 # the checker that repeats the request: its argument is the text before it, so it goes last
 _REPEAT = "combination:repeat_prompt"
 
@@ -109,7 +111,7 @@ def _draw_kwargs(kind: str, rng: random.Random, prompt: str, max_words: Optional
     raise RuntimeError(f"{kind}: no satisfiable arguments drawn in 1000 tries")
 
 
-def draw_constraints(base: str, kinds: Sequence[str], rng: random.Random, max_constraints: int = 3,
+def draw_constraints(base: str, kinds: Sequence[str], rng: random.Random, max_constraints: int,
                      max_words: Optional[int] = None) -> List[Dict[str, Any]]:
     """1..max_constraints specs of distinct ``kinds`` no two of which conflict (IFEval's conflict table)."""
     wanted = rng.randint(1, max_constraints)
@@ -138,7 +140,7 @@ def task_record(base: str, constraints: List[Dict[str, Any]], split: str, index:
 
 
 def build_task_set(seed: int = 0, heldout_fraction: float = HELDOUT_FRACTION, unseen_kinds: Sequence[str] = UNSEEN_KINDS,
-                   per_instruction: int = 1, max_constraints: int = 3, max_words: Optional[int] = None,
+                   per_instruction: int = 1, max_constraints: int = MAX_CONSTRAINTS, max_words: Optional[int] = None,
                    train_kinds: Sequence[str] = ()) -> Dict[str, List[Dict[str, Any]]]:
     """The three splits (see the module docstring): ``per_instruction`` records per base instruction and split.
     ``max_words``: the responses' length budget in words (about 0.75 x new tokens), so that no record asks for
