@@ -3,6 +3,10 @@
 (A module of its own: test modules import it, never each other or conftest.)
 """
 
+import signal
+import subprocess
+import time
+
 import torch
 from peft import LoraConfig, get_peft_model
 
@@ -133,3 +137,15 @@ def float64_scores(model, input_ids, attention_mask, labels):
     logits, targets, rows = own_logits(model, input_ids, attention_mask, labels)
     logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
     return torch.stack([logprobs[rows == r].mean() for r in range(input_ids.shape[0])])
+
+
+def sigkill_once_cached(command, cache, lines: int, deadline_seconds: float = 120) -> None:
+    """Run ``command`` and SIGKILL it once its ``cache`` file holds ``lines`` lines (a command that caches each
+    finished record, killed mid-run); fails if it exits first or the deadline passes."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + deadline_seconds
+    while not (cache.exists() and len(cache.read_text().splitlines()) >= lines):
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()

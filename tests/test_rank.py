@@ -2,14 +2,13 @@
 retry or a recorded failure, and a killed run resumes without asking again for finished records."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from fake_openai import FakeOpenAI
+from helpers import sigkill_once_cached
 from tuna_train.data import examples_from_records, load_ranked
 from tuna_train.pipeline.http import JsonClient
 from tuna_train.pipeline.judge import (
@@ -86,13 +85,7 @@ def test_killed_run_resumes_without_repeated_requests(tmp_path):
         command = [sys.executable, "-m", "tuna_train.cli", "rank", "--judge", "openai:m", "--base-url",
                    server.base_url, "--data", str(data), "--out", str(out), "--concurrency", "1",
                    "--api-key-env", "TUNA_NO_KEY"]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.time() + 120
-        while not (cache.exists() and len(cache.read_text().splitlines()) >= 5):
-            assert process.poll() is None and time.time() < deadline
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        sigkill_once_cached(command, cache, 5)
         finished_before = {json.loads(line)["id"] for line in cache.read_text().splitlines() if line.endswith("}")}
         assert 5 <= len(finished_before) < 40
         assert not out.exists()

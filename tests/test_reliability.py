@@ -7,6 +7,7 @@ import time
 import pytest
 
 from fake_openai import FakeOpenAI
+from helpers import sigkill_once_cached
 from tuna_train.pipeline.http import JsonClient, RequestFailed
 from tuna_train.pipeline.judge import ChatJudge
 from tuna_train.pipeline.rank import rank_records
@@ -166,7 +167,6 @@ def test_requests_go_through_the_configured_proxy(monkeypatch):
 def test_killed_run_against_a_faulty_server_resumes_without_judging_twice(tmp_path):
     """Acceptance: `tuna rank` on a server mixing every fault, killed and rerun: every record ranked or listed
     as failed, none lost, and no record finished before the kill is asked again."""
-    import signal
     import subprocess
     import sys
 
@@ -178,13 +178,7 @@ def test_killed_run_against_a_faulty_server_resumes_without_judging_twice(tmp_pa
         command = [sys.executable, "-m", "tuna_train.cli", "rank", "--judge", "openai:m", "--base-url",
                    server.base_url, "--data", str(data), "--out", str(out), "--concurrency", "2", "--timeout", "2",
                    "--max-retries", "2", "--max-backoff", "0.05", "--parse-attempts", "2", "--api-key-env", "NO_KEY"]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.time() + 120
-        while not (cache.exists() and len(cache.read_text().splitlines()) >= 8):
-            assert process.poll() is None and time.time() < deadline
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        sigkill_once_cached(command, cache, 8)
         at_kill = dict(server.requests)
         finished = {json.loads(line)["id"] for line in cache.read_text().splitlines() if line.endswith("}")}
         assert 8 <= len(finished) < len(names) and not out.exists()
